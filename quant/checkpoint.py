@@ -1,0 +1,297 @@
+"""LTX-2 checkpoints: discover what a file holds, and quantize it tensor by tensor.
+
+Reads plain bf16/fp16/fp32 files (single-file `model.diffusion_model.` checkpoints and bare
+diffusion-model files), ComfyUI-native quantized files (`_quantization_metadata` header or
+`.comfy_quant` tensors), Lightricks' official fp8 files (`weight_scale` + `input_scale`, no
+metadata) and official NVFP4 files (U8 weight, e4m3 swizzled `weight_scale`, fp32
+`weight_scale_2`). Writes ComfyUI-native files that stock ComfyUI loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from . import ltx2, weights
+from .policies import LayerDecision, Policy, plan
+from .safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsFile, TensorSpec, write_streaming
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+PACK_METADATA_KEY = "ltx2_quant"
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class LayerSource:
+    """One Linear-like weight of a checkpoint: its format and the file keys that hold it."""
+
+    layer: str  # unprefixed name, e.g. transformer_blocks.0.attn1.to_q
+    format: str  # BF16/F16/F32 for plain weights, else a weights.FORMATS name
+    shape: tuple[int, ...]  # logical shape
+    keys: dict[str, str] = field(default_factory=dict)  # suffix (weight, weight_scale, ...) -> file key
+    nbytes: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.format in weights.FORMATS
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    prefix: str
+    family: str | None
+    config: dict | None
+    metadata: dict[str, str]
+    layers: dict[str, LayerSource]
+    num_blocks: int
+    kind: str  # "plain", "comfyui-native", "lightricks-fp8", "lightricks-nvfp4", "mixed"
+
+    def layer_table(self) -> list[tuple[str, tuple[int, ...], str, int]]:
+        return [(s.layer, s.shape, s.format, s.nbytes) for s in self.layers.values()]
+
+
+def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
+    """Per-layer config from `_quantization_metadata` and from `<layer>.comfy_quant` tensors."""
+    confs: dict[str, dict] = {}
+    raw = f.metadata.get(QUANT_METADATA_KEY)
+    if raw is not None:
+        try:
+            parsed = json.loads(raw)
+            confs.update(parsed["layers"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{f.path}: corrupt {QUANT_METADATA_KEY} header metadata ({e})") from None
+    for key in f.keys():
+        if key.endswith(".comfy_quant"):
+            try:
+                confs[key[: -len(".comfy_quant")]] = json.loads(f.read(key).numpy().tobytes())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f.path}: tensor {key!r} is not the JSON ComfyUI expects ({e})") from None
+    return confs
+
+
+def _discover_format(f: SafetensorsFile, layer_key: str, conf: dict | None) -> str:
+    weight = f.tensors[layer_key + ".weight"]
+    if conf is not None:
+        fmt = conf.get("format")
+        if fmt not in weights.FORMATS:
+            raise CheckpointError(f"{f.path}: layer {layer_key!r} has quantization format {fmt!r}, which this pack "
+                                  f"cannot read (known: {', '.join(weights.FORMATS)})")
+        return fmt
+    has_scale = layer_key + ".weight_scale" in f
+    if weight.dtype == torch.float8_e4m3fn:
+        if has_scale and f.tensors[layer_key + ".weight_scale"].shape not in ((), (1,)):
+            return weights.FP8_ROWWISE
+        return weights.FP8_TENSOR  # Lightricks' fp8 (scaled) or an unscaled fp8 cast (scale 1)
+    if weight.dtype == torch.uint8 and has_scale and layer_key + ".weight_scale_2" in f:
+        return weights.NVFP4  # Lightricks' official NVFP4 layout
+    return DTYPE_NAMES[weight.dtype]
+
+
+def _logical_shape(f: SafetensorsFile, layer_key: str, fmt: str, conf: dict | None) -> tuple[int, ...]:
+    if conf and isinstance(conf.get("shape"), list):
+        return tuple(conf["shape"])  # written by this pack; padded formats cannot tell otherwise
+    stored = f.tensors[layer_key + ".weight"].shape
+    bias = f.tensors.get(layer_key + ".bias")
+    rows = bias.shape[0] if bias is not None and len(bias.shape) == 1 else stored[0]
+    if fmt == weights.NVFP4:
+        return (rows, stored[1] * 2)
+    return (rows, *stored[1:]) if fmt in weights.FORMATS else tuple(stored)
+
+
+def _check_layer_tensors(f: SafetensorsFile, source: LayerSource) -> None:
+    """Scale tensors must have the shape and dtype the format needs, or reading would be silently wrong."""
+    if not source.quantized or len(source.shape) != 2:
+        return
+    expected = weights.storage_specs(source.format, source.shape)
+    for suffix, (dtype, shape) in expected.items():
+        key = source.keys.get(suffix)
+        if key is None:
+            if suffix == "weight_scale" and source.format == weights.FP8_TENSOR:
+                continue  # unscaled fp8 cast: scale 1.0
+            raise CheckpointError(f"{f.path}: layer {source.layer!r} ({source.format}) lacks tensor {suffix!r}")
+        info = f.tensors[key]
+        numel_ok = _numel(info.shape) == _numel(shape)
+        dtype_ok = info.dtype.itemsize == dtype.itemsize and (info.dtype.is_floating_point or dtype == torch.uint8
+                                                               or info.dtype == dtype)
+        if suffix == "weight":
+            numel_ok = tuple(info.shape) == tuple(shape)
+        if not (numel_ok and dtype_ok):
+            raise CheckpointError(f"{f.path}: tensor {key!r} is {DTYPE_NAMES[info.dtype]} {list(info.shape)}, but a "
+                                  f"{source.format} layer of shape {list(source.shape)} needs "
+                                  f"{DTYPE_NAMES[dtype]} {list(shape)}")
+    input_scale = source.keys.get("input_scale")
+    if input_scale is not None and _numel(f.tensors[input_scale].shape) != 1:
+        raise CheckpointError(f"{f.path}: tensor {input_scale!r} must be a scalar, got shape "
+                              f"{list(f.tensors[input_scale].shape)}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def inspect_checkpoint(f: SafetensorsFile, require_ltx: bool = True) -> CheckpointInfo:
+    keys = f.keys()
+    prefix = ltx2.detect_prefix(keys)
+    family = ltx2.detect_family(keys, prefix)
+    if family is None and require_ltx:
+        raise CheckpointError(f"{f.path}: not an LTX-2 checkpoint (no {ltx2.FAMILY_KEY!r} key, with or "
+                              f"without the {ltx2.CHECKPOINT_PREFIX!r} prefix)")
+    confs = _layer_formats_from_header(f)
+    layers: dict[str, LayerSource] = {}
+    for key in keys:
+        if not key.endswith(".weight") or not key.startswith(prefix):
+            continue
+        layer_key = key[: -len(".weight")]
+        conf = confs.get(layer_key)
+        fmt = _discover_format(f, layer_key, conf)
+        source = LayerSource(ltx2.strip_prefix(layer_key, prefix), fmt, _logical_shape(f, layer_key, fmt, conf))
+        source.keys["weight"] = key
+        for suffix in SCALE_SUFFIXES:
+            if f"{layer_key}.{suffix}" in f:
+                source.keys[suffix] = f"{layer_key}.{suffix}"
+        source.nbytes = sum(f.tensors[k].nbytes for k in source.keys.values())
+        _check_layer_tensors(f, source)
+        layers[source.layer] = source
+    config = ltx2.transformer_config(f.metadata)
+    formats_found = {s.format for s in layers.values() if s.quantized}
+    if not formats_found:
+        kind = "plain"
+    elif confs:
+        kind = "comfyui-native"
+    elif formats_found == {weights.NVFP4}:
+        kind = "lightricks-nvfp4"
+    elif formats_found == {weights.FP8_TENSOR}:
+        kind = "lightricks-fp8"
+    else:
+        kind = "mixed"
+    return CheckpointInfo(f.path, prefix, family, config, dict(f.metadata), layers,
+                          ltx2.block_count(keys, prefix), kind)
+
+
+def read_layer(f: SafetensorsFile, source: LayerSource) -> weights.QuantizedWeight | torch.Tensor:
+    """A layer's weight as stored: a plain tensor or a QuantizedWeight (scales as ComfyUI types them)."""
+    if not source.quantized:
+        return f.read(source.keys["weight"])
+    tensors = {suffix: f.read(key) for suffix, key in source.keys.items()}
+    if source.format == weights.NVFP4:
+        tensors["weight_scale"] = tensors["weight_scale"].view(torch.float8_e4m3fn)
+        tensors["weight_scale_2"] = tensors["weight_scale_2"].float().reshape(())
+    elif source.format == weights.MXFP8:
+        tensors["weight_scale"] = tensors["weight_scale"].view(torch.uint8)
+    elif source.format == weights.FP8_TENSOR:
+        tensors["weight_scale"] = tensors.get("weight_scale", torch.ones(())).float().reshape(())
+    if "input_scale" in tensors:
+        tensors["input_scale"] = tensors["input_scale"].float().reshape(())
+    stored = weights.storage_specs(source.format, source.shape)
+    for suffix in ("weight", "weight_scale"):
+        tensors[suffix] = tensors[suffix].reshape(stored[suffix][1])
+    return weights.QuantizedWeight(source.format, tuple(source.shape), tensors)
+
+
+def convert_layer(f: SafetensorsFile, source: LayerSource, target: str) -> weights.QuantizedWeight:
+    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights by name."""
+    stored = read_layer(f, source)
+    if isinstance(stored, weights.QuantizedWeight):
+        if stored.format == target:
+            return stored
+        full = stored.dequantize(torch.float32)
+    else:
+        full = stored
+    if not torch.isfinite(full).all():
+        bad = int((~torch.isfinite(full)).sum())
+        raise CheckpointError(f"{f.path}: layer {source.layer!r} has {bad} NaN/Inf weight values; refusing to "
+                              "quantize it (the output would be black or noise)")
+    out = weights.quantize_weight(full, target)
+    if isinstance(stored, weights.QuantizedWeight) and stored.input_scale is not None:
+        out.tensors["input_scale"] = stored.input_scale
+    return out
+
+
+def require_config(info: CheckpointInfo) -> None:
+    if info.family == "ltx2.3" and info.config is None:
+        raise CheckpointError(
+            f"{info.path}: this is an LTX-2.3 transformer but its header has no 'config' metadata; ComfyUI "
+            "would build it as LTX-2 and fail. Quantize the original release file, which carries it.")
+
+
+def layer_conf(decision: LayerDecision, policy: Policy | None) -> dict:
+    """ComfyUI per-layer config. Weight-only FP8 asks stock ComfyUI for its dequantize path, which
+    is what `fp8-cast` means; `shape` lets readers recover the logical shape of padded formats."""
+    conf: dict = {"format": decision.target_format, "shape": list(decision.shape)}
+    if policy is not None and policy.activation == "none" and decision.target_format == weights.FP8_TENSOR:
+        conf["full_precision_matrix_mult"] = True
+    return conf
+
+
+@dataclass
+class QuantizeResult:
+    path: str
+    decisions: list[LayerDecision]
+    bytes_written: int
+
+
+def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Stream `in_path` to a ComfyUI-native quantized `out_path`, one layer in memory at a time.
+
+    Header metadata (including `config`) is kept verbatim; `_quantization_metadata` is rewritten
+    to cover every quantized layer. `progress(done, total)` is called per step and may raise to
+    cancel; the partial output is then removed and an existing file is left as it was."""
+    with SafetensorsFile(in_path) as f:
+        info = inspect_checkpoint(f)
+        require_config(info)
+        decisions = plan(policy, info.layer_table(), info.num_blocks)
+        layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
+        for decision in decisions:
+            source = info.layers[decision.layer]
+            for key in source.keys.values():
+                layer_of_key[key] = (source, decision)
+
+        # Each step writes one plain tensor or all tensors of one quantized layer.
+        steps: list[tuple[list[TensorSpec], Callable[[], list[torch.Tensor]]]] = []
+        quant_layers: dict[str, dict] = {}
+        for key in f.keys():
+            if key.endswith(".comfy_quant"):
+                continue  # replaced by the header metadata
+            entry = layer_of_key.get(key)
+            if entry is None or entry[1].target_format not in weights.FORMATS:
+                info_t = f.tensors[key]
+                steps.append(([TensorSpec(key, info_t.dtype, info_t.shape)], lambda key=key: [f.read(key)]))
+                continue
+            source, decision = entry
+            if key != source.keys["weight"]:
+                continue  # scales are written with their weight
+            layer_key = info.prefix + source.layer
+            quant_layers[layer_key] = layer_conf(decision, policy)
+            planned = weights.storage_specs(decision.target_format, source.shape)
+            if "input_scale" in source.keys:
+                planned["input_scale"] = (torch.float32, ())
+            specs = [TensorSpec(f"{layer_key}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()]
+
+            def convert(source=source, decision=decision, suffixes=list(planned)):
+                qw = convert_layer(f, source, decision.target_format)
+                return [qw.tensors[s] for s in suffixes]
+            steps.append((specs, convert))
+
+        metadata = {k: v for k, v in f.metadata.items() if k != QUANT_METADATA_KEY}
+        if quant_layers:
+            metadata[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": quant_layers})
+        metadata[PACK_METADATA_KEY] = json.dumps({"policy": policy.name, "activation": policy.activation})
+
+        def produce() -> Iterator[torch.Tensor]:
+            for index, (_specs, make) in enumerate(steps):
+                yield from make()
+                if progress is not None:
+                    progress(index + 1, len(steps))
+
+        all_specs = [spec for specs, _ in steps for spec in specs]
+        written = write_streaming(out_path, all_specs, produce(), metadata, overwrite=overwrite)
+    return QuantizeResult(out_path, decisions, written)

@@ -1,0 +1,104 @@
+"""Command line: `python -m quant {demo,quantize,inspect,synth}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import ltx2
+from .checkpoint import CheckpointInfo, inspect_checkpoint, quantize_file
+from .policies import POLICIES, format_table, get_policy, summarize
+from .safetensors_io import CheckpointError, SafetensorsFile, save_tensors
+from .weights import FormatError
+
+
+def _add_scope_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="also quantize layers matching this fnmatch pattern (unprefixed names)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep layers matching this pattern in high precision (wins over --include)")
+    p.add_argument("--keep-first", type=int, default=0, metavar="N", help="keep the first N blocks unquantized")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the last N blocks unquantized")
+    p.add_argument("--keep-audio", action="store_true", help="keep the audio-side linears unquantized")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m quant", description="LTX-2 Quant: quantization core")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="quantize a small synthetic LTX-2.3-shaped model with every policy")
+    demo.add_argument("--blocks", type=int, default=4)
+
+    quantize = sub.add_parser("quantize", help="quantize a safetensors checkpoint, streaming")
+    quantize.add_argument("input")
+    quantize.add_argument("output")
+    quantize.add_argument("--policy", required=True, choices=list(POLICIES))
+    quantize.add_argument("--comfy-compatible", action="store_true",
+                          help="per-tensor FP8 scales, so stock ComfyUI (without this pack) loads the file")
+    quantize.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    quantize.add_argument("--table", action="store_true", help="print the per-layer decision table")
+    _add_scope_options(quantize)
+
+    inspect = sub.add_parser("inspect", help="show a checkpoint's layers, formats, bytes and config")
+    inspect.add_argument("file")
+    inspect.add_argument("--all", action="store_true", help="list every layer, not only quantized ones")
+
+    synth = sub.add_parser("synth", help="write a small random LTX-2.3-shaped checkpoint (for trying things out)")
+    synth.add_argument("output")
+    synth.add_argument("--blocks", type=int, default=2)
+    synth.add_argument("--prefix", action="store_true", help=f"use the single-file {ltx2.CHECKPOINT_PREFIX!r} prefix")
+    synth.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def describe(info: CheckpointInfo, show_all: bool) -> str:
+    lines = [f"file: {info.path}", f"kind: {info.kind}; family: {info.family}; blocks: {info.num_blocks}; "
+             f"prefix: {info.prefix!r}"]
+    counts: dict[str, int] = {}
+    for s in info.layers.values():
+        counts[s.format] = counts.get(s.format, 0) + 1
+    lines.append(f"weights by format: {counts}; weight bytes: {sum(s.nbytes for s in info.layers.values()):,}")
+    lines.append("config: " + (json.dumps(info.config, sort_keys=True) if info.config else "none in header"))
+    lines.append(f"{'layer':<60}{'shape':>14}  {'format':<22}{'bytes':>14}")
+    for s in info.layers.values():
+        if show_all or s.quantized:
+            lines.append(f"{s.layer:<60}{'x'.join(map(str, s.shape)):>14}  {s.format:<22}{s.nbytes:>14,}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import format_demo, run_demo
+            start = time.perf_counter()
+            print(format_demo(run_demo(num_layers=args.blocks)))
+            print(f"({time.perf_counter() - start:.1f} s on {'the CPU'})")
+        elif args.command == "quantize":
+            policy = get_policy(args.policy, fp8_per_tensor=args.comfy_compatible, include=args.include,
+                                exclude=args.exclude, keep_first_blocks=args.keep_first,
+                                keep_last_blocks=args.keep_last, keep_audio=args.keep_audio)
+            start = time.perf_counter()
+            result = quantize_file(args.input, args.output, policy, overwrite=args.overwrite)
+            elapsed = time.perf_counter() - start
+            if args.table:
+                print(format_table(result.decisions, only_changed=True))
+            s = summarize(result.decisions)
+            print(f"wrote {args.output}: {result.bytes_written:,} bytes in {elapsed:.1f} s; weights "
+                  f"{s['bytes_before']:,} -> {s['bytes_after']:,} ({s['ratio']:.2f}x); {s['layers_by_format']}")
+        elif args.command == "inspect":
+            with SafetensorsFile(args.file) as f:
+                print(describe(inspect_checkpoint(f, require_ltx=False), args.all))
+        elif args.command == "synth":
+            config = ltx2.tiny_config(num_layers=args.blocks)
+            state = ltx2.synthetic_state_dict(config)
+            if args.prefix:
+                state = {ltx2.CHECKPOINT_PREFIX + k: v for k, v in state.items()}
+            save_tensors(args.output, state, ltx2.header_metadata(config), overwrite=args.overwrite)
+            print(f"wrote {args.output}: {len(state)} tensors, LTX-2.3 layout, {args.blocks} blocks")
+    except (CheckpointError, FormatError, FileExistsError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,184 @@
+"""LTX-2 / LTX-2.3 model facts: key names, layer scopes, family detection, and a small synthetic
+state dict with the real key names (for the demo and the tests; no weights are downloaded)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+CHECKPOINT_PREFIX = "model.diffusion_model."
+# ComfyUI identifies the LTX family by this key and the audio-video model (LTXAV) by the second.
+FAMILY_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"
+AUDIO_VIDEO_KEY = "audio_adaln_single.linear.weight"
+# Only LTX-2.3 has gated attention; ComfyUI tells 2.3 from 2.0 by the header `config` alone.
+LTX23_MARKER = re.compile(r"^transformer_blocks\.\d+\.attn1\.to_gate_logits\.weight$")
+
+ATTENTION_MODULES = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+FEEDFORWARD_MODULES = ("ff", "audio_ff")
+BLOCK_LINEAR_RE = re.compile(
+    r"^transformer_blocks\.(?P<block>\d+)\."
+    r"(?:(?P<attn>" + "|".join(ATTENTION_MODULES) + r")\.(?P<proj>to_q|to_k|to_v|to_out\.0)"
+    r"|(?P<ff>ff|audio_ff)\.(?P<ffproj>net\.0\.proj|net\.2))$"
+)
+# Linears whose activations live in the audio stream (input or output of audio width).
+_AUDIO_SIDE = re.compile(
+    r"\.(audio_attn1|audio_attn2|audio_ff)\.|\.audio_to_video_attn\.(to_k|to_v)$|\.video_to_audio_attn\.(to_q|to_out\.0)$"
+)
+
+# LTX-2.3 (22B) transformer config as found in the release header (ltx2.md).
+LTX23_CONFIG = {
+    "num_layers": 48, "num_attention_heads": 32, "attention_head_dim": 128, "cross_attention_dim": 4096,
+    "audio_num_attention_heads": 32, "audio_attention_head_dim": 64, "audio_cross_attention_dim": 2048,
+    "caption_channels": 3840, "apply_gated_attention": True, "cross_attention_adaln": True,
+    "caption_proj_before_connector": True, "rope_type": "split", "frequencies_precision": "float64",
+    "connector_num_layers": 8, "connector_attention_head_dim": 128, "connector_num_attention_heads": 32,
+    "audio_connector_attention_head_dim": 64, "audio_connector_num_attention_heads": 32,
+    "connector_num_learnable_registers": 128, "connector_apply_gated_attention": True,
+    "av_ca_timestep_scale_multiplier": 1000, "timestep_scale_multiplier": 1000,
+    "positional_embedding_max_pos": [20, 2048, 2048], "audio_positional_embedding_max_pos": [20], "norm_eps": 1e-6,
+}
+
+
+def is_audio_side(layer: str) -> bool:
+    return _AUDIO_SIDE.search("." + layer) is not None
+
+
+def strip_prefix(key: str, prefix: str) -> str:
+    return key[len(prefix):] if prefix and key.startswith(prefix) else key
+
+
+def detect_prefix(keys) -> str:
+    """`model.diffusion_model.` for single-file checkpoints, '' for bare diffusion-model files."""
+    keys = list(keys)
+    if any(k == CHECKPOINT_PREFIX + FAMILY_KEY for k in keys):
+        return CHECKPOINT_PREFIX
+    return ""
+
+
+def detect_family(keys, prefix: str) -> str | None:
+    """'ltx2.3' / 'ltx2' (audio-video), 'ltxv' (video-only LTX), or None for a non-LTX file."""
+    keys = set(keys)
+    if prefix + FAMILY_KEY not in keys:
+        return None
+    if prefix + AUDIO_VIDEO_KEY not in keys:
+        return "ltxv"
+    if any(LTX23_MARKER.match(strip_prefix(k, prefix)) for k in keys):
+        return "ltx2.3"
+    return "ltx2"
+
+
+def transformer_config(metadata: dict[str, str]) -> dict | None:
+    raw = metadata.get("config")
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return config.get("transformer") if isinstance(config, dict) else None
+
+
+def block_count(keys, prefix: str) -> int:
+    blocks = set()
+    for k in keys:
+        m = re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k)
+        if m:
+            blocks.add(int(m.group(1)))
+    return max(blocks) + 1 if blocks else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A small synthetic LTX-2.3-shaped state dict
+# ---------------------------------------------------------------------------------------------
+
+def tiny_config(num_layers: int = 2, heads: int = 2, head_dim: int = 32, audio_heads: int = 2,
+                audio_head_dim: int = 16) -> dict:
+    """LTX-2.3 config with the real structure and small widths (video width heads*head_dim)."""
+    config = dict(LTX23_CONFIG)
+    config.update({
+        "num_layers": num_layers, "num_attention_heads": heads, "attention_head_dim": head_dim,
+        "cross_attention_dim": heads * head_dim, "audio_num_attention_heads": audio_heads,
+        "audio_attention_head_dim": audio_head_dim, "audio_cross_attention_dim": audio_heads * audio_head_dim,
+    })
+    return config
+
+
+def block_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of one transformer block (block 0 names), LTX-2.3 layout, as key -> shape."""
+    v = config["num_attention_heads"] * config["attention_head_dim"]
+    a = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    heads = config["num_attention_heads"]
+    gated = config.get("apply_gated_attention", False)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def attention(name: str, q_in: int, kv_in: int, inner: int, out: int, n_heads: int) -> None:
+        for proj, (o, i) in (("to_q", (inner, q_in)), ("to_k", (inner, kv_in)), ("to_v", (inner, kv_in)),
+                             ("to_out.0", (out, inner))):
+            shapes[f"{name}.{proj}.weight"] = (o, i)
+            shapes[f"{name}.{proj}.bias"] = (o,)
+        shapes[f"{name}.q_norm.weight"] = (inner,)
+        shapes[f"{name}.k_norm.weight"] = (inner,)
+        if gated:
+            shapes[f"{name}.to_gate_logits.weight"] = (n_heads, q_in)
+            shapes[f"{name}.to_gate_logits.bias"] = (n_heads,)
+
+    attention("attn1", v, v, v, v, heads)
+    attention("attn2", v, v, v, v, heads)
+    attention("audio_attn1", a, a, a, a, config["audio_num_attention_heads"])
+    attention("audio_attn2", a, a, a, a, config["audio_num_attention_heads"])
+    attention("audio_to_video_attn", v, a, a, v, config["audio_num_attention_heads"])
+    attention("video_to_audio_attn", a, v, a, a, config["audio_num_attention_heads"])
+    for name, width in (("ff", v), ("audio_ff", a)):
+        shapes[f"{name}.net.0.proj.weight"] = (4 * width, width)
+        shapes[f"{name}.net.0.proj.bias"] = (4 * width,)
+        shapes[f"{name}.net.2.weight"] = (width, 4 * width)
+        shapes[f"{name}.net.2.bias"] = (width,)
+    rows = 9 if config.get("cross_attention_adaln") else 6
+    shapes["scale_shift_table"] = (rows, v)
+    shapes["audio_scale_shift_table"] = (rows, a)
+    shapes["prompt_scale_shift_table"] = (2, v)
+    shapes["audio_prompt_scale_shift_table"] = (2, a)
+    shapes["scale_shift_table_a2v_ca_video"] = (5, v)
+    shapes["scale_shift_table_a2v_ca_audio"] = (5, a)
+    return shapes
+
+
+def model_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Blocks plus the outer layers that the default scopes keep in high precision."""
+    v = config["num_attention_heads"] * config["attention_head_dim"]
+    a = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    rows = 9 if config.get("cross_attention_adaln") else 6
+    shapes: dict[str, tuple[int, ...]] = {
+        "patchify_proj.weight": (v, 128), "patchify_proj.bias": (v,),
+        "audio_patchify_proj.weight": (a, 128), "audio_patchify_proj.bias": (a,),
+        "proj_out.weight": (128, v), "proj_out.bias": (128,),
+        "audio_proj_out.weight": (128, a), "audio_proj_out.bias": (128,),
+        "scale_shift_table": (2, v), "audio_scale_shift_table": (2, a),
+    }
+    for name, width in (("adaln_single", v), ("audio_adaln_single", a)):
+        shapes[f"{name}.emb.timestep_embedder.linear_1.weight"] = (width, 256)
+        shapes[f"{name}.emb.timestep_embedder.linear_1.bias"] = (width,)
+        shapes[f"{name}.emb.timestep_embedder.linear_2.weight"] = (width, width)
+        shapes[f"{name}.emb.timestep_embedder.linear_2.bias"] = (width,)
+        shapes[f"{name}.linear.weight"] = (rows * width, width)
+        shapes[f"{name}.linear.bias"] = (rows * width,)
+    for n in range(config["num_layers"]):
+        for key, shape in block_shapes(config).items():
+            shapes[f"transformer_blocks.{n}.{key}"] = shape
+    return shapes
+
+
+def synthetic_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Random weights with Linear-like scale (std 1/sqrt(in)) under the real key names."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in model_shapes(config).items():
+        std = shape[1] ** -0.5 if len(shape) == 2 else 0.02
+        out[key] = (torch.randn(shape, generator=gen) * std).to(dtype)
+    return out
+
+
+def header_metadata(config: dict) -> dict[str, str]:
+    return {"config": json.dumps({"transformer": config})}

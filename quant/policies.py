@@ -1,0 +1,139 @@
+"""Quantization policies: which layers get which format, and how activations are treated.
+
+A policy is data. `plan()` turns it and a list of (layer, shape) into per-layer decisions that the
+checkpoint writer, the ComfyUI loader and the reports all share.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+
+from . import weights
+from .ltx2 import BLOCK_LINEAR_RE, is_audio_side
+
+# Activation handling at run time: "none" = weight-only (dequantize, matmul in bf16);
+# "fp8" = W8A8: dynamic per-token FP8 activations, or the static `input_scale` when a layer has one.
+ACTIVATIONS = ("none", "fp8")
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which Linear weights a policy quantizes.
+
+    Default: the block Linears of the LTX-2/2.3 transformer (`transformer_blocks.N.{attn1,attn2,
+    audio_attn1,audio_attn2,audio_to_video_attn,video_to_audio_attn}.{to_q,to_k,to_v,to_out.0}`,
+    `ff`/`audio_ff` `net.0.proj`/`net.2`). AdaLN, scale-shift tables, norms, `to_gate_logits`,
+    patchify/proj_out and the text connectors stay in high precision.
+    `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins)."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    keep_first_blocks: int = 0
+    keep_last_blocks: int = 0
+    keep_audio: bool = False
+
+    def selects(self, layer: str, num_blocks: int) -> bool:
+        if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
+            return False
+        match = BLOCK_LINEAR_RE.match(layer)
+        if match is None:
+            return any(fnmatch.fnmatchcase(layer, p) for p in self.include)
+        block = int(match.group("block"))
+        if block < self.keep_first_blocks or block >= num_blocks - self.keep_last_blocks:
+            return False
+        if self.keep_audio and is_audio_side(layer):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    weight_format: str | None
+    activation: str = "none"
+    scope: Scope = field(default_factory=Scope)
+
+    def with_scope(self, **changes) -> "Policy":
+        return replace(self, scope=replace(self.scope, **changes))
+
+    def with_fp8_per_tensor(self) -> "Policy":
+        """Per-tensor FP8 scales: the only FP8 layout stock ComfyUI reads."""
+        if self.weight_format == weights.FP8_ROWWISE:
+            return replace(self, weight_format=weights.FP8_TENSOR)
+        return self
+
+
+POLICIES: dict[str, Policy] = {
+    "bf16": Policy("bf16", None),
+    "fp8-cast": Policy("fp8-cast", weights.FP8_ROWWISE, "none"),
+    "fp8-scaled-mm": Policy("fp8-scaled-mm", weights.FP8_ROWWISE, "fp8"),
+    "mxfp8": Policy("mxfp8", weights.MXFP8, "fp8"),
+    "nvfp4": Policy("nvfp4", weights.NVFP4, "none"),
+}
+
+
+def get_policy(name: str, *, fp8_per_tensor: bool = False, **scope_changes) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    policy = POLICIES[name]
+    if fp8_per_tensor:
+        policy = policy.with_fp8_per_tensor()
+    if scope_changes:
+        policy = policy.with_scope(**{k: tuple(v) if isinstance(v, list) else v for k, v in scope_changes.items()})
+    return policy
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    layer: str
+    shape: tuple[int, ...]
+    source_format: str  # a torch dtype name for plain weights, else a format name
+    target_format: str  # same as source_format when the layer is left as it is
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def changed(self) -> bool:
+        return self.target_format != self.source_format
+
+
+def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], num_blocks: int) -> list[LayerDecision]:
+    """Decide each weight: `layers` holds (unprefixed layer name, logical shape, source format, bytes).
+
+    A plain floating-point 2-D weight in scope gets the policy's format. Already-quantized layers
+    keep their format unless the policy asks for a different one (then they are re-quantized)."""
+    decisions = []
+    for layer, shape, source, nbytes in layers:
+        target = source
+        if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
+            target = policy.weight_format
+        after = nbytes if target == source else weights.storage_nbytes(target, shape)
+        decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after))
+    return decisions
+
+
+def summarize(decisions: list[LayerDecision]) -> dict:
+    counts: dict[str, int] = {}
+    for d in decisions:
+        counts[d.target_format] = counts.get(d.target_format, 0) + 1
+    before = sum(d.bytes_before for d in decisions)
+    after = sum(d.bytes_after for d in decisions)
+    return {"layers_by_format": counts, "bytes_before": before, "bytes_after": after,
+            "ratio": before / after if after else 1.0}
+
+
+def format_table(decisions: list[LayerDecision], only_changed: bool = False) -> str:
+    """Per-layer decision table: layer, shape, format before -> after, bytes before/after."""
+    rows = [d for d in decisions if d.changed or not only_changed]
+    header = ("layer", "shape", "format", "bytes before", "bytes after")
+    body = [(d.layer, "x".join(map(str, d.shape)),
+             d.source_format if not d.changed else f"{d.source_format} -> {d.target_format}",
+             f"{d.bytes_before:,}", f"{d.bytes_after:,}") for d in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *body]]
+    s = summarize(decisions)
+    lines.append(f"total: {s['bytes_before']:,} -> {s['bytes_after']:,} bytes "
+                 f"({s['ratio']:.2f}x smaller); layers by format: {s['layers_by_format']}")
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""Safetensors reading and writing, one tensor at a time.
+
+Our own header parser instead of `safetensors.safe_open`: it validates everything a lying or
+truncated file can get wrong and names the file and tensor in each error, and it lets the
+quantizer read a tensor, convert it and drop it, so the whole model never sits in memory.
+Only the safetensors format is accepted; pickles are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
+
+import torch
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a valid (or not the expected) checkpoint. The message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offset of the data
+    nbytes: int
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+def _sniff_foreign(path: str, head: bytes) -> str | None:
+    if head[:2] == b"PK":
+        return "a zip archive (a PyTorch .pt/.ckpt pickle); pickles are never loaded"
+    if head[:1] == b"\x80":
+        return "a Python pickle; pickles are never loaded"
+    if head[:4] == b"GGUF":
+        return "a GGUF file"
+    return None
+
+
+class SafetensorsFile:
+    """A validated view of a safetensors file's header; tensors are read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            self._file: BinaryIO = open(self.path, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from e
+        try:
+            self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _fail(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {what}")
+
+    def _parse(self) -> None:
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        foreign = _sniff_foreign(self.path, head)
+        if foreign:
+            raise self._fail(f"not a safetensors file: it is {foreign}")
+        if size < 8 or len(head) < 8:
+            raise self._fail(f"not a safetensors file: {size} bytes, too short for a header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise self._fail(f"not a safetensors file or corrupt: header length {header_len} exceeds "
+                             f"{MAX_HEADER_BYTES}")
+        if 8 + header_len > size:
+            raise self._fail(f"truncated: header claims {header_len} bytes but the file has {size - 8} after "
+                             "the length field")
+        raw = self._file.read(header_len)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self._fail(f"corrupt header: not UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            header = json.loads(text, object_pairs_hook=self._no_duplicates)
+        except json.JSONDecodeError as e:
+            raise self._fail(f"not a safetensors file or corrupt header: invalid JSON ({e.msg} at {e.pos})") from None
+        if not isinstance(header, dict):
+            raise self._fail("corrupt header: top level is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("corrupt header: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = metadata
+        self.data_start = 8 + header_len
+        data_len = size - self.data_start
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            tensors[name] = self._tensor_info(name, entry, data_len)
+        ranges = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+        for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
+            if s1 < e0:
+                raise self._fail(f"corrupt header: tensors {n0!r} and {n1!r} overlap in the file")
+        self.tensors = tensors
+
+    def _no_duplicates(self, pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise self._fail(f"corrupt header: tensor {key!r} appears twice")
+            seen[key] = value
+        return seen
+
+    def _tensor_info(self, name: str, entry, data_len: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._fail(f"corrupt header: entry for tensor {name!r} is not an object")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype_name not in DTYPES:
+            raise self._fail(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise self._fail(f"tensor {name!r}: invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise self._fail(f"tensor {name!r}: invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        dtype = DTYPES[dtype_name]
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * dtype.itemsize
+        if not 0 <= begin <= end:
+            raise self._fail(f"tensor {name!r}: data_offsets {offsets} are reversed or negative")
+        if end - begin != expected:
+            raise self._fail(f"tensor {name!r}: header says {end - begin} bytes but {dtype_name} "
+                             f"{shape} needs {expected}")
+        if end > data_len:
+            raise self._fail(f"truncated: tensor {name!r} ends at byte {end} of the data section but the file "
+                             f"holds only {data_len} (file cut short or header lies)")
+        return TensorInfo(name, dtype, tuple(shape), self.data_start + begin, expected)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory (the only copy; nothing is cached)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise self._fail(f"no tensor {name!r}")
+        buffer = bytearray(info.nbytes)
+        self._file.seek(info.start)
+        got = self._file.readinto(buffer)
+        if got != info.nbytes:
+            raise self._fail(f"truncated while reading tensor {name!r}: got {got} of {info.nbytes} bytes")
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know about a tensor before its bytes exist."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section like the reference writer
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: Iterable[torch.Tensor],
+                    metadata: dict[str, str] | None = None, overwrite: bool = False) -> int:
+    """Write tensors, produced one at a time in `specs` order, atomically: the bytes go to a temp
+    file in the target folder which is fsynced and renamed into place only when complete. Any
+    error (including KeyboardInterrupt) removes the temp file; an existing file is never touched
+    unless `overwrite`. Returns the number of bytes written."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path}: exists; refusing to overwrite")
+    header = _header_bytes(specs, metadata)
+    total = len(header) + sum(s.nbytes for s in specs)
+    folder = os.path.dirname(os.path.abspath(path))
+    free = _free_bytes(folder)
+    if free is not None and free < total:
+        raise OSError(f"{path}: needs {total:,} bytes but only {free:,} are free in {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(header)
+            produced = iter(tensors)
+            for spec in specs:
+                tensor = next(produced, None)
+                if tensor is None:
+                    raise RuntimeError(f"{path}: writer got no tensor for {spec.name!r}")
+                tensor = tensor.detach().to("cpu").contiguous()
+                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise RuntimeError(f"{path}: tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                       f"planned {spec.dtype} {spec.shape}")
+                if spec.nbytes:
+                    out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return total
+
+
+def _free_bytes(folder: str) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None, overwrite: bool = False) -> int:
+    """Atomic write of an in-memory dict (small files, tests, calibration output)."""
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    return write_streaming(path, specs, (tensors[s.name] for s in specs), metadata, overwrite)
+
+
+def iter_tensors(f: SafetensorsFile, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in names if names is not None else f.keys():
+        yield name, f.read(name)
