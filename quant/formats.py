@@ -61,22 +61,23 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return data.to(dtype) * scale.to(dtype)
+    """E4M3 times its fp32 scale, computed in fp32 and rounded once to `dtype`."""
+    return (data.float() * scale.float()).to(dtype)
 
 
 def quantize_fp8_rowwise_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token (per-row) activation quantization: returns (e4m3 data, fp32 (rows,1) scale).
-    Computed in fp32 (activations are quantized on every call; this is the reference the fused GPU
-    kernels are checked against)."""
+    Computed in fp32 as x * (1/scale), the reciprocal taken once per row: the reference the GPU
+    kernels reproduce bit for bit (a multiply per element instead of a division)."""
     x32 = x.float()
     scale = fp8_scale(x32, per_channel=True)
-    return cast_to_fp8(x32 / scale), scale
+    return cast_to_fp8(x32 * (1.0 / scale)), scale
 
 
 def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """Static activation quantization with a calibrated scalar scale: clamp before the cast
     (unclamped casts are what turned whole frames black in the reference pipeline)."""
-    return cast_to_fp8(x.float() / input_scale.float())
+    return cast_to_fp8(x.float() * (1.0 / input_scale.float()))
 
 
 # ---------------------------------------------------------------------------------------------

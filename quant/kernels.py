@@ -1,0 +1,280 @@
+"""Triton kernels for the GPU fast paths, exposed as torch custom ops (so torch.compile sees them).
+
+- `quantize_fp8_rows`: activation quantization to E4M3, dynamic per-row (per-token) scales or one
+  static scale, clamped before the cast. One program per row: the row is read twice (amax, then
+  quantize), the second time from L2.
+- `nvfp4_to_fp8_rows`: just-in-time conversion of a packed NVFP4 weight to E4M3 with one scale per
+  output row (for W8A8 on Hopper/Ada), or to bf16 (the exact dequantize path). Block scales are
+  read straight from the swizzled layout through its closed-form offset.
+
+Each has a plain-torch twin in quant.formats / quant.reference that the tests compare with, and
+runs on the CPU under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the runtime falls back to the reference path
+    triton = None
+
+from .formats import FP8_MAX, NVFP4_BLOCK, round_up
+
+AVAILABLE = triton is not None
+# Triton's CPU interpreter rounds fp32 -> fp8/bf16 casts wrongly (exponent carries, truncation), so
+# there the kernels build the rounded bit patterns themselves; on the GPU the hardware conversion
+# (cvt.rn.satfinite) does the same rounding in one instruction. Both are tested against torch.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if AVAILABLE:
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+
+    @triton.jit
+    def _round_to_float_grid(x, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+        """Round-to-nearest-even of fp32 x onto the grid of a float format with MANTISSA_BITS
+        stored mantissa bits whose smallest normal exponent is MIN_EXPONENT (below it the step
+        stays fixed: subnormals). The narrowing cast after this is exact, so results do not
+        depend on the cast's own rounding (Triton's CPU interpreter rounds fp8/bf16 casts wrongly).
+        Steps are built from exponent bits, so scaling by them is exact."""
+        exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        step_exponent = tl.maximum(exponent, MIN_EXPONENT) - MANTISSA_BITS
+        step = ((step_exponent + 127) << 23).to(tl.float32, bitcast=True)
+        inverse_step = ((127 - step_exponent) << 23).to(tl.float32, bitcast=True)
+        y = x * inverse_step  # |y| < 2^(MANTISSA_BITS+1): y + 0.5 below is exact
+        rounded = tl.floor(y + 0.5)
+        odd = (rounded - 2.0 * tl.floor(rounded * 0.5)) != 0.0
+        rounded = tl.where(((rounded - y) == 0.5) & odd, rounded - 1.0, rounded)  # ties to even
+        return tl.where(rounded == 0.0, x * 0.0, rounded * step)  # x * 0 keeps the sign of zero
+
+    @triton.jit
+    def _to_fp8_bits(x, INTERPRET: tl.constexpr):
+        """Saturating RNE fp32 -> E4M3 bit pattern (uint8); NaN stays NaN."""
+        q = tl.minimum(tl.maximum(x, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
+                       propagate_nan=tl.PropagateNan.ALL)
+        if not INTERPRET:
+            return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        q = _round_to_float_grid(q, 3, -6)
+        q = tl.minimum(tl.maximum(q, -_FP8_MAX, propagate_nan=tl.PropagateNan.ALL), _FP8_MAX,
+                       propagate_nan=tl.PropagateNan.ALL)
+        bits = q.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        exponent = ((bits >> 23) & 0xFF) - 127
+        normal = ((exponent + 7) << 3) | ((bits >> 20) & 0x7)
+        subnormal = (tl.abs(q) * 512.0).to(tl.int32)  # q = m * 2^-9, m in 0..7: exact
+        code = tl.where(tl.abs(q) >= 0.015625, normal, subnormal)
+        code = tl.where(q != q, 0x7F, code) | sign
+        return code.to(tl.uint8)
+
+    @triton.jit
+    def _row_scale(v, row_ptr):
+        """Stores the row's decode scale amax/448 (1.0 for a zero row); returns its reciprocal."""
+        # |v| >= 0, so its bits order like the floats and a NaN (all-ones exponent, non-zero
+        # mantissa) outranks everything: the row's scale becomes NaN, as in the reference.
+        row_max = tl.max(v.to(tl.int32, bitcast=True), axis=0).to(tl.float32, bitcast=True)
+        scale = tl.where(row_max == 0.0, 1.0, tl.math.div_rn(row_max, _FP8_MAX))
+        tl.store(row_ptr, scale)
+        return tl.math.div_rn(1.0, scale)
+
+    @triton.jit
+    def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, stride_x, stride_out,
+                                  K: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  INTERPRET: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        out_row = out_ptr + row * stride_out
+        cols = tl.arange(0, BLOCK_K)
+        if K <= BLOCK_K:  # the whole row in registers: one read from memory
+            v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if STATIC:
+                inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
+            else:
+                inverse = _row_scale(tl.abs(v), scale_ptr + row)
+            tl.store(out_row + cols, _to_fp8_bits(v * inverse, INTERPRET), mask=cols < K)
+        else:  # long rows: amax pass, then quantize pass (the re-read mostly hits L2)
+            if STATIC:
+                inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
+            else:
+                amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for start in range(0, K, BLOCK_K):
+                    offs = start + cols
+                    v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                    amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+                inverse = _row_scale(amax, scale_ptr + row)
+            for start in range(0, K, BLOCK_K):
+                offs = start + cols
+                v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                tl.store(out_row + offs, _to_fp8_bits(v * inverse, INTERPRET), mask=offs < K)
+
+    @triton.jit
+    def _e2m1_value(nibble):
+        """E2M1 code (int32, 0..15) -> fp32 built from bits: exact, no table, no special functions."""
+        exponent = (nibble >> 1) & 3
+        mantissa = nibble & 1
+        bits = tl.where(exponent == 0, mantissa * (126 << 23), ((126 + exponent) << 23) | (mantissa << 22))
+        return (bits | ((nibble & 8) << 28)).to(tl.float32, bitcast=True)  # sign kept, also for -0
+
+    @triton.jit
+    def _nvfp4_rows_kernel(packed_ptr, scales_ptr, global_scale_ptr, row_ratio_ptr, out_ptr,
+                           N, K, stride_packed, stride_out, scale_cols_padded,
+                           TO_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        pair_mask = (rows[:, None] < N) & (pairs[None, :] * 2 < K)
+        byte = tl.load(packed_ptr + rows64[:, None] * stride_packed + pairs[None, :], mask=pair_mask, other=0)
+        byte = byte.to(tl.int32)
+        # element 2j is the high nibble: join (high, low) on a new minor axis, then flatten
+        values = tl.reshape(tl.join(_e2m1_value(byte >> 4), _e2m1_value(byte & 0xF)), (BLOCK_N, BLOCK_K))
+        # One block scale per 16 elements, read from the cuBLAS 128x4 swizzled layout.
+        block = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+        offset = ((rows[:, None] // 128) * (scale_cols_padded // 4) + block[None, :] // 4) * 512 \
+            + (rows[:, None] % 32) * 16 + ((rows[:, None] % 128) // 32) * 4 + (block[None, :] % 4)
+        scale_mask = (rows[:, None] < N) & (block[None, :] * 16 < K)
+        block_scale = tl.load(scales_ptr + offset, mask=scale_mask, other=0)
+        block_scale = block_scale.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < N) & (cols[None, :] < K)
+        if TO_FP8:
+            # value * block * global / row_scale, with row_scale = global * rowmax(block) * 6 / 448
+            factor = block_scale * tl.load(row_ratio_ptr + rows, mask=rows < N, other=1.0)[:, None]
+            scaled = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // 16, 16)) * factor[:, :, None],
+                                (BLOCK_N, BLOCK_K))
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _to_fp8_bits(scaled, INTERPRET), mask=mask)
+        else:
+            factor = block_scale * tl.load(global_scale_ptr)
+            scaled = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // 16, 16)) * factor[:, :, None],
+                                (BLOCK_N, BLOCK_K))
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _to_bf16(scaled, INTERPRET), mask=mask)
+
+    @triton.jit
+    def _to_bf16(x, INTERPRET: tl.constexpr):
+        """RNE fp32 -> bf16 (in the interpreter: 7 mantissa bits by hand; below 2^-100 coarser)."""
+        if INTERPRET:
+            x = _round_to_float_grid(x, 7, -100)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _fp8_rows_to_bf16_kernel(data_ptr, scale_ptr, out_ptr, N, K, stride_data, stride_out,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < N) & (cols[None, :] < K)
+        rows64 = rows.to(tl.int64)
+        bits = tl.load(data_ptr + rows64[:, None] * stride_data + cols[None, :], mask=mask, other=0)
+        value = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        scale = tl.load(scale_ptr + rows, mask=rows < N, other=1.0)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _to_bf16(value * scale[:, None], INTERPRET),
+                 mask=mask)
+
+
+def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out.view(torch.float8_e4m3fn), scale
+    block = min(triton.next_power_of_2(cols), 16384)  # LTX rows (K <= 16384) stay in registers
+    static = static_scale is not None
+    _quantize_fp8_rows_kernel[(rows,)](
+        x, out, scale, static_scale if static else scale, x.stride(0), out.stride(0), K=cols,
+        STATIC=static, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=max(1, min(16, block // 512)))
+    if static:
+        scale = static_scale.reshape(1, 1).float().expand(rows, 1)
+    return out.view(torch.float8_e4m3fn), scale
+
+
+@torch.library.custom_op("ltx2q::quantize_fp8_rows", mutates_args=())
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales)."""
+    return _quantize_fp8_rows_launch(x.contiguous(), None)
+
+
+@quantize_fp8_rows.register_fake
+def _(x):
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("ltx2q::quantize_fp8_static", mutates_args=())
+def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast."""
+    return _quantize_fp8_rows_launch(x.contiguous(), input_scale.float().contiguous())[0]
+
+
+@quantize_fp8_static.register_fake
+def _(x, input_scale):
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+
+
+def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row, the FP8 decode scale the converted weight uses and the factor that takes
+    an NVFP4 element (e2m1 * block scale) to it. Computed once at load: (row_scale (N,), ratio (N,))."""
+    from .formats import E2M1_MAX, unswizzle_scales
+    rows, cols = shape
+    scales = unswizzle_scales(block_scales.view(torch.float8_e4m3fn), round_up(rows, NVFP4_BLOCK),
+                              round_up(cols, NVFP4_BLOCK) // NVFP4_BLOCK)[:rows].float()
+    row_max_block = scales.amax(dim=1)
+    ratio = torch.where(row_max_block > 0, FP8_MAX / (E2M1_MAX * row_max_block), torch.ones_like(row_max_block))
+    return ratio, row_max_block
+
+
+def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                  ratio: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+    to_fp8 = ratio is not None
+    out = torch.empty((n, k), dtype=torch.uint8 if to_fp8 else torch.bfloat16, device=packed.device)
+    scale_cols_padded = round_up(round_up(k, NVFP4_BLOCK) // NVFP4_BLOCK, 4)
+    block_n, block_k = 16, 256
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _nvfp4_rows_kernel[grid](packed, block_scales.view(torch.uint8), global_scale.float().reshape(1),
+                             ratio if to_fp8 else global_scale, out, n, k, packed.stride(0), out.stride(0),
+                             scale_cols_padded, TO_FP8=to_fp8, BLOCK_N=block_n, BLOCK_K=block_k,
+                             INTERPRET=INTERPRET, num_warps=4)
+    return out.view(torch.float8_e4m3fn) if to_fp8 else out
+
+
+@torch.library.custom_op("ltx2q::nvfp4_to_fp8", mutates_args=())
+def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                 ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Packed NVFP4 (N, K) -> E4M3 (N, K) whose row n decodes with global * rowmax_block(n) * 6/448."""
+    return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k)
+
+
+@nvfp4_to_fp8.register_fake
+def _(packed, block_scales, global_scale, ratio, n, k):
+    return torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
+
+
+@torch.library.custom_op("ltx2q::nvfp4_to_bf16", mutates_args=())
+def nvfp4_to_bf16(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                  n: int, k: int) -> torch.Tensor:
+    """Packed NVFP4 (N, K) -> bf16, exact up to the final bf16 rounding of block * global."""
+    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k)
+
+
+@nvfp4_to_bf16.register_fake
+def _(packed, block_scales, global_scale, n, k):
+    return torch.empty((n, k), dtype=torch.bfloat16, device=packed.device)
+
+
+@torch.library.custom_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
+def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 (N, K) times an fp32 per-row scale (N values) -> bf16, one pass (the fp8-cast path)."""
+    n, k = data.shape
+    out = torch.empty((n, k), dtype=torch.bfloat16, device=data.device)
+    grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
+    _fp8_rows_to_bf16_kernel[grid](data.view(torch.uint8), row_scale.float().contiguous(), out, n, k,
+                                   data.stride(0), out.stride(0), BLOCK_N=16, BLOCK_K=256,
+                                   INTERPRET=INTERPRET, num_warps=4)
+    return out
+
+
+@fp8_rows_to_bf16.register_fake
+def _(data, row_scale):
+    return torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)

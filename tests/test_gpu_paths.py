@@ -1,0 +1,58 @@
+"""Every GPU fast path against the CPU reference on fresh random inputs (skips without CUDA)."""
+
+import pytest
+import torch
+
+from quant import runtime
+from quant.reference import reference_linear, relative_error
+from quant.weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, quantize_weight
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (format, activation, nvfp4 mode, bound vs the policy's fp32 reference). Paths that round exactly
+# like the reference differ only by bf16 output rounding and accumulation order; the NVFP4 fast
+# path adds its documented E4M3 re-rounding of the weight.
+CASES = [
+    (FP8_ROWWISE, "fp8", "fast", 6e-3),
+    (FP8_TENSOR, "fp8", "fast", 6e-3),
+    (FP8_ROWWISE, "none", "fast", 6e-3),
+    (MXFP8, "fp8", "fast", 6e-3),
+    (NVFP4, "none", "exact", 6e-3),
+    (NVFP4, "none", "fast", 0.06),
+]
+
+
+@pytest.mark.parametrize("fmt,activation,mode,bound", CASES)
+@pytest.mark.parametrize("m,k,n", [(256, 4096, 4096), (1000, 2048, 8192), (77, 16384, 4096)])
+def test_fast_path_matches_reference(fmt, activation, mode, bound, m, k, n):
+    torch.manual_seed(m + k + n)
+    w = torch.randn(n, k) * k ** -0.5
+    bias = torch.randn(n) * 0.1
+    x = torch.randn(m, k).bfloat16()
+    qw = quantize_weight(w, fmt)
+    layer = runtime.PreparedLinear(qw, bias, activation, "cuda", nvfp4_mode=mode)
+    assert layer.path != "reference", layer.reason
+    y = layer(x.cuda()).float().cpu()
+    assert not y.isnan().any()
+    err = relative_error(y, reference_linear(x, qw, bias, activation))
+    assert err < bound, (layer.path, err)
+
+
+def test_static_input_scale_clamps_outliers():
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024) * 1024 ** -0.5
+    qw = quantize_weight(w, FP8_ROWWISE)
+    qw.tensors["input_scale"] = torch.tensor(2.0 / 448)  # calibrated for |x| <= 2
+    x = torch.randn(64, 1024).bfloat16()
+    x[0, 0] = 1e4  # far outside the calibrated range: clamped, never inf/NaN
+    layer = runtime.PreparedLinear(qw, None, "fp8", "cuda")
+    y = layer(x.cuda()).float().cpu()
+    assert y.isfinite().all()
+    assert relative_error(y, reference_linear(x, qw, None, "fp8")) < 6e-3
+
+
+def test_weights_stay_4bit_for_nvfp4_fast_path():
+    w = torch.randn(4096, 4096) * 4096 ** -0.5
+    layer = runtime.PreparedLinear(quantize_weight(w, NVFP4), None, "none", "cuda")
+    resident = sum(t.numel() * t.element_size() for t in layer.tensors.values())
+    assert resident * 8 / w.numel() < 4.6  # bits per weight: 4 + block scales + row factors

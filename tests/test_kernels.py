@@ -1,0 +1,91 @@
+"""Triton kernels vs their plain-torch twins, bit for bit, on fresh random inputs.
+On a CPU-only machine they run under TRITON_INTERPRET=1 (set by conftest.py) at small shapes."""
+
+import pytest
+import torch
+
+from quant import formats, kernels
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def same_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Byte-equal, except that NaN of either sign matches NaN."""
+    both_nan = a.float().isnan() & b.float().isnan()
+    return bool(((a.view(torch.uint8) == b.view(torch.uint8)) | both_nan).all())
+
+
+@pytest.mark.parametrize("shape", [(7, 300), (3, 2048), (1, 16), (5, 4100), (2, 20000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rowwise_quant_matches_reference(shape, dtype):
+    x = (torch.randn(shape) * 3).to(dtype)
+    data, scale = kernels.quantize_fp8_rows(x.to(DEVICE))
+    ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(x)
+    assert same_fp8(data.cpu(), ref_data)
+    assert torch.equal(scale.cpu(), ref_scale)
+
+
+def test_rowwise_quant_special_values():
+    x = torch.randn(6, 64) * 3
+    x[0, 5] = float("nan")  # a NaN row stays NaN (scale NaN), never silently finite
+    x[1] = 0.0  # zero row: scale 1, zero data
+    x[2, :4] = torch.tensor([float("inf"), -1e30, 1e-30, -0.0])
+    x[3, :3] = torch.tensor([464.0, 480.0, 300.0]) * x[3].abs().max() / 448  # ties and saturation
+    data, scale = kernels.quantize_fp8_rows(x.to(DEVICE))
+    ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(x)
+    assert same_fp8(data.cpu(), ref_data)
+    assert torch.allclose(scale.cpu(), ref_scale, equal_nan=True)
+    assert scale[0].isnan().all() and data[0].float().isnan().all()
+    assert scale[1].item() == 1.0 and (data[1].float() == 0).all()
+
+
+def test_every_fp8_value_and_midpoint_rounds_like_torch():
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = values[values.isfinite()].sort().values
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    probe = torch.cat([finite, midpoints, midpoints.nextafter(torch.tensor(float("inf"))),
+                       torch.tensor([449.0, 464.0, 470.0, 1e6, -1e6])]).reshape(1, -1)
+    one = torch.tensor(1.0)
+    assert same_fp8(kernels.quantize_fp8_static(probe.to(DEVICE), one.to(DEVICE)).cpu(),
+                    formats.quantize_fp8_static(probe, one))
+
+
+def test_static_quant_clamps_and_keeps_nan():
+    x = torch.randn(4, 96) * 10
+    x[0, 0] = 1e9
+    x[1, 1] = float("nan")
+    scale = torch.tensor(0.02)
+    out = kernels.quantize_fp8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
+    assert same_fp8(out, formats.quantize_fp8_static(x, scale))
+    assert out[0, 0].float().item() == 448.0
+    assert out[1, 1].float().isnan()
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (300, 13 * 16), (7, 32), (129, 64)])
+def test_nvfp4_expansion_matches_reference(shape):
+    w = torch.randn(shape)
+    w[0, :16] = 0.0  # a zero block
+    packed, block_scales, global_scale = formats.quantize_nvfp4(w)
+    ratio, _ = kernels.nvfp4_row_ratio(block_scales, shape)
+    on = [t.to(DEVICE) for t in (packed, block_scales, global_scale, ratio)]
+    fp8 = kernels.nvfp4_to_fp8(on[0], on[1], on[2], on[3], *shape).cpu()
+    unit = formats.dequantize_nvfp4(packed, block_scales, torch.tensor(1.0), shape)
+    assert same_fp8(fp8, formats.cast_to_fp8(unit * ratio[:, None]))
+    bf16 = kernels.nvfp4_to_bf16(on[0], on[1], on[2], *shape).cpu()
+    assert torch.equal(bf16, formats.dequantize_nvfp4(packed, block_scales, global_scale, shape).bfloat16())
+
+
+def test_nvfp4_fp8_expansion_error_is_small():
+    """The fast Hopper path's extra rounding (NVFP4 element x block scale onto E4M3 per row)."""
+    shape = (64, 512)
+    w = torch.randn(shape)
+    packed, block_scales, global_scale = formats.quantize_nvfp4(w)
+    ratio, row_max = kernels.nvfp4_row_ratio(block_scales, shape)
+    fp8 = kernels.nvfp4_to_fp8(packed.to(DEVICE), block_scales.to(DEVICE), global_scale.to(DEVICE),
+                               ratio.to(DEVICE), *shape).cpu()
+    row_scale = global_scale * row_max * formats.E2M1_MAX / formats.FP8_MAX
+    expanded = fp8.float() * row_scale[:, None]
+    exact = formats.dequantize_nvfp4(packed, block_scales, global_scale, shape)
+    extra = float((expanded - exact).norm() / exact.norm())
+    assert 0 < extra < 0.035, extra
