@@ -176,39 +176,39 @@ if AVAILABLE:
 
 def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
+    static = static_scale is not None
     out = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    scale = static_scale if static else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out.view(torch.float8_e4m3fn), scale
     block = min(triton.next_power_of_2(cols), 16384)  # LTX rows (K <= 16384) stay in registers
-    static = static_scale is not None
     _quantize_fp8_rows_kernel[(rows,)](
-        x, out, scale, static_scale if static else scale, x.stride(0), out.stride(0), K=cols,
+        x, out, scale, scale, x.stride(0), out.stride(0), K=cols,
         STATIC=static, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=max(1, min(16, block // 512)))
-    if static:
-        scale = static_scale.reshape(1, 1).float().expand(rows, 1)
     return out.view(torch.float8_e4m3fn), scale
 
 
+# Each kernel is a torch custom op, so torch.compile traces through it as one opaque node. Eager
+# callers skip the custom-op dispatcher (tens of microseconds a call, more than a small GEMM takes
+# at 6k tokens) and launch directly; the public functions below pick one or the other.
+
 @torch.library.custom_op("ltx2q::quantize_fp8_rows", mutates_args=())
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales)."""
+def _quantize_fp8_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_fp8_rows_launch(x.contiguous(), None)
 
 
-@quantize_fp8_rows.register_fake
+@_quantize_fp8_rows_op.register_fake
 def _(x):
     return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
             torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 
 
 @torch.library.custom_op("ltx2q::quantize_fp8_static", mutates_args=())
-def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast."""
+def _quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     return _quantize_fp8_rows_launch(x.contiguous(), input_scale.float().contiguous())[0]
 
 
-@quantize_fp8_static.register_fake
+@_quantize_fp8_static_op.register_fake
 def _(x, input_scale):
     return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
 
@@ -240,32 +240,28 @@ def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale
 
 
 @torch.library.custom_op("ltx2q::nvfp4_to_fp8", mutates_args=())
-def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                 ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Packed NVFP4 (N, K) -> E4M3 (N, K) whose row n decodes with global * rowmax_block(n) * 6/448."""
+def _nvfp4_to_fp8_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                     ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k)
 
 
-@nvfp4_to_fp8.register_fake
+@_nvfp4_to_fp8_op.register_fake
 def _(packed, block_scales, global_scale, ratio, n, k):
     return torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
 
 
 @torch.library.custom_op("ltx2q::nvfp4_to_bf16", mutates_args=())
-def nvfp4_to_bf16(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                  n: int, k: int) -> torch.Tensor:
-    """Packed NVFP4 (N, K) -> bf16, exact up to the final bf16 rounding of block * global."""
+def _nvfp4_to_bf16_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                      n: int, k: int) -> torch.Tensor:
     return _nvfp4_launch(packed, block_scales, global_scale, None, n, k)
 
 
-@nvfp4_to_bf16.register_fake
+@_nvfp4_to_bf16_op.register_fake
 def _(packed, block_scales, global_scale, n, k):
     return torch.empty((n, k), dtype=torch.bfloat16, device=packed.device)
 
 
-@torch.library.custom_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
-def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 (N, K) times an fp32 per-row scale (N values) -> bf16, one pass (the fp8-cast path)."""
+def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     n, k = data.shape
     out = torch.empty((n, k), dtype=torch.bfloat16, device=data.device)
     grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
@@ -275,6 +271,48 @@ def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tenso
     return out
 
 
-@fp8_rows_to_bf16.register_fake
+@torch.library.custom_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
+def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    return _fp8_rows_to_bf16_launch(data, row_scale)
+
+
+@_fp8_rows_to_bf16_op.register_fake
 def _(data, row_scale):
     return torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales)."""
+    if torch.compiler.is_compiling():
+        return _quantize_fp8_rows_op(x)
+    return _quantize_fp8_rows_launch(x.contiguous(), None)
+
+
+def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast."""
+    if torch.compiler.is_compiling():
+        return _quantize_fp8_static_op(x, input_scale)
+    return _quantize_fp8_rows_launch(x.contiguous(), input_scale)[0]
+
+
+def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                 ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Packed NVFP4 (N, K) -> E4M3 (N, K) whose row n decodes with global * rowmax_block(n) * 6/448."""
+    if torch.compiler.is_compiling():
+        return _nvfp4_to_fp8_op(packed, block_scales, global_scale, ratio, n, k)
+    return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k)
+
+
+def nvfp4_to_bf16(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
+                  n: int, k: int) -> torch.Tensor:
+    """Packed NVFP4 (N, K) -> bf16, exact up to the final bf16 rounding of block * global."""
+    if torch.compiler.is_compiling():
+        return _nvfp4_to_bf16_op(packed, block_scales, global_scale, n, k)
+    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k)
+
+
+def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 (N, K) times an fp32 per-row scale (N values) -> bf16, one pass (the fp8-cast path)."""
+    if torch.compiler.is_compiling():
+        return _fp8_rows_to_bf16_op(data, row_scale)
+    return _fp8_rows_to_bf16_launch(data, row_scale)
