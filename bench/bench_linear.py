@@ -119,13 +119,15 @@ def components() -> list[str]:
     fp8_layer = runtime.PreparedLinear(qw, None, "none", "cuda")
     data, scale = fp8_layer.tensors["weight"], fp8_layer.tensors["weight_scale"].reshape(-1, 1)
     t_deq = bench(lambda: data.to(torch.bfloat16) * scale.to(torch.bfloat16))
+    t_kernel = bench(lambda: kernels.fp8_rows_to_bf16(data, scale))
     x = torch.randn(24576, 4096, device="cuda", dtype=torch.bfloat16)
     w_deq = data.to(torch.bfloat16) * scale.to(torch.bfloat16)
     w_plain = (torch.randn(4096, 4096, device="cuda") * 0.02).bfloat16()
     t_gemm_deq = bench(lambda: torch.nn.functional.linear(x, w_deq))
     t_gemm_plain = bench(lambda: torch.nn.functional.linear(x, w_plain))
     t_path = bench(lambda: fp8_layer(x))
-    out.append(f"fp8-cast 24576x4096x4096: dequant {t_deq:.3f} ms, GEMM on dequantized weight {t_gemm_deq:.3f} ms, "
+    out.append(f"fp8-cast 24576x4096x4096: eager-torch dequant {t_deq:.3f} ms, Triton dequant {t_kernel:.3f} ms, "
+               f"GEMM on dequantized weight {t_gemm_deq:.3f} ms, "
                f"GEMM on plain bf16 weight {t_gemm_plain:.3f} ms, whole path {t_path:.3f} ms")
     return out
 
