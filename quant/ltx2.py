@@ -38,6 +38,9 @@ LTX23_CONFIG = {
     "connector_num_learnable_registers": 128, "connector_apply_gated_attention": True,
     "av_ca_timestep_scale_multiplier": 1000, "timestep_scale_multiplier": 1000,
     "positional_embedding_max_pos": [20, 2048, 2048], "audio_positional_embedding_max_pos": [20], "norm_eps": 1e-6,
+    # Also in the release header (seen in public copies of it); ComfyUI's LTX-2.3 text path needs them.
+    "caption_projection_first_linear": False, "caption_projection_second_linear": False,
+    "use_middle_indices_grid": True, "connector_positional_embedding_max_pos": [4096],
 }
 
 
@@ -95,12 +98,17 @@ def block_count(keys, prefix: str) -> int:
 
 def tiny_config(num_layers: int = 2, heads: int = 2, head_dim: int = 32, audio_heads: int = 2,
                 audio_head_dim: int = 16) -> dict:
-    """LTX-2.3 config with the real structure and small widths (video width heads*head_dim)."""
+    """LTX-2.3 config with the real structure and small widths (video width heads*head_dim).
+
+    Connector widths equal the stream widths (ComfyUI requires it) and the caption projections
+    are off, as in the LTX-2.3 release (its text encoder emits stream-width embeddings)."""
     config = dict(LTX23_CONFIG)
     config.update({
         "num_layers": num_layers, "num_attention_heads": heads, "attention_head_dim": head_dim,
         "cross_attention_dim": heads * head_dim, "audio_num_attention_heads": audio_heads,
         "audio_attention_head_dim": audio_head_dim, "audio_cross_attention_dim": audio_heads * audio_head_dim,
+        "connector_num_layers": 1, "connector_num_attention_heads": heads, "connector_attention_head_dim": head_dim,
+        "audio_connector_num_attention_heads": audio_heads, "audio_connector_attention_head_dim": audio_head_dim,
     })
     return config
 
@@ -145,28 +153,54 @@ def block_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# AdaLN embedders outside the blocks: name -> (stream, rows per width) for LTX-2.3
+# (cross_attention_adaln); LTX-2.0 has only the first and third, with 6 rows.
+_ADALN_SINGLES = (("adaln_single", "v", 9), ("prompt_adaln_single", "v", 2), ("audio_adaln_single", "a", 9),
+                  ("audio_prompt_adaln_single", "a", 2), ("av_ca_video_scale_shift_adaln_single", "v", 4),
+                  ("av_ca_a2v_gate_adaln_single", "v", 1), ("av_ca_audio_scale_shift_adaln_single", "a", 4),
+                  ("av_ca_v2a_gate_adaln_single", "a", 1))
+
+
 def model_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Blocks plus the outer layers that the default scopes keep in high precision."""
-    v = config["num_attention_heads"] * config["attention_head_dim"]
-    a = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
-    rows = 9 if config.get("cross_attention_adaln") else 6
+    """Every tensor of an LTX-2.3 transformer (ComfyUI's LTXAVModel names and shapes) for `config`."""
+    widths = {"v": config["num_attention_heads"] * config["attention_head_dim"],
+              "a": config["audio_num_attention_heads"] * config["audio_attention_head_dim"]}
+    v, a = widths["v"], widths["a"]
     shapes: dict[str, tuple[int, ...]] = {
+        "scale_shift_table": (2, v), "audio_scale_shift_table": (2, a),
         "patchify_proj.weight": (v, 128), "patchify_proj.bias": (v,),
         "audio_patchify_proj.weight": (a, 128), "audio_patchify_proj.bias": (a,),
-        "proj_out.weight": (128, v), "proj_out.bias": (128,),
-        "audio_proj_out.weight": (128, a), "audio_proj_out.bias": (128,),
-        "scale_shift_table": (2, v), "audio_scale_shift_table": (2, a),
     }
-    for name, width in (("adaln_single", v), ("audio_adaln_single", a)):
+    for name, stream, rows in _ADALN_SINGLES:
+        width = widths[stream]
         shapes[f"{name}.emb.timestep_embedder.linear_1.weight"] = (width, 256)
         shapes[f"{name}.emb.timestep_embedder.linear_1.bias"] = (width,)
         shapes[f"{name}.emb.timestep_embedder.linear_2.weight"] = (width, width)
         shapes[f"{name}.emb.timestep_embedder.linear_2.bias"] = (width,)
         shapes[f"{name}.linear.weight"] = (rows * width, width)
         shapes[f"{name}.linear.bias"] = (rows * width,)
+    for name, width, heads in (("audio_embeddings_connector", a, config["audio_connector_num_attention_heads"]),
+                               ("video_embeddings_connector", v, config["connector_num_attention_heads"])):
+        shapes[f"{name}.learnable_registers"] = (config.get("connector_num_learnable_registers", 128), width)
+        for layer in range(config["connector_num_layers"]):
+            prefix = f"{name}.transformer_1d_blocks.{layer}."
+            shapes[prefix + "attn1.q_norm.weight"] = (width,)
+            shapes[prefix + "attn1.k_norm.weight"] = (width,)
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                shapes[f"{prefix}attn1.{proj}.weight"] = (width, width)
+                shapes[f"{prefix}attn1.{proj}.bias"] = (width,)
+            if config.get("connector_apply_gated_attention"):
+                shapes[prefix + "attn1.to_gate_logits.weight"] = (heads, width)
+                shapes[prefix + "attn1.to_gate_logits.bias"] = (heads,)
+            shapes[prefix + "ff.net.0.proj.weight"] = (4 * width, width)
+            shapes[prefix + "ff.net.0.proj.bias"] = (4 * width,)
+            shapes[prefix + "ff.net.2.weight"] = (width, 4 * width)
+            shapes[prefix + "ff.net.2.bias"] = (width,)
     for n in range(config["num_layers"]):
         for key, shape in block_shapes(config).items():
             shapes[f"transformer_blocks.{n}.{key}"] = shape
+    shapes.update({"proj_out.weight": (128, v), "proj_out.bias": (128,),
+                   "audio_proj_out.weight": (128, a), "audio_proj_out.bias": (128,)})
     return shapes
 
 

@@ -45,10 +45,10 @@ class TensorInfo:
         return DTYPE_NAMES[self.dtype]
 
 
-def _sniff_foreign(path: str, head: bytes) -> str | None:
+def _sniff_foreign(head: bytes) -> str | None:
     if head[:2] == b"PK":
-        return "a zip archive (a PyTorch .pt/.ckpt pickle); pickles are never loaded"
-    if head[:1] == b"\x80":
+        return "a zip archive such as a PyTorch .pt/.ckpt pickle; pickles are never loaded"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a Python pickle; pickles are never loaded"
     if head[:4] == b"GGUF":
         return "a GGUF file"
@@ -76,27 +76,29 @@ class SafetensorsFile:
     def _parse(self) -> None:
         size = os.fstat(self._file.fileno()).st_size
         head = self._file.read(8)
-        foreign = _sniff_foreign(self.path, head)
-        if foreign:
-            raise self._fail(f"not a safetensors file: it is {foreign}")
+        # A valid file's first bytes are a little-endian length that can look like anything, so
+        # other formats are named only to explain a header that does not parse.
+        foreign = _sniff_foreign(head)
+        hint = f" (it looks like {foreign})" if foreign else ""
         if size < 8 or len(head) < 8:
-            raise self._fail(f"not a safetensors file: {size} bytes, too short for a header")
+            raise self._fail(f"not a safetensors file: {size} bytes, too short for a header{hint}")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES:
             raise self._fail(f"not a safetensors file or corrupt: header length {header_len} exceeds "
-                             f"{MAX_HEADER_BYTES}")
+                             f"{MAX_HEADER_BYTES}{hint}")
         if 8 + header_len > size:
-            raise self._fail(f"truncated: header claims {header_len} bytes but the file has {size - 8} after "
-                             "the length field")
+            raise self._fail(f"truncated or not a safetensors file: header claims {header_len} bytes but the file "
+                             f"has {size - 8} after the length field{hint}")
         raw = self._file.read(header_len)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self._fail(f"corrupt header: not UTF-8 ({e.reason} at byte {e.start})") from None
+            raise self._fail(f"corrupt header: not UTF-8 ({e.reason} at byte {e.start}){hint}") from None
         try:
             header = json.loads(text, object_pairs_hook=self._no_duplicates)
         except json.JSONDecodeError as e:
-            raise self._fail(f"not a safetensors file or corrupt header: invalid JSON ({e.msg} at {e.pos})") from None
+            raise self._fail(f"not a safetensors file or corrupt header: invalid JSON ({e.msg} at {e.pos})"
+                             f"{hint}") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt header: top level is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
