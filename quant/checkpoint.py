@@ -196,20 +196,22 @@ def read_layer(f: SafetensorsFile, source: LayerSource) -> weights.QuantizedWeig
     return weights.QuantizedWeight(source.format, tuple(source.shape), tensors)
 
 
-def convert_layer(f: SafetensorsFile, source: LayerSource, target: str) -> weights.QuantizedWeight:
-    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights by name."""
+def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
+                  device: torch.device | str = "cpu") -> weights.QuantizedWeight:
+    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights by name. The math
+    runs on `device` (a GPU makes load-time quantization fast); the result comes back to the CPU."""
     stored = read_layer(f, source)
     if isinstance(stored, weights.QuantizedWeight):
         if stored.format == target:
             return stored
-        full = stored.dequantize(torch.float32)
+        full = stored.to(device).dequantize(torch.float32)
     else:
-        full = stored
+        full = stored.to(device)
     if not torch.isfinite(full).all():
         bad = int((~torch.isfinite(full)).sum())
         raise CheckpointError(f"{f.path}: layer {source.layer!r} has {bad} NaN/Inf weight values; refusing to "
                               "quantize it (the output would be black or noise)")
-    out = weights.quantize_weight(full, target)
+    out = weights.quantize_weight(full, target).to("cpu")
     if isinstance(stored, weights.QuantizedWeight) and stored.input_scale is not None:
         out.tensors["input_scale"] = stored.input_scale
     return out
@@ -232,6 +234,78 @@ def layer_conf(decision: LayerDecision, policy: Policy | None) -> dict:
 
 
 @dataclass
+class Step:
+    """Writes one plain tensor, or all tensors of one quantized layer, in file order."""
+
+    specs: list[TensorSpec]
+    make: Callable[[], list[torch.Tensor]]
+
+
+@dataclass
+class ConversionPlan:
+    info: CheckpointInfo
+    decisions: list[LayerDecision]
+    steps: list[Step]
+    quant_layers: dict[str, dict]  # prefixed layer name -> ComfyUI per-layer config
+
+    def metadata(self, policy: Policy) -> dict[str, str]:
+        """Header of the converted file: the source's metadata (with `config`) verbatim, plus the
+        rewritten `_quantization_metadata` and a note of the policy."""
+        metadata = {k: v for k, v in self.info.metadata.items() if k != QUANT_METADATA_KEY}
+        if self.quant_layers:
+            metadata[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": self.quant_layers})
+        metadata[PACK_METADATA_KEY] = json.dumps({"policy": policy.name, "activation": policy.activation})
+        return metadata
+
+
+def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | str = "cpu",
+                    only_prefix: bool = False) -> ConversionPlan:
+    """Per-layer decisions and the ordered steps that produce the converted tensors lazily.
+    `only_prefix` keeps just the diffusion model of a single-file checkpoint (VAE, vocoder and
+    text projections are left out)."""
+    info = inspect_checkpoint(f)
+    require_config(info)
+    decisions = plan(policy, info.layer_table(), info.num_blocks)
+    layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
+    for decision in decisions:
+        source = info.layers[decision.layer]
+        for key in source.keys.values():
+            layer_of_key[key] = (source, decision)
+    steps: list[Step] = []
+    quant_layers: dict[str, dict] = {}
+    for key in f.keys():
+        if key.endswith(".comfy_quant") or (only_prefix and not key.startswith(info.prefix)):
+            continue  # quantization configs are rewritten into the header
+        entry = layer_of_key.get(key)
+        if entry is None or entry[1].target_format not in weights.FORMATS:
+            t = f.tensors[key]
+            steps.append(Step([TensorSpec(key, t.dtype, t.shape)], lambda key=key: [f.read(key)]))
+            continue
+        source, decision = entry
+        if key != source.keys["weight"]:
+            continue  # scales are written with their weight
+        layer_key = info.prefix + source.layer
+        quant_layers[layer_key] = layer_conf(decision, policy)
+        planned = weights.storage_specs(decision.target_format, source.shape)
+        if "input_scale" in source.keys:
+            planned["input_scale"] = (torch.float32, ())
+
+        def convert(source=source, decision=decision, suffixes=list(planned)):
+            qw = convert_layer(f, source, decision.target_format, device)
+            return [qw.tensors[s] for s in suffixes]
+        steps.append(Step([TensorSpec(f"{layer_key}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()],
+                          convert))
+    return ConversionPlan(info, decisions, steps, quant_layers)
+
+
+def _run_steps(steps: list[Step], progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    for index, step in enumerate(steps):
+        yield from zip((spec.name for spec in step.specs), step.make())
+        if progress is not None:
+            progress(index + 1, len(steps))
+
+
+@dataclass
 class QuantizeResult:
     path: str
     decisions: list[LayerDecision]
@@ -239,59 +313,45 @@ class QuantizeResult:
 
 
 def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                  progress: Callable[[int, int], None] | None = None,
+                  device: torch.device | str = "cpu") -> QuantizeResult:
     """Stream `in_path` to a ComfyUI-native quantized `out_path`, one layer in memory at a time.
 
     Header metadata (including `config`) is kept verbatim; `_quantization_metadata` is rewritten
     to cover every quantized layer. `progress(done, total)` is called per step and may raise to
     cancel; the partial output is then removed and an existing file is left as it was."""
     with SafetensorsFile(in_path) as f:
-        info = inspect_checkpoint(f)
-        require_config(info)
-        decisions = plan(policy, info.layer_table(), info.num_blocks)
-        layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
-        for decision in decisions:
-            source = info.layers[decision.layer]
-            for key in source.keys.values():
-                layer_of_key[key] = (source, decision)
+        conversion = plan_conversion(f, policy, device)
+        specs = [spec for step in conversion.steps for spec in step.specs]
+        tensors = (tensor for _, tensor in _run_steps(conversion.steps, progress))
+        written = write_streaming(out_path, specs, tensors, conversion.metadata(policy), overwrite=overwrite)
+    return QuantizeResult(out_path, conversion.decisions, written)
 
-        # Each step writes one plain tensor or all tensors of one quantized layer.
-        steps: list[tuple[list[TensorSpec], Callable[[], list[torch.Tensor]]]] = []
-        quant_layers: dict[str, dict] = {}
-        for key in f.keys():
-            if key.endswith(".comfy_quant"):
-                continue  # replaced by the header metadata
-            entry = layer_of_key.get(key)
-            if entry is None or entry[1].target_format not in weights.FORMATS:
-                info_t = f.tensors[key]
-                steps.append(([TensorSpec(key, info_t.dtype, info_t.shape)], lambda key=key: [f.read(key)]))
-                continue
-            source, decision = entry
-            if key != source.keys["weight"]:
-                continue  # scales are written with their weight
-            layer_key = info.prefix + source.layer
-            quant_layers[layer_key] = layer_conf(decision, policy)
-            planned = weights.storage_specs(decision.target_format, source.shape)
-            if "input_scale" in source.keys:
-                planned["input_scale"] = (torch.float32, ())
-            specs = [TensorSpec(f"{layer_key}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()]
 
-            def convert(source=source, decision=decision, suffixes=list(planned)):
-                qw = convert_layer(f, source, decision.target_format)
-                return [qw.tensors[s] for s in suffixes]
-            steps.append((specs, convert))
+@dataclass
+class LoadedCheckpoint:
+    """A converted diffusion model in memory, keyed without the single-file prefix, with each
+    quantized layer's ComfyUI config as a `<layer>.comfy_quant` uint8 JSON tensor (what ComfyUI's
+    loaders and our ops read)."""
 
-        metadata = {k: v for k, v in f.metadata.items() if k != QUANT_METADATA_KEY}
-        if quant_layers:
-            metadata[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": quant_layers})
-        metadata[PACK_METADATA_KEY] = json.dumps({"policy": policy.name, "activation": policy.activation})
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    decisions: list[LayerDecision]
+    info: CheckpointInfo
 
-        def produce() -> Iterator[torch.Tensor]:
-            for index, (_specs, make) in enumerate(steps):
-                yield from make()
-                if progress is not None:
-                    progress(index + 1, len(steps))
 
-        all_specs = [spec for specs, _ in steps for spec in specs]
-        written = write_streaming(out_path, all_specs, produce(), metadata, overwrite=overwrite)
-    return QuantizeResult(out_path, decisions, written)
+def load_converted(path: str, policy: Policy, progress: Callable[[int, int], None] | None = None,
+                   device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Read and quantize a checkpoint tensor by tensor into a state dict (the load-time path):
+    the bf16 model is never whole in memory, only its converted form."""
+    with SafetensorsFile(path) as f:
+        conversion = plan_conversion(f, policy, device, only_prefix=True)
+        prefix = conversion.info.prefix
+        state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
+        for layer_key, conf in conversion.quant_layers.items():
+            state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
+        return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)
+
+
+def comfy_quant_tensor(conf: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)

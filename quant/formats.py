@@ -146,7 +146,14 @@ def mxfp8_scale_bytes(block_amax: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_mxfp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, K) -> (e4m3 data zero-padded to multiples of 32, swizzled uint8 E8M0 scales).
+    """(rows, K) -> (e4m3 data zero-padded to multiples of 32, swizzled uint8 E8M0 scales)."""
+    data, scale_bytes = quantize_mxfp8_rows(w)
+    return data, swizzle_scales(scale_bytes)
+
+
+def quantize_mxfp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 of w with the scales not yet swizzled: (padded e4m3 data, (rows, K/32) uint8).
+    Rows are independent, so a large weight can be quantized in row chunks.
 
     Byte-identical to comfy-kitchen quantize_mxfp8(pad_32x=True): a zero block stores byte 0 and
     zero data; the element divisor decodes byte 0 as 0 like comfy-kitchen, so a NaN/Inf block
@@ -166,7 +173,7 @@ def quantize_mxfp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scaled = blocks.float() / divisor.unsqueeze(-1)
     scaled = torch.where(zero_block, torch.zeros_like(scaled), scaled)
     data = cast_to_fp8(scaled).reshape(padded_rows, padded_cols)
-    return data, swizzle_scales(scale_bytes)
+    return data, scale_bytes
 
 
 def dequantize_mxfp8(data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
@@ -234,14 +241,21 @@ def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
 def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, K) -> (packed uint8 (roundup(rows,16), roundup(K,16)/2), swizzled e4m3 block scales,
-    fp32 global scale). Byte-identical to comfy-kitchen quantize_nvfp4(pad_16x=True, hi_first=True).
+    fp32 global scale). Byte-identical to comfy-kitchen quantize_nvfp4(pad_16x=True, hi_first=True)."""
+    if global_scale is None:
+        global_scale = nvfp4_global_scale(w)
+    packed, block_scales = quantize_nvfp4_rows(w, global_scale)
+    return packed, swizzle_scales(block_scales), global_scale.float()
+
+
+def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 of w with a given global scale and the block scales not yet swizzled:
+    (packed uint8, (rows, K/16) e4m3). Rows are independent given the global scale.
 
     An all-zero tensor has global scale 0: its block scales become 0/0 = NaN in the formula, so
     they are forced to zero (decode 0 * anything = 0). Zero blocks get zero data, not 0/0."""
     if w.dim() != 2:
         raise ValueError(f"NVFP4 needs a 2-D weight, got shape {tuple(w.shape)}")
-    if global_scale is None:
-        global_scale = nvfp4_global_scale(w)
     global_scale = global_scale.float()
     rows, cols = w.shape
     padded_rows, padded_cols = round_up(rows, NVFP4_BLOCK), round_up(cols, NVFP4_BLOCK)
@@ -258,7 +272,7 @@ def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
     scaled = blocks.float() / divisor.unsqueeze(-1)
     scaled = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(scaled), scaled)
     codes = e2m1_encode(scaled.clamp(-E2M1_MAX, E2M1_MAX).reshape(padded_rows, padded_cols))
-    return pack_nibbles(codes), swizzle_scales(block_scale_fp8), global_scale
+    return pack_nibbles(codes), block_scale_fp8
 
 
 def dequantize_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,

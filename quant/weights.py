@@ -70,22 +70,48 @@ class QuantizedWeight:
         return QuantizedWeight(self.format, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
 
 
+# Rows quantized per pass: bounds the fp32 temporaries to a few MB whatever the weight size, so
+# quantizing a file needs about one tensor of extra memory (a multiple of 32 keeps MX/NV blocks whole).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(w: torch.Tensor) -> list[torch.Tensor]:
+    rows = max(32, (CHUNK_ELEMENTS // max(1, w.shape[1])) // 32 * 32)
+    return list(torch.split(w, rows, dim=0))
+
+
+def _amax(w: torch.Tensor) -> torch.Tensor:
+    return torch.stack([chunk.abs().amax() for chunk in _row_chunks(w)]).amax()
+
+
 def quantize_weight(w: torch.Tensor, fmt: str) -> QuantizedWeight:
-    """Quantize a 2-D weight to `fmt`. Raises FormatError for shapes the format cannot hold."""
+    """Quantize a 2-D weight to `fmt`, in row chunks (identical bytes to one pass: scales that span
+    the tensor are computed first). Raises FormatError for shapes the format cannot hold."""
     check_format(fmt)
     if w.dim() != 2:
         raise FormatError(f"{fmt} holds 2-D Linear weights only, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise FormatError(f"{fmt} quantizes floating-point weights, got {w.dtype}")
     shape = (int(w.shape[0]), int(w.shape[1]))
+    chunks = _row_chunks(w)
     if fmt in (FP8_TENSOR, FP8_ROWWISE):
-        scale = formats.fp8_scale(w, per_channel=fmt == FP8_ROWWISE)
-        return QuantizedWeight(fmt, shape, {"weight": formats.quantize_fp8(w, scale), "weight_scale": scale})
+        if fmt == FP8_ROWWISE:
+            scale = torch.cat([formats.fp8_scale(c, per_channel=True) for c in chunks])
+            data = torch.cat([formats.quantize_fp8(c, s) for c, s in zip(chunks, torch.split(scale, [len(c) for c in chunks]))])
+        else:
+            amax = _amax(w).float()
+            scale = torch.where(amax == 0, torch.ones_like(amax), amax / formats.FP8_MAX)
+            data = torch.cat([formats.quantize_fp8(c, scale) for c in chunks])
+        return QuantizedWeight(fmt, shape, {"weight": data, "weight_scale": scale})
     if fmt == MXFP8:
-        data, scales = formats.quantize_mxfp8(w)
-        return QuantizedWeight(fmt, shape, {"weight": data, "weight_scale": scales})
-    packed, block_scales, global_scale = formats.quantize_nvfp4(w)
-    return QuantizedWeight(fmt, shape, {"weight": packed, "weight_scale": block_scales,
+        parts = [formats.quantize_mxfp8_rows(c) for c in chunks]
+        data = torch.cat([p[0] for p in parts])
+        scale_bytes = torch.cat([p[1] for p in parts])
+        return QuantizedWeight(fmt, shape, {"weight": data, "weight_scale": formats.swizzle_scales(scale_bytes)})
+    global_scale = _amax(w).float() / formats.NVFP4_GLOBAL_DIVISOR
+    parts = [formats.quantize_nvfp4_rows(c, global_scale) for c in chunks]
+    return QuantizedWeight(fmt, shape, {"weight": torch.cat([p[0] for p in parts]),
+                                        "weight_scale": formats.swizzle_scales(torch.cat([p[1] for p in parts])),
                                         "weight_scale_2": global_scale})
 
 
