@@ -17,7 +17,7 @@ import torch
 
 from . import ltx2, weights
 from .policies import LayerDecision, Policy, plan
-from .safetensors_io import DTYPE_NAMES, CheckpointError, SafetensorsFile, TensorSpec, write_streaming
+from .safetensors_io import DTYPE_NAMES, CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 PACK_METADATA_KEY = "ltx2_quant"
@@ -181,19 +181,7 @@ def read_layer(f: SafetensorsFile, source: LayerSource) -> weights.QuantizedWeig
     if not source.quantized:
         return f.read(source.keys["weight"])
     tensors = {suffix: f.read(key) for suffix, key in source.keys.items()}
-    if source.format == weights.NVFP4:
-        tensors["weight_scale"] = tensors["weight_scale"].view(torch.float8_e4m3fn)
-        tensors["weight_scale_2"] = tensors["weight_scale_2"].float().reshape(())
-    elif source.format == weights.MXFP8:
-        tensors["weight_scale"] = tensors["weight_scale"].view(torch.uint8)
-    elif source.format == weights.FP8_TENSOR:
-        tensors["weight_scale"] = tensors.get("weight_scale", torch.ones(())).float().reshape(())
-    if "input_scale" in tensors:
-        tensors["input_scale"] = tensors["input_scale"].float().reshape(())
-    stored = weights.storage_specs(source.format, source.shape)
-    for suffix in ("weight", "weight_scale"):
-        tensors[suffix] = tensors[suffix].reshape(stored[suffix][1])
-    return weights.QuantizedWeight(source.format, tuple(source.shape), tensors)
+    return weights.QuantizedWeight.from_tensors(source.format, tuple(source.shape), tensors)
 
 
 def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
@@ -340,17 +328,20 @@ class LoadedCheckpoint:
     info: CheckpointInfo
 
 
-def load_converted(path: str, policy: Policy, progress: Callable[[int, int], None] | None = None,
+def load_converted(source: str | SafetensorsFile | MemoryTensors, policy: Policy,
+                   progress: Callable[[int, int], None] | None = None,
                    device: torch.device | str = "cpu") -> LoadedCheckpoint:
-    """Read and quantize a checkpoint tensor by tensor into a state dict (the load-time path):
-    the bf16 model is never whole in memory, only its converted form."""
-    with SafetensorsFile(path) as f:
-        conversion = plan_conversion(f, policy, device, only_prefix=True)
-        prefix = conversion.info.prefix
-        state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
-        for layer_key, conf in conversion.quant_layers.items():
-            state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
-        return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)
+    """Read and quantize a checkpoint (a path, an open file, or a state dict already in memory)
+    tensor by tensor into a state dict: from a file, the bf16 model is never whole in memory."""
+    if isinstance(source, str):
+        with SafetensorsFile(source) as f:
+            return load_converted(f, policy, progress, device)
+    conversion = plan_conversion(source, policy, device, only_prefix=True)
+    prefix = conversion.info.prefix
+    state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
+    for layer_key, conf in conversion.quant_layers.items():
+        state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
+    return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)
 
 
 def comfy_quant_tensor(conf: dict) -> torch.Tensor:

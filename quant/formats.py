@@ -60,6 +60,40 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return cast_to_fp8(scaled)
 
 
+def _stochastic_round(magnitude: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Pick `upper` with probability (magnitude - lower) / (upper - lower), else `lower`."""
+    gap = upper - lower
+    p = torch.where(gap > 0, (magnitude - lower) / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    u = torch.rand(magnitude.shape, generator=generator, device=generator.device)
+    return torch.where(u.to(magnitude.device) < p, upper, lower)
+
+
+def stochastic_round_fp8(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """E4M3 with stochastic rounding (unbiased: E[result] = x inside the range), saturating at 448.
+    Used when merging LoRA deltas smaller than one E4M3 step, which nearest rounding would erase."""
+    x = x.float()
+    magnitude = x.abs().clamp(max=FP8_MAX)
+    exponent = torch.floor(torch.log2(magnitude.clamp(min=2.0 ** -9))).clamp(min=-6)
+    step = torch.exp2(exponent - 3)
+    lower = torch.floor(magnitude / step) * step
+    rounded = _stochastic_round(magnitude, lower, (lower + step).clamp(max=FP8_MAX), generator)
+    return cast_to_fp8(torch.where(x < 0, -rounded, rounded))
+
+
+_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def stochastic_round_e2m1(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """E2M1 codes with stochastic rounding between the two neighbouring values, saturating at 6."""
+    x = x.float()
+    grid = _E2M1_GRID.to(x.device)
+    magnitude = x.abs().clamp(max=E2M1_MAX)
+    index = (torch.bucketize(magnitude, grid, right=True) - 1).clamp(0, 6)
+    rounded = _stochastic_round(magnitude, grid[index], grid[index + 1], generator)
+    return e2m1_encode(torch.where(x < 0, -rounded, rounded))
+
+
 def dequantize_fp8(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """E4M3 times its fp32 scale, computed in fp32 and rounded once to `dtype`."""
     return (data.float() * scale.float()).to(dtype)

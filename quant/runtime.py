@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import formats, kernels
-from .weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight
+from .weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight, quantize_weight
 
 log = logging.getLogger("ltx2_quant")
 
@@ -134,6 +134,65 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
         if path in W8A8_PATHS:
             tensors["static_weight_scale"] = tensors[W8A8_PATHS[path]] * tensors["input_scale"]
     return tensors
+
+
+def stored_form(path: str, tensors: dict[str, torch.Tensor], fmt: str, shape: tuple[int, int]) -> QuantizedWeight:
+    """The QuantizedWeight a prepared layer holds, without the path's derived helper tensors: the
+    inverse of prepare(). For mxfp8-as-fp8 that is the exact per-row FP8 form (an MXFP8 file can be
+    re-derived from it, see to_file_format)."""
+    n, _ = shape
+    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale") if key in tensors}
+    if path in ("bf16-dequant", "fp8-rowwise", "mxfp8-as-fp8"):
+        scale = keep["weight_scale"]
+        if fmt == FP8_TENSOR:
+            keep["weight_scale"] = scale.reshape(-1)[0].reshape(())
+            return QuantizedWeight(FP8_TENSOR, shape, keep)
+        keep["weight_scale"] = scale.reshape(n, 1)
+        return QuantizedWeight(FP8_ROWWISE, shape, keep)
+    return QuantizedWeight(fmt, shape, keep)
+
+
+def to_file_format(qw: QuantizedWeight, fmt: str) -> QuantizedWeight:
+    """qw in `fmt` for writing: unchanged when it already is; otherwise re-quantized from its exact
+    values (MXFP8 from its per-row FP8 form gives back the original bytes except for elements that
+    underflowed; per-channel FP8 -> per-tensor for files stock ComfyUI reads)."""
+    if qw.format == fmt:
+        return qw
+    out = quantize_weight(qw.dequantize(torch.float32), fmt)
+    if qw.input_scale is not None:
+        out.tensors["input_scale"] = qw.input_scale
+    return out
+
+
+def layer_activation(conf: dict) -> str:
+    """A ComfyUI per-layer config's activation handling: weight-only where the file asks for full
+    precision matmuls (fp8-cast) and for NVFP4 (its policy reference); W8A8 FP8 otherwise."""
+    if conf.get("format") == NVFP4 or conf.get("full_precision_matrix_mult"):
+        return "none"
+    return "fp8"
+
+
+# Preference order per device class: fastest first, then smaller.
+AUTO_ORDER = {"fp8": ("fp8-scaled-mm", "nvfp4"), "cuda": ("bf16", "fp8-cast", "nvfp4"), "cpu": ("bf16",)}
+
+
+def choose_auto_policy(cap: Capability, free_bytes: int | None, weight_bytes: dict[str, int],
+                       headroom_bytes: int) -> tuple[str, str]:
+    """The first policy in the device's preference order whose weights plus `headroom_bytes` (for
+    activations) fit `free_bytes`, and why; the smallest one (relying on offload) if none fits."""
+    kind = "fp8" if cap.fp8_tensor_cores else cap.device_type if cap.device_type in AUTO_ORDER else "cpu"
+    order = AUTO_ORDER[kind]
+    if free_bytes is None:
+        return order[0], f"{cap.describe()}: {order[0]} is the fastest correct path here"
+    gib = 2 ** 30
+    for name in order:
+        need = weight_bytes[name] + headroom_bytes
+        if need <= free_bytes:
+            return name, (f"{cap.describe()}: {name} is the fastest path that fits ({need / gib:.1f} GiB incl. "
+                          f"{headroom_bytes / gib:.1f} GiB activations <= {free_bytes / gib:.1f} GiB free)")
+    smallest = min(order, key=lambda name: weight_bytes[name])
+    return smallest, (f"{cap.describe()}: nothing fits {free_bytes / gib:.1f} GiB free; {smallest} is the smallest "
+                      f"({weight_bytes[smallest] / gib:.1f} GiB), ComfyUI will offload part of it")
 
 
 def _reblock_mxfp8(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

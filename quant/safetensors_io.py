@@ -268,3 +268,31 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def iter_tensors(f: SafetensorsFile, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names if names is not None else f.keys():
         yield name, f.read(name)
+
+
+class MemoryTensors:
+    """An in-memory state dict with the read interface of SafetensorsFile, so that the checkpoint
+    code (inspection, conversion planning) serves models already loaded by other means."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 path: str = "<model in memory>"):
+        self.path = path
+        self.metadata = dict(metadata or {})
+        self._data = tensors
+        self.tensors = {name: TensorInfo(name, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+                        for name, t in tensors.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._data[name]
+
+    def __enter__(self) -> "MemoryTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

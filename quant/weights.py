@@ -59,6 +59,26 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @classmethod
+    def from_tensors(cls, fmt: str, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> "QuantizedWeight":
+        """From checkpoint tensors as files store them: scales viewed and shaped as this pack uses
+        them (e4m3 NVFP4 block scales, uint8 E8M0, 0-d fp32 scalars); a missing FP8 scale is 1."""
+        check_format(fmt)
+        tensors = dict(tensors)
+        if fmt == NVFP4:
+            tensors["weight_scale"] = tensors["weight_scale"].view(torch.float8_e4m3fn)
+            tensors["weight_scale_2"] = tensors["weight_scale_2"].float().reshape(())
+        elif fmt == MXFP8:
+            tensors["weight_scale"] = tensors["weight_scale"].view(torch.uint8)
+        elif fmt == FP8_TENSOR:
+            tensors["weight_scale"] = tensors.get("weight_scale", torch.ones(())).float().reshape(())
+        if "input_scale" in tensors:
+            tensors["input_scale"] = tensors["input_scale"].float().reshape(())
+        stored = storage_specs(fmt, shape)
+        for suffix in ("weight", "weight_scale"):
+            tensors[suffix] = tensors[suffix].reshape(stored[suffix][1])
+        return cls(fmt, tuple(shape), tensors)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.format in (FP8_TENSOR, FP8_ROWWISE):
             return formats.dequantize_fp8(self.data, self.scale, dtype)
@@ -72,7 +92,7 @@ class QuantizedWeight:
 
 # Rows quantized per pass: bounds the fp32 temporaries to a few MB whatever the weight size, so
 # quantizing a file needs about one tensor of extra memory (a multiple of 32 keeps MX/NV blocks whole).
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _row_chunks(w: torch.Tensor) -> list[torch.Tensor]:
@@ -154,3 +174,36 @@ def requantize_fp8_per_tensor(qw: QuantizedWeight) -> QuantizedWeight:
     if qw.input_scale is not None:
         out.tensors["input_scale"] = qw.input_scale
     return out
+
+
+def requantize_like(qw: QuantizedWeight, dense: torch.Tensor, seed: int | None = None) -> QuantizedWeight:
+    """`dense` (e.g. a weight with a LoRA merged in) in qw's format with qw's scales kept, so that
+    only the element data changes: ComfyUI backs up and restores a patched layer's `weight` alone.
+    Values beyond a block's or row's range saturate (LoRA deltas are small against the weight).
+    With `seed`, elements round stochastically, so deltas below one quantization step survive on
+    average instead of vanishing (ComfyUI core merges LoRAs into FP8 the same way)."""
+    n, k = qw.shape
+    dense = dense.float()
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=dense.device).manual_seed(seed % (2 ** 63))
+    to_fp8 = formats.cast_to_fp8 if generator is None else (lambda v: formats.stochastic_round_fp8(v, generator))
+    to_e2m1 = formats.e2m1_encode if generator is None else (lambda v: formats.stochastic_round_e2m1(v, generator))
+    if qw.format in (FP8_TENSOR, FP8_ROWWISE):
+        data = to_fp8(dense * (1.0 / qw.scale.float()))
+    elif qw.format == MXFP8:
+        rows, cols = qw.data.shape
+        padded = torch.nn.functional.pad(dense, (0, cols - k, 0, rows - n))
+        scale = formats.e8m0_to_float(formats.unswizzle_scales(qw.scale, rows, cols // formats.MXFP8_BLOCK))
+        blocks = padded.reshape(rows, -1, formats.MXFP8_BLOCK) / scale.unsqueeze(-1)
+        data = to_fp8(blocks.reshape(rows, cols))
+    else:
+        rows, cols = qw.data.shape[0], qw.data.shape[1] * 2
+        padded = torch.nn.functional.pad(dense, (0, cols - k, 0, rows - n))
+        block = formats.unswizzle_scales(qw.scale, rows, cols // formats.NVFP4_BLOCK).float()
+        total = (block * qw.tensors["weight_scale_2"].float()).unsqueeze(-1)
+        scaled = padded.reshape(rows, -1, formats.NVFP4_BLOCK) / torch.where(total == 0, torch.ones_like(total), total)
+        scaled = torch.where(total == 0, torch.zeros_like(scaled), scaled)
+        codes = to_e2m1(scaled.clamp(-formats.E2M1_MAX, formats.E2M1_MAX).reshape(rows, cols))
+        data = formats.pack_nibbles(codes)
+    return QuantizedWeight(qw.format, qw.shape, {**qw.tensors, "weight": data})
