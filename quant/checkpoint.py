@@ -216,7 +216,8 @@ def layer_conf(decision: LayerDecision, policy: Policy | None) -> dict:
     """ComfyUI per-layer config. Weight-only FP8 asks stock ComfyUI for its dequantize path, which
     is what `fp8-cast` means; `shape` lets readers recover the logical shape of padded formats."""
     conf: dict = {"format": decision.target_format, "shape": list(decision.shape)}
-    if policy is not None and policy.activation == "none" and decision.target_format == weights.FP8_TENSOR:
+    if (policy is not None and policy.activation == "none"
+            and decision.target_format in (weights.FP8_TENSOR, weights.FP8_ROWWISE)):
         conf["full_precision_matrix_mult"] = True
     return conf
 

@@ -1,0 +1,168 @@
+"""Loader, Quantize model and Save quantized nodes (ComfyUI V3). They translate ComfyUI inputs and
+outputs; the work is in model_io and quant/."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..quant import hub
+from ..quant.calibration import load_amax
+from ..quant.policies import POLICIES
+from ..quant.runtime import NVFP4_MODES
+from . import model_io
+
+CATEGORY = "LTX-2 Quant"
+CALIBRATION_FOLDER = "ltx2_calibration"
+POLICY_CHOICES = ["auto", *POLICIES]
+# Scope presets: the issue-level defaults, and the blocks third-party presets keep in bf16.
+SCOPE_PRESETS = {
+    "all block linears": {},
+    "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
+    "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
+    "keep audio branch": {"keep_audio": True},
+}
+DOWNLOAD_MARK = " [download]"
+
+
+def register_folders() -> None:
+    folder = os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)
+    folder_paths.add_model_folder_path(CALIBRATION_FOLDER, folder)
+    folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = (folder_paths.get_folder_paths(CALIBRATION_FOLDER),
+                                                              {".json"})
+
+
+def checkpoint_choices() -> list[str]:
+    local = folder_paths.get_filename_list("diffusion_models") + folder_paths.get_filename_list("checkpoints")
+    missing = [f.filename + DOWNLOAD_MARK for f in hub.OFFICIAL_FILES
+               if f.folder == "checkpoints" and f.filename not in local]
+    return sorted(set(local)) + missing
+
+
+def scope_options(preset: str, include: str, exclude: str, keep_first: int, keep_last: int, keep_audio: bool) -> dict:
+    scope = dict(SCOPE_PRESETS[preset])
+    patterns = lambda text: [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]  # noqa: E731
+    scope["include"] = patterns(include)
+    scope["exclude"] = patterns(exclude)
+    scope["keep_first_blocks"] = max(keep_first, scope.get("keep_first_blocks", 0))
+    scope["keep_last_blocks"] = max(keep_last, scope.get("keep_last_blocks", 0))
+    scope["keep_audio"] = keep_audio or scope.get("keep_audio", False)
+    return scope
+
+
+def scope_inputs() -> list:
+    return [
+        io.Combo.Input("scope", options=list(SCOPE_PRESETS), default="all block linears",
+                       tooltip="Which Linears are quantized; everything else stays bf16"),
+        io.String.Input("exclude", default="", multiline=True, optional=True,
+                        tooltip="Extra layers to keep bf16: fnmatch patterns, one per line, e.g. *.attn2.*"),
+        io.String.Input("include", default="", multiline=True, optional=True,
+                        tooltip="Extra layers to quantize besides the block Linears (patterns)"),
+        io.Int.Input("keep_first_blocks", default=0, min=0, max=48, optional=True),
+        io.Int.Input("keep_last_blocks", default=0, min=0, max=48, optional=True),
+        io.Boolean.Input("keep_audio", default=False, optional=True, tooltip="Keep the audio-side Linears bf16"),
+    ]
+
+
+class LTX2QuantLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        register_folders()
+        return io.Schema(
+            node_id="LTX2QuantLoader",
+            display_name="LTX-2 Quant Loader",
+            category=CATEGORY,
+            description="Loads an LTX-2 / LTX-2.3 transformer and quantizes it while reading the file.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=checkpoint_choices(),
+                               tooltip="From diffusion_models or checkpoints; [download] marks official files "
+                                       "not on disk yet"),
+                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto",
+                               tooltip="auto picks the fastest policy your GPU runs that fits its free memory"),
+                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast",
+                               tooltip="Hopper/Ada: fast = 4-bit weights expanded to FP8 per layer (W8A8, ~1 point "
+                                       "more error); exact = expanded to bf16"),
+                *scope_inputs(),
+                io.Combo.Input("calibration", options=["none", *folder_paths.get_filename_list(CALIBRATION_FOLDER)],
+                               default="none", optional=True,
+                               tooltip="amax JSON from models/ltx2_calibration: static FP8 activation scales"),
+                io.Boolean.Input("download_missing", default=False, optional=True,
+                                 tooltip="Fetch a missing official file from Hugging Face into its model folder"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
+                keep_last_blocks=0, keep_audio=False, calibration="none", download_missing=False) -> io.NodeOutput:
+        path = resolve_checkpoint(ckpt_name, download_missing)
+        amax = None
+        if calibration != "none":
+            amax = load_amax(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration))
+        options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
+        model, text = model_io.load_and_quantize(path, policy, nvfp4_mode, options, amax)
+        return io.NodeOutput(model, ui=ui.PreviewText(text))
+
+
+def resolve_checkpoint(choice: str, download_missing: bool) -> str:
+    name = choice[: -len(DOWNLOAD_MARK)] if choice.endswith(DOWNLOAD_MARK) else choice
+    path, _ = model_io.official_or_local(name)
+    if path is not None:
+        return path
+    official = hub.BY_NAME.get(name)
+    if official is None:
+        raise FileNotFoundError(f"{name} is in neither diffusion_models nor checkpoints")
+    folder = folder_paths.get_folder_paths(official.folder)[0]
+    return hub.fetch(official, folder, download_missing, model_io.progress_bar())
+
+
+class LTX2QuantQuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTX2QuantQuantizeModel",
+            display_name="LTX-2 Quantize Model",
+            category=CATEGORY,
+            description="Quantizes an LTX-2 MODEL loaded by any loader (its LoRA patches carry over).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto"),
+                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast"),
+                *scope_inputs(),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
+                keep_last_blocks=0, keep_audio=False) -> io.NodeOutput:
+        options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
+        new, text = model_io.quantize_model(model, policy, nvfp4_mode, options)
+        return io.NodeOutput(new, ui=ui.PreviewText(text))
+
+
+class LTX2QuantSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTX2QuantSave",
+            display_name="LTX-2 Save Quantized",
+            category=CATEGORY,
+            description="Writes the model as a ComfyUI-native quantized file into diffusion_models.",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("filename", default="ltx-2.3-quantized.safetensors"),
+                io.Boolean.Input("comfy_compatible", default=True,
+                                 tooltip="Per-tensor FP8 scales, so stock ComfyUI loads it without this pack"),
+                io.Boolean.Input("overwrite", default=False),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename, comfy_compatible, overwrite) -> io.NodeOutput:
+        path = model_io.save_model(model, filename, comfy_compatible, overwrite)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB)"))

@@ -1,0 +1,221 @@
+"""Loading, quantizing and saving LTX-2 models in ComfyUI: the plain functions behind the nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..quant import checkpoint, runtime, weights
+from ..quant.calibration import input_scale
+from ..quant.checkpoint import LoadedCheckpoint
+from ..quant.policies import POLICIES, Policy, plan, summarize
+from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
+from .ops import compute_device, describe_paths, make_ops, quantized_layers
+
+log = logging.getLogger("ltx2_quant")
+
+# Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
+ACTIVATION_HEADROOM = 6 * 2 ** 30
+
+
+@dataclass
+class LoadReport:
+    text: str
+    policy: str
+
+
+def progress_bar(total_hint: int = 1):
+    """A ComfyUI progress callback that also honours Cancel between tensors."""
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def update(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+    return update
+
+
+def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[str, str]:
+    sizes = {name: summarize(plan(POLICIES[name], info.layer_table(), info.num_blocks))["bytes_after"]
+             for name in POLICIES}
+    free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
+    return runtime.choose_auto_policy(runtime.capability(device), free, sizes, ACTIVATION_HEADROOM)
+
+
+def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
+    """Static input scales for the W8A8 layers a calibration file covers; returns how many."""
+    count = 0
+    for layer, value in amax.items():
+        conf_key = layer + ".comfy_quant"
+        if conf_key not in loaded.state_dict:
+            continue
+        conf = json.loads(bytes(loaded.state_dict[conf_key].tolist()).decode("utf-8"))
+        if runtime.layer_activation(conf) == "fp8":
+            loaded.state_dict[layer + ".input_scale"] = input_scale(value)
+            count += 1
+    return count
+
+
+def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str):
+    """A ComfyUI ModelPatcher over the converted state dict, built with our ops."""
+    device = compute_device()
+    ops = make_ops(device, nvfp4_mode)
+    options = {"custom_operations": ops, "dtype": torch.bfloat16}
+    # Our Linears own tensors besides weight/bias, which the dynamic-VRAM allocator does not know
+    # about: use the classic ModelPatcher, whose partial loading and offload handle any module.
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(loaded.state_dict), model_options=options,
+                                                       metadata=loaded.metadata, disable_dynamic=True)
+    if patcher is None:
+        raise ValueError("ComfyUI did not recognise the converted model as LTX-2")
+    patcher.model.ltx2q_metadata = loaded.metadata
+    patcher.model.ltx2q_policy = policy_name
+    return patcher, describe_paths(ops)
+
+
+def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, seconds: float, extra: str = "") -> str:
+    s = summarize(loaded.decisions)
+    gib = 2 ** 30
+    lines = [f"policy: {policy.name} ({why})",
+             f"layers by format: {s['layers_by_format']}",
+             f"weights: {s['bytes_before'] / gib:.2f} GiB -> {s['bytes_after'] / gib:.2f} GiB ({s['ratio']:.2f}x smaller)",
+             f"load + quantize: {seconds:.1f} s", "kernel paths:", paths or "(no quantized layers)"]
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines)
+
+
+def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
+                      amax: dict[str, float] | None = None):
+    start = time.perf_counter()
+    device = compute_device()
+    with SafetensorsFile(path) as f:
+        info = checkpoint.inspect_checkpoint(f)
+        why = "chosen by you"
+        if policy_name == "auto":
+            policy_name, why = auto_policy(info, device)
+        policy = _policy(policy_name, scope)
+        quantize_on = device if device.type == "cuda" else torch.device("cpu")
+        loaded = checkpoint.load_converted(f, policy, progress_bar(len(f.keys())), quantize_on)
+    extra = ""
+    if amax:
+        extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
+    patcher, paths = build_model(loaded, policy_name, nvfp4_mode)
+    return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
+
+
+def _policy(name: str, scope: dict) -> Policy:
+    from ..quant.policies import get_policy
+    return get_policy(name, **scope)
+
+
+def model_metadata(patcher) -> dict[str, str]:
+    """The header metadata for a model: the one it was loaded with, or its config rebuilt from
+    ComfyUI's model config (models loaded by core loaders)."""
+    metadata = getattr(patcher.model, "ltx2q_metadata", None)
+    if metadata is not None:
+        return dict(metadata)
+    unet_config = getattr(patcher.model.model_config, "unet_config", {})
+    config = {k: v for k, v in unet_config.items() if isinstance(v, (bool, int, float, str, list, dict, type(None)))}
+    return {"config": json.dumps({"transformer": config})}
+
+
+def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict):
+    """A new MODEL with `patcher`'s diffusion model converted to a policy; its LoRA patches and model
+    options carry over."""
+    start = time.perf_counter()
+    diffusion_model = patcher.model.diffusion_model
+    if quantized_layers(diffusion_model):
+        raise ValueError("this model was already quantized by LTX-2 Quant; quantize the original model instead")
+    source = MemoryTensors(diffusion_model.state_dict(), model_metadata(patcher), "the input MODEL")
+    device = compute_device()
+    info = checkpoint.inspect_checkpoint(source)
+    why = "chosen by you"
+    if policy_name == "auto":
+        policy_name, why = auto_policy(info, device)
+    policy = _policy(policy_name, scope)
+    loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())),
+                                       device if device.type == "cuda" else "cpu")
+    new, paths = build_model(loaded, policy_name, nvfp4_mode)
+    new.patches = {k: list(v) for k, v in patcher.patches.items()}
+    new.patches_uuid = patcher.patches_uuid
+    new.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    return new, report(loaded, policy, why, paths, time.perf_counter() - start)
+
+
+def safe_output_path(folder: str, filename: str) -> str:
+    """`filename` inside `folder`: a bare name, no directories, `.safetensors` added if missing."""
+    name = filename.strip()
+    if not name or os.path.basename(name) != name or name in (".", "..") or "\x00" in name:
+        raise ValueError(f"file name {filename!r} must be a plain name without folders")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.dirname(path) != os.path.realpath(folder):
+        raise ValueError(f"file name {filename!r} would leave the folder {folder}")
+    return path
+
+
+def save_model(patcher, filename: str, comfy_compatible: bool, overwrite: bool) -> str:
+    """Write the diffusion model as a ComfyUI-native file in diffusion_models (atomically)."""
+    folder = folder_paths.get_folder_paths("diffusion_models")[0]
+    path = safe_output_path(folder, filename)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; enable overwrite to replace it")
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # applies LoRA patches
+    model = patcher.model.diffusion_model
+    layers = quantized_layers(model)
+    metadata = model_metadata(patcher)
+    specs: list[TensorSpec] = []
+    makers = []
+    quant_layers: dict[str, dict] = {}
+    layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters}
+    for key, tensor in model.state_dict().items():
+        layer = layer_of_param.get(key)
+        if layer is None:
+            specs.append(TensorSpec(key, tensor.dtype, tuple(tensor.shape)))
+            makers.append(lambda tensor=tensor: [tensor])
+            continue
+        if not key.endswith(".weight"):
+            continue
+        module = layers[layer]
+        fmt = module.quant.format
+        if fmt == weights.FP8_ROWWISE and comfy_compatible:
+            fmt = weights.FP8_TENSOR
+        conf = {k: v for k, v in module.quant.conf.items() if k != "format"}
+        conf["format"] = fmt
+        quant_layers[layer] = conf
+        planned = weights.storage_specs(fmt, module.quant.shape)
+        if "input_scale" in module._parameters:
+            planned["input_scale"] = (torch.float32, ())
+        specs += [TensorSpec(f"{layer}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()]
+
+        def make(module=module, fmt=fmt, suffixes=list(planned)):
+            stored = runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)
+            return [stored.tensors[s] for s in suffixes]
+        makers.append(make)
+    metadata.pop(checkpoint.QUANT_METADATA_KEY, None)
+    if quant_layers:
+        metadata[checkpoint.QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": quant_layers})
+    tensors = (t for make in makers for t in make())
+    write_streaming(path, specs, tensors, metadata, overwrite=overwrite)
+    return path
+
+
+def official_or_local(name: str) -> tuple[str | None, str]:
+    """(full path or None, folder name) for a loader choice: local files in diffusion_models or
+    checkpoints, else an official file that may be downloaded."""
+    for folder in ("diffusion_models", "checkpoints"):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path, folder
+    return None, ""

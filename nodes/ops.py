@@ -1,0 +1,141 @@
+"""The op namespace ComfyUI builds the LTX-2 model with (`custom_operations`).
+
+Its Linear holds a quantized layer as plain parameters, in the form its kernel path reads (packed
+weight, scales, small per-row helpers), and calls quant.runtime directly in forward: no tensor
+subclass, no per-op dispatch. Every other op is ComfyUI's `manual_cast`.
+
+ComfyUI contracts kept:
+- `state_dict()` holds only those resident tensors (VRAM accounting adds state-dict bytes);
+- `convert_weight` / `set_weight` let ModelPatcher merge LoRAs (dequantize, patch, re-quantize with
+  the layer's scales kept, so restoring `weight` alone undoes the patch);
+- `weight_function` / `bias_function` (low-VRAM patches) apply to the dequantized weight;
+- `comfy_cast_weights` / partial offload: tensors not on the input's device are moved per call;
+- `run_every_op()` in forward, so Cancel stops a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+
+from ..quant import runtime
+from ..quant.weights import QuantizedWeight, requantize_like
+
+log = logging.getLogger("ltx2_quant")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    format: str
+    shape: tuple[int, int]
+    path: str
+    activation: str
+    conf: dict  # the ComfyUI per-layer config it was loaded from
+
+
+def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
+    """An op namespace bound to the device the model will run on (which decides each layer's path)."""
+    capability = runtime.capability(compute_device)
+
+    class LTX2QuantOps(comfy.ops.manual_cast):
+        paths: dict[tuple[str, str], str] = {}  # (format, path) -> reason, for the load report
+
+        class Linear(comfy.ops.manual_cast.Linear):
+            quant: LayerQuant | None = None
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                conf_tensor = state_dict.pop(prefix + "comfy_quant", None)
+                if conf_tensor is None:
+                    return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                         unexpected_keys, error_msgs)
+                conf = json.loads(bytes(conf_tensor.tolist()).decode("utf-8"))
+                shape = tuple(conf.get("shape") or (self.out_features, self.in_features))
+                stored = {}
+                for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+                    tensor = state_dict.pop(prefix + suffix, None)
+                    if tensor is not None:
+                        stored[suffix] = tensor
+                qw = QuantizedWeight.from_tensors(conf["format"], shape, stored)
+                activation = runtime.layer_activation(conf)
+                path, reason = runtime.choose_path(qw.format, activation, capability, shape, nvfp4_mode)
+                LTX2QuantOps.paths[(qw.format, path)] = reason
+                # Re-blocking MXFP8 is real work: do it on the GPU, keep the result where the weight was.
+                prepare_on = compute_device if path == "mxfp8-as-fp8" else qw.data.device
+                prepared = runtime.prepare(qw, path, prepare_on)
+                for name, tensor in prepared.items():
+                    setattr(self, name, torch.nn.Parameter(tensor.to(qw.data.device), requires_grad=False))
+                self.quant = LayerQuant(qw.format, shape, path, activation, conf)
+                bias = state_dict.pop(prefix + "bias", None)
+                if bias is not None:
+                    self.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+            def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+                params = self._parameters
+                return {name: (t if t.device == device else t.to(device, non_blocking=True))
+                        for name, t in params.items() if name != "bias" and t is not None}
+
+            def stored_form(self, device: torch.device | None = None) -> QuantizedWeight:
+                q = self.quant
+                tensors = self._tensors(device or self.weight.device)
+                return runtime.stored_form(q.path, tensors, q.format, q.shape)
+
+            def forward(self, input, *args, **kwargs):
+                if self.quant is None:
+                    return super().forward(input, *args, **kwargs)
+                comfy.ops.run_every_op()
+                bias = self.bias
+                if bias is not None and bias.device != input.device:
+                    bias = bias.to(input.device, non_blocking=True)
+                if self.weight_function or self.bias_function:  # patches applied per call
+                    weight = self.stored_form(input.device).dequantize(input.dtype)
+                    for f in self.weight_function:
+                        weight = f(weight)
+                    for f in self.bias_function:
+                        bias = f(bias)
+                    return torch.nn.functional.linear(input, weight, None if bias is None else bias.to(input.dtype))
+                q = self.quant
+                return runtime.run(input, q.path, self._tensors(input.device), q.shape, bias, q.format, q.activation)
+
+            def convert_weight(self, weight, inplace=False, **kwargs):
+                """`weight` is a cast copy of the packed data (uint8 codes or E4M3 values, exact in
+                the float dtype ModelPatcher chose); return the dequantized weight in that dtype."""
+                if self.quant is None:
+                    return weight
+                stored = self.stored_form(weight.device)
+                stored.tensors["weight"] = weight.to(self.weight.dtype)
+                return stored.dequantize(weight.dtype)
+
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                if self.quant is None:
+                    weight = weight.to(self.weight.dtype)
+                else:
+                    weight = requantize_like(self.stored_form(weight.device), weight, seed).data
+                    weight = weight.to(self.weight.device)
+                if return_weight:
+                    return weight
+                self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    return LTX2QuantOps
+
+
+def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The quantized Linears of a diffusion model built with these ops, by module name."""
+    return {name: m for name, m in model.named_modules() if getattr(m, "quant", None) is not None}
+
+
+def describe_paths(ops: type) -> str:
+    lines = [f"{fmt}: {path} ({reason})" for (fmt, path), reason in sorted(ops.paths.items())]
+    for line in lines:
+        log.info("LTX-2 Quant kernel path: %s", line)
+    return "\n".join(lines)
+
+
+def compute_device() -> torch.device:
+    return comfy.model_management.get_torch_device()
