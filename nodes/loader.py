@@ -153,6 +153,8 @@ class LTX2QuantSave(io.ComfyNode):
             description="Writes the model as a ComfyUI-native quantized file into diffusion_models.",
             inputs=[
                 io.Model.Input("model"),
+                io.Combo.Input("folder", options=folder_paths.get_folder_paths("diffusion_models"),
+                               tooltip="Which diffusion_models folder to write into"),
                 io.String.Input("filename", default="ltx-2.3-quantized.safetensors"),
                 io.Boolean.Input("comfy_compatible", default=True,
                                  tooltip="Per-tensor FP8 scales, so stock ComfyUI loads it without this pack"),
@@ -163,6 +165,10 @@ class LTX2QuantSave(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, filename, comfy_compatible, overwrite) -> io.NodeOutput:
-        path = model_io.save_model(model, filename, comfy_compatible, overwrite)
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # a save runs every time it is queued (the file on disk may have changed)
+
+    @classmethod
+    def execute(cls, model, folder, filename, comfy_compatible, overwrite) -> io.NodeOutput:
+        path = model_io.save_model(model, folder, filename, comfy_compatible, overwrite)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB)"))

@@ -165,9 +165,11 @@ def safe_output_path(folder: str, filename: str) -> str:
     return path
 
 
-def save_model(patcher, filename: str, comfy_compatible: bool, overwrite: bool) -> str:
-    """Write the diffusion model as a ComfyUI-native file in diffusion_models (atomically)."""
-    folder = folder_paths.get_folder_paths("diffusion_models")[0]
+def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, overwrite: bool) -> str:
+    """Write the diffusion model as a ComfyUI-native file into one of the diffusion_models folders
+    (atomically: temp file, fsync, rename)."""
+    if folder not in folder_paths.get_folder_paths("diffusion_models"):
+        raise ValueError(f"{folder} is not one of ComfyUI's diffusion_models folders")
     path = safe_output_path(folder, filename)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; enable overwrite to replace it")
@@ -178,7 +180,7 @@ def save_model(patcher, filename: str, comfy_compatible: bool, overwrite: bool) 
     specs: list[TensorSpec] = []
     makers = []
     quant_layers: dict[str, dict] = {}
-    layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters}
+    layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters if p != "bias"}
     for key, tensor in model.state_dict().items():
         layer = layer_of_param.get(key)
         if layer is None:

@@ -63,7 +63,7 @@ def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
         try:
             parsed = json.loads(raw)
             confs.update(parsed["layers"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{f.path}: corrupt {QUANT_METADATA_KEY} header metadata ({e})") from None
     for key in f.keys():
         if key.endswith(".comfy_quant"):
@@ -71,6 +71,10 @@ def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
                 confs[key[: -len(".comfy_quant")]] = json.loads(f.read(key).numpy().tobytes())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{f.path}: tensor {key!r} is not the JSON ComfyUI expects ({e})") from None
+    for layer, conf in confs.items():
+        if not isinstance(conf, dict):
+            raise CheckpointError(f"{f.path}: quantization config of layer {layer!r} must be a JSON object, "
+                                  f"got {conf!r}")
     return confs
 
 
@@ -195,13 +199,15 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
         full = stored.to(device).dequantize(torch.float32)
     else:
         full = stored.to(device)
+        if full.dtype not in PLAIN_DTYPES:  # e.g. an fp8_e5m2 cast: no reductions in that dtype
+            full = full.float()
     if not torch.isfinite(full).all():
         bad = int((~torch.isfinite(full)).sum())
         raise CheckpointError(f"{f.path}: layer {source.layer!r} has {bad} NaN/Inf weight values; refusing to "
                               "quantize it (the output would be black or noise)")
     out = weights.quantize_weight(full, target).to("cpu")
-    if isinstance(stored, weights.QuantizedWeight) and stored.input_scale is not None:
-        out.tensors["input_scale"] = stored.input_scale
+    if "input_scale" in source.keys:  # a static activation scale travels with its layer
+        out.tensors["input_scale"] = f.read(source.keys["input_scale"]).float().reshape(())
     return out
 
 

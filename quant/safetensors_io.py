@@ -128,7 +128,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"corrupt header: entry for tensor {name!r} is not an object")
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise self._fail(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise self._fail(f"tensor {name!r}: invalid shape {shape!r}")
@@ -161,14 +161,12 @@ class SafetensorsFile:
         info = self.tensors.get(name)
         if info is None:
             raise self._fail(f"no tensor {name!r}")
-        buffer = bytearray(info.nbytes)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch-owned memory, read into in place
         self._file.seek(info.start)
-        got = self._file.readinto(buffer)
+        got = self._file.readinto(memoryview(raw.numpy())) if info.nbytes else 0
         if got != info.nbytes:
             raise self._fail(f"truncated while reading tensor {name!r}: got {got} of {info.nbytes} bytes")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return raw.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         self._file.close()
@@ -227,6 +225,9 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
         raise OSError(f"{path}: needs {total:,} bytes but only {free:,} are free in {folder}")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; model files are shared like any other
         with os.fdopen(fd, "wb") as out:
             out.write(header)
             produced = iter(tensors)
@@ -240,6 +241,8 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
                                        f"planned {spec.dtype} {spec.shape}")
                 if spec.nbytes:
                     out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if next(produced, None) is not None:  # also lets the producer finish (final progress)
+                raise RuntimeError(f"{path}: more tensors produced than planned")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

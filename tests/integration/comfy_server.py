@@ -1,0 +1,148 @@
+"""Start a real ComfyUI server (source from COMFYUI_PATH) headless on the CPU, and run API graphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+DISTILLED_STAGE1 = "1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0"
+
+
+def missing_requirements() -> str | None:
+    """Why the ComfyUI tests cannot run here, or None."""
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        return "COMFYUI_PATH is not set (point it at a ComfyUI v0.20.1 checkout to run the integration tests)"
+    if not os.path.exists(os.path.join(path, "main.py")):
+        return f"COMFYUI_PATH={path} has no main.py"
+    for module in ("aiohttp", "comfy_aimdo", "torchaudio", "einops", "transformers"):
+        try:
+            __import__(module)
+        except Exception:
+            return f"this interpreter lacks ComfyUI's requirement {module!r}"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base: str, with_pack: bool):
+        self.base = base
+        self.port = free_port()
+        nodes = os.path.join(base, "custom_nodes_pack" if with_pack else "custom_nodes_plain")
+        os.makedirs(nodes, exist_ok=True)
+        if not os.path.exists(os.path.join(nodes, "comfy_test_nodes")):
+            shutil.copytree(os.path.join(HERE, "comfy_test_nodes"), os.path.join(nodes, "comfy_test_nodes"))
+        if with_pack and not os.path.exists(os.path.join(nodes, "ltx2-quant")):
+            os.symlink(REPO, os.path.join(nodes, "ltx2-quant"))
+        config = os.path.join(base, f"extra_model_paths_{'pack' if with_pack else 'plain'}.yaml")
+        with open(config, "w") as f:
+            f.write(f"test:\n  base_path: {base}\n  diffusion_models: models/diffusion_models\n"
+                    f"  loras: models/loras\n  custom_nodes: {os.path.basename(nodes)}\n")
+        self.output = os.path.join(base, "output")
+        os.makedirs(os.path.join(base, "user"), exist_ok=True)
+        self.log_path = os.path.join(base, f"server_{self.port}.log")
+        self.log = open(self.log_path, "w")
+        comfy = os.environ["COMFYUI_PATH"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--extra-model-paths-config", config, "--database-url", "sqlite:///:memory:",
+             "--output-directory", self.output, "--user-directory", os.path.join(base, "user"),
+             "--use-pytorch-cross-attention",
+            ],
+            cwd=comfy, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                self.get("/object_info/LTX2QTestInputs")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not come up in {timeout} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-60:])
+
+    def get(self, route: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{route}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def run(self, graph: dict, timeout: float = 300.0) -> dict:
+        """Queue an API-format graph and wait for its history entry; raises with the server's error."""
+        body = json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/prompt", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                prompt_id = json.loads(r.read())["prompt_id"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"/prompt refused the graph: {e.read().decode()}") from None
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                entry = history[prompt_id]
+                status = entry.get("status", {})
+                if status.get("status_str") != "success":
+                    raise RuntimeError(f"graph failed: {json.dumps(status.get('messages'))[-3000:]}\n{self.tail()}")
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"graph did not finish in {timeout} s\n{self.tail()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def sampling_graph(model_node: dict, name: str, sampler: str = "euler", extra: dict | None = None,
+                   model_ref: list | None = None) -> dict:
+    """Model -> test inputs -> CFGGuider(cfg 1) + ManualSigmas (distilled stage 1) -> SamplerCustomAdvanced
+    -> latent saved as `name`."""
+    graph = {"1": model_node}
+    graph.update(extra or {})
+    model = model_ref or ["1", 0]
+    graph.update({
+        "2": {"class_type": "LTX2QTestInputs", "inputs": {"model": model, "seed": 1, "frames": 9, "height": 64,
+                                                          "width": 96}},
+        "3": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["2", 0], "negative": ["2", 1],
+                                                    "cfg": 1.0}},
+        "4": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
+        "5": {"class_type": "ManualSigmas", "inputs": {"sigmas": DISTILLED_STAGE1}},
+        "6": {"class_type": "RandomNoise", "inputs": {"noise_seed": 42}},
+        "7": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["6", 0], "guider": ["3", 0],
+                                                                "sampler": ["4", 0], "sigmas": ["5", 0],
+                                                                "latent_image": ["2", 2]}},
+        "8": {"class_type": "LTX2QTestSaveLatent", "inputs": {"samples": ["7", 0], "name": name}},
+    })
+    return graph
+
+
+def loader_node(ckpt: str, policy: str, **extra) -> dict:
+    inputs = {"ckpt_name": ckpt, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears"}
+    inputs.update(extra)
+    return {"class_type": "LTX2QuantLoader", "inputs": inputs}

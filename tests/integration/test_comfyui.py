@@ -1,0 +1,166 @@
+"""The pack inside a real ComfyUI server (headless, CPU): load a tiny random LTX-2.3 model through the
+loader with every policy, sample through /prompt, and compare with bf16; LoRA on quantized models;
+saved files loading in a ComfyUI without the pack. Skips when COMFYUI_PATH is unset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfy_server import ComfyServer, loader_node, missing_requirements, sampling_graph
+from quant import ltx2
+from quant.safetensors_io import save_tensors
+
+REASON = missing_requirements()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+POLICY_BOUNDS = {"bf16": 1e-6, "fp8-cast": 0.03, "fp8-scaled-mm": 0.03, "mxfp8": 0.03, "nvfp4": 0.08}
+LORA_LAYERS = [f"transformer_blocks.{b}.{m}" for b in range(2)
+               for m in ("attn1.to_q", "attn1.to_v", "attn2.to_out.0", "ff.net.0.proj", "audio_ff.net.2")]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy")
+    models = root / "models" / "diffusion_models"
+    loras = root / "models" / "loras"
+    models.mkdir(parents=True)
+    loras.mkdir(parents=True)
+    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
+    save_tensors(models / "ltx2q_test_tiny.safetensors", ltx2.synthetic_state_dict(config, seed=3), ltx2.header_metadata(config))
+    shapes = ltx2.model_shapes(config)
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for layer in LORA_LAYERS:
+        out_features, in_features = shapes[layer + ".weight"]
+        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * in_features ** -0.5
+        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.6
+    save_file(lora, str(loras / "ltx2q_test_lora.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    s = ComfyServer(str(base), with_pack=True)
+    yield s
+    s.stop()
+
+
+def models_folder(base) -> str:
+    return os.path.join(str(base), "models", "diffusion_models")
+
+
+def latent(base, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    out = load_file(os.path.join(base, "output", "latents", name + ".safetensors"))
+    return out["video"], out["audio"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def sample(server, base, model_node: dict, name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    server.run(sampling_graph(model_node, name, **kwargs))
+    return latent(base, name)
+
+
+def test_object_info_lists_the_nodes(server):
+    info = server.get("/object_info")
+    for node in ("LTX2QuantLoader", "LTX2QuantQuantizeModel", "LTX2QuantSave"):
+        assert info[node]["category"] == "LTX-2 Quant"
+    loader = info["LTX2QuantLoader"]["input"]["required"]
+    assert "ltx2q_test_tiny.safetensors" in loader["ckpt_name"][0] if isinstance(loader["ckpt_name"][0], list) \
+        else "ltx2q_test_tiny.safetensors" in loader["ckpt_name"][1]["options"]
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4", "auto"])
+def test_every_policy_samples_close_to_bf16(server, base, policy):
+    ref_v, ref_a = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "bf16"), "ref_bf16")
+    v, a = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", policy), f"policy_{policy}")
+    assert torch.isfinite(v).all() and torch.isfinite(a).all()
+    bound = POLICY_BOUNDS.get(policy, 1e-6)  # auto picks bf16 on a CPU
+    assert rel(v, ref_v) < bound and rel(a, ref_a) < bound, (rel(v, ref_v), rel(a, ref_a))
+    if policy not in ("bf16", "auto"):
+        assert rel(v, ref_v) > 0  # the quantized path really ran
+
+
+@pytest.mark.parametrize("sampler", ["gradient_estimation", "euler_ancestral_cfg_pp"])
+def test_other_samplers_run_on_a_quantized_model(server, base, sampler):
+    v, a = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), f"sampler_{sampler}", sampler=sampler)
+    assert torch.isfinite(v).all() and torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("policy", ["fp8-scaled-mm", "nvfp4"])
+def test_lora_changes_quantized_output_like_bf16(server, base, policy):
+    lora = {"9": {"class_type": "LoraLoaderModelOnly",
+                  "inputs": {"model": ["1", 0], "lora_name": "ltx2q_test_lora.safetensors", "strength_model": 1.0}}}
+    base_bf16 = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "bf16"), "lora_base_bf16")[0]
+    lora_bf16 = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "bf16"), "lora_on_bf16",
+                       extra=lora, model_ref=["9", 0])[0]
+    base_q = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", policy), f"lora_base_{policy}")[0]
+    lora_q = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", policy), f"lora_on_{policy}",
+                    extra=lora, model_ref=["9", 0])[0]
+    delta_ref, delta_q = (lora_bf16 - base_bf16).flatten(), (lora_q - base_q).flatten()
+    assert delta_ref.norm() > 0.05 * base_bf16.norm()  # the LoRA matters
+    cosine = float(torch.nn.functional.cosine_similarity(delta_q, delta_ref, dim=0))
+    assert cosine > 0.9, cosine
+    assert 0.8 < float(delta_q.norm() / delta_ref.norm()) < 1.2
+
+
+def test_quantize_model_node_matches_the_loader(server, base):
+    core = {"class_type": "UNETLoader", "inputs": {"unet_name": "ltx2q_test_tiny.safetensors", "weight_dtype": "default"}}
+    quantize = {"9": {"class_type": "LTX2QuantQuantizeModel",
+                      "inputs": {"model": ["1", 0], "policy": "fp8-scaled-mm", "nvfp4_mode": "fast",
+                                 "scope": "all block linears"}}}
+    v, _ = sample(server, base, core, "quantize_node", extra=quantize, model_ref=["9", 0])
+    loader_v, _ = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "fp8-scaled-mm"), "quantize_loader")
+    # UNETLoader keeps bf16 weights in ComfyUI's compute dtype; the loader reads the file directly:
+    # same quantized weights up to the bf16 -> fp32 path of the non-quantized layers.
+    assert rel(v, loader_v) < 0.01
+
+
+@pytest.mark.parametrize("policy", ["fp8-cast", "nvfp4", "mxfp8"])
+def test_saved_file_loads_without_the_pack(server, base, policy):
+    # A name no ComfyUI checkout has: its own model folders come first in the search order.
+    name = f"ltx2q_test_saved_{policy}_{os.getpid()}.safetensors"
+    graph = {"1": loader_node("ltx2q_test_tiny.safetensors", policy),
+             "2": {"class_type": "LTX2QuantSave", "inputs": {"model": ["1", 0], "folder": models_folder(base), "filename": name,
+                                                             "comfy_compatible": True, "overwrite": True}}}
+    server.run(graph)
+    assert os.path.exists(os.path.join(base, "models", "diffusion_models", name))
+    with_pack = sample(server, base, loader_node(name, "bf16"), f"reload_pack_{policy}")
+    plain = ComfyServer(str(base), with_pack=False)
+    try:
+        assert "LTX2QuantLoader" not in plain.get("/object_info")
+        core = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+        without_pack = sample(plain, base, core, f"reload_core_{policy}")
+    finally:
+        plain.stop()
+    # Same stored weights; weight-only policies compute the same function in both. mxfp8 runs
+    # W8A8 in the pack (FP8 activations) and dequantized in core's CPU path.
+    bound = 0.03 if policy == "mxfp8" else 2e-3
+    for ours, core_out in zip(with_pack, without_pack):
+        assert rel(ours, core_out) < bound, (policy, rel(ours, core_out))
+
+
+def test_save_refuses_to_overwrite_and_bad_names(server, base):
+    graph = {"1": loader_node("ltx2q_test_tiny.safetensors", "nvfp4"),
+             "2": {"class_type": "LTX2QuantSave", "inputs": {"model": ["1", 0], "folder": models_folder(base),
+                                                             "filename": f"ltx2q_test_keep_{os.getpid()}.safetensors",
+                                                             "comfy_compatible": True, "overwrite": False}}}
+    server.run(graph)
+    target = os.path.join(base, "models", "diffusion_models", f"ltx2q_test_keep_{os.getpid()}.safetensors")
+    before = os.path.getmtime(target)
+    with pytest.raises(RuntimeError, match="exists"):
+        server.run({**graph, "2": {**graph["2"], "inputs": {**graph["2"]["inputs"]}}})
+    assert os.path.getmtime(target) == before
+    escape = {**graph, "2": {"class_type": "LTX2QuantSave",
+                             "inputs": {"model": ["1", 0], "folder": models_folder(base),
+                                        "filename": "../escape.safetensors",
+                                        "comfy_compatible": True, "overwrite": True}}}
+    with pytest.raises(RuntimeError, match="plain name"):
+        server.run(escape)
+    assert not os.path.exists(os.path.join(base, "models", "escape.safetensors"))
