@@ -196,14 +196,12 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
         conf = {k: v for k, v in module.quant.conf.items() if k != "format"}
         conf["format"] = fmt
         quant_layers[layer] = conf
-        planned = weights.storage_specs(fmt, module.quant.shape)
-        if "input_scale" in module._parameters:
-            planned["input_scale"] = (torch.float32, ())
-        specs += [TensorSpec(f"{layer}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()]
+        layer_specs = checkpoint.layer_specs(layer, fmt, module.quant.shape, "input_scale" in module._parameters)
+        specs += layer_specs
 
-        def make(module=module, fmt=fmt, suffixes=list(planned)):
+        def make(module=module, fmt=fmt, layer_specs=layer_specs):
             stored = runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)
-            return [stored.tensors[s] for s in suffixes]
+            return [stored.tensors[spec.name.rsplit(".", 1)[1]] for spec in layer_specs]
         makers.append(make)
     metadata.pop(checkpoint.QUANT_METADATA_KEY, None)
     if quant_layers:

@@ -253,6 +253,14 @@ class ConversionPlan:
         return metadata
 
 
+def layer_specs(layer_key: str, fmt: str, shape: tuple[int, int], has_input_scale: bool) -> list[TensorSpec]:
+    """The file tensors of one quantized layer, in the order they are written."""
+    planned = weights.storage_specs(fmt, shape)
+    if has_input_scale:
+        planned["input_scale"] = (torch.float32, ())
+    return [TensorSpec(f"{layer_key}.{suffix}", dtype, dims) for suffix, (dtype, dims) in planned.items()]
+
+
 def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | str = "cpu",
                     only_prefix: bool = False) -> ConversionPlan:
     """Per-layer decisions and the ordered steps that produce the converted tensors lazily.
@@ -281,15 +289,12 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
             continue  # scales are written with their weight
         layer_key = info.prefix + source.layer
         quant_layers[layer_key] = layer_conf(decision, policy)
-        planned = weights.storage_specs(decision.target_format, source.shape)
-        if "input_scale" in source.keys:
-            planned["input_scale"] = (torch.float32, ())
+        specs = layer_specs(layer_key, decision.target_format, source.shape, "input_scale" in source.keys)
 
-        def convert(source=source, decision=decision, suffixes=list(planned)):
+        def convert(source=source, decision=decision, specs=specs):
             qw = convert_layer(f, source, decision.target_format, device)
-            return [qw.tensors[s] for s in suffixes]
-        steps.append(Step([TensorSpec(f"{layer_key}.{suffix}", dtype, shape) for suffix, (dtype, shape) in planned.items()],
-                          convert))
+            return [qw.tensors[spec.name.rsplit(".", 1)[1]] for spec in specs]
+        steps.append(Step(specs, convert))
     return ConversionPlan(info, decisions, steps, quant_layers)
 
 
