@@ -4,5 +4,5 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import LTX2QuantExtension
+    from .nodes.extension import LTX2QuantExtension
     return LTX2QuantExtension()

@@ -1,10 +1,2 @@
-"""ComfyUI nodes of LTX-2 Quant (V3 API)."""
-
-from comfy_api.latest import ComfyExtension, io
-
-from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave
-
-
-class LTX2QuantExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave]
+"""ComfyUI nodes of LTX-2 Quant (V3 API). The extension lives in nodes/extension.py so that the
+plain functions here (model_io, ops) import without ComfyUI's node API (benchmarks use them)."""

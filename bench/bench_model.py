@@ -1,0 +1,162 @@
+"""Full-model benchmark through ComfyUI: seconds per denoising step, peak VRAM, load(+quantize) time
+and final-latent error vs bf16, for ComfyUI core's modes and this pack's policies, on one card in one
+run. The transformer has the real LTX-2.3 widths and random weights (`--blocks 48` is the real depth).
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_model.py [--blocks 48] [--sizes 768x512x121,1536x1024x121]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+
+import comfy.model_management  # noqa: E402
+import comfy.nested_tensor  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+
+# The pack as ComfyUI imports it (a package named after its folder), for its nodes' model_io.
+_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
+                                               submodule_search_locations=[REPO])
+_pack = importlib.util.module_from_spec(_spec)
+sys.modules["ltx2q"] = _pack
+_spec.loader.exec_module(_pack)
+from ltx2q.nodes import model_io  # noqa: E402
+from ltx2q.quant import checkpoint, ltx2  # noqa: E402
+from ltx2q.quant.policies import get_policy  # noqa: E402
+from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+
+STAGE1 = [1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0]
+CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core prequant fp8", "core prequant nvfp4",
+              "core prequant mxfp8"]
+OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4"]
+
+
+def random_state(config: dict) -> dict[str, torch.Tensor]:
+    """Random bf16 weights of the real shapes, drawn on the GPU, kept on the CPU (like a loaded file)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    state = {}
+    for key, shape in ltx2.model_shapes(config).items():
+        std = shape[1] ** -0.5 if len(shape) == 2 else 0.02
+        state[key] = (torch.randn(shape, generator=gen, device="cuda") * std).to(torch.bfloat16).cpu()
+    return state
+
+
+def build(mode: str, state: dict, metadata: dict):
+    source = MemoryTensors(state, metadata)
+    if mode == "core bf16":
+        return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.bfloat16}, metadata=metadata)
+    if mode == "core fp8_e4m3fn":
+        return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.float8_e4m3fn}, metadata=metadata)
+    if mode == "core fp8_e4m3fn_fast":
+        return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.float8_e4m3fn,
+                                                                      "fp8_optimizations": True}, metadata=metadata)
+    if mode.startswith("core prequant"):
+        policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[mode.split()[-1]]
+        loaded = checkpoint.load_converted(source, get_policy(policy, fp8_per_tensor=True), device="cuda")
+        return comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
+    loaded = checkpoint.load_converted(source, get_policy(mode), device="cuda")
+    return model_io.build_model(loaded, mode, "fast")[0]
+
+
+def inputs(patcher, width: int, height: int, frames: int):
+    dm = patcher.model.diffusion_model
+    context = dm.cross_attention_dim + dm.audio_cross_attention_dim
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 1024, context, generator=g) * 0.5, {"frame_rate": 24.0}]]
+    video = torch.zeros(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
+    audio = torch.zeros(1, 8, round(frames / 24 * 25), 16)
+    return comfy.nested_tensor.NestedTensor((video, audio)), positive
+
+
+def sample(patcher, latent, positive, sigmas):
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, positive)
+    guider.set_cfg(1.0)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), torch.tensor(sigmas),
+                        disable_pbar=True, seed=42)
+    torch.cuda.synchronize()
+    return out
+
+
+def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int, int]]) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    patcher = build(mode, state, metadata)
+    comfy.model_management.load_models_gpu([patcher])
+    torch.cuda.synchronize()
+    row = {"mode": mode, "load_s": time.perf_counter() - start, "sizes": {}}
+    for width, height, frames in sizes:
+        latent, positive = inputs(patcher, width, height, frames)
+        sample(patcher, latent, positive, STAGE1[:2])  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = sample(patcher, latent, positive, STAGE1)
+        seconds = (time.perf_counter() - start) / (len(STAGE1) - 1)
+        video, audio = out.unbind()
+        row["sizes"][f"{width}x{height}x{frames}"] = {
+            "s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "video": video.float().cpu(), "audio": audio.float().cpu()}
+    del patcher
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--blocks", type=int, default=48)
+    parser.add_argument("--sizes", default="768x512x121,1536x1024x121")
+    parser.add_argument("--modes", default=",".join(CORE_MODES + OUR_MODES))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)
+    metadata = ltx2.header_metadata(config)
+    state = random_state(config)
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.blocks} blocks, "
+          f"{sum(t.numel() for t in state.values()) / 1e9:.2f} B params", flush=True)
+    rows = []
+    for mode in args.modes.split(","):
+        try:
+            rows.append(run_mode(mode, state, metadata, sizes))
+        except Exception as e:  # a mode that fails is reported, the others still run
+            print(f"{mode}: FAILED {type(e).__name__}: {e}", flush=True)
+            comfy.model_management.unload_all_models()
+            gc.collect()
+            continue
+        print(f"{mode}: done", flush=True)
+    reference = next((r for r in rows if r["mode"] == "core bf16"), None)
+    table = []
+    for r in rows:
+        for size, m in r["sizes"].items():
+            ref = reference["sizes"][size] if reference else None
+            err_v = float((m["video"] - ref["video"]).norm() / ref["video"].norm()) if ref else float("nan")
+            err_a = float((m["audio"] - ref["audio"]).norm() / ref["audio"].norm()) if ref else float("nan")
+            speed = ref["s_per_step"] / m["s_per_step"] if ref else float("nan")
+            table.append({"mode": r["mode"], "size": size, "s_per_step": m["s_per_step"], "vs_core_bf16": speed,
+                          "peak_gib": m["peak_gib"], "load_s": r["load_s"], "err_video": err_v, "err_audio": err_a})
+    print(f"{'mode':<24}{'size':<16}{'s/step':>8}{'vs bf16':>9}{'peak GiB':>10}{'load s':>8}{'err v':>8}{'err a':>8}")
+    for t in table:
+        print(f"{t['mode']:<24}{t['size']:<16}{t['s_per_step']:>8.3f}{t['vs_core_bf16']:>8.2f}x{t['peak_gib']:>10.1f}"
+              f"{t['load_s']:>8.1f}{t['err_video']:>8.4f}{t['err_audio']:>8.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave
+
+
+class LTX2QuantExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave]
