@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -28,11 +27,6 @@ log = logging.getLogger("ltx2_quant")
 # Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
 ACTIVATION_HEADROOM = 6 * 2 ** 30
 
-
-@dataclass
-class LoadReport:
-    text: str
-    policy: str
 
 
 def progress_bar(total_hint: int = 1):

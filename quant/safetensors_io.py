@@ -13,7 +13,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterable
 
 import torch
 
@@ -267,10 +267,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     return write_streaming(path, specs, (tensors[s.name] for s in specs), metadata, overwrite)
 
-
-def iter_tensors(f: SafetensorsFile, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names if names is not None else f.keys():
-        yield name, f.read(name)
 
 
 class MemoryTensors:

@@ -166,15 +166,6 @@ def storage_nbytes(fmt: str, shape: tuple[int, int]) -> int:
     return total
 
 
-def requantize_fp8_per_tensor(qw: QuantizedWeight) -> QuantizedWeight:
-    """A per-channel FP8 weight as a per-tensor one (for files stock ComfyUI must read)."""
-    if qw.format != FP8_ROWWISE:
-        return qw
-    out = quantize_weight(qw.dequantize(torch.float32), FP8_TENSOR)
-    if qw.input_scale is not None:
-        out.tensors["input_scale"] = qw.input_scale
-    return out
-
 
 def requantize_like(qw: QuantizedWeight, dense: torch.Tensor, seed: int | None = None) -> QuantizedWeight:
     """`dense` (e.g. a weight with a LoRA merged in) in qw's format with qw's scales kept, so that

@@ -4,6 +4,7 @@ saved files loading in a ComfyUI without the pack. Skips when COMFYUI_PATH is un
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -39,6 +40,11 @@ def base(tmp_path_factory):
         lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * in_features ** -0.5
         lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.6
     save_file(lora, str(loras / "ltx2q_test_lora.safetensors"))
+    calibration_dir = root / "models" / "ltx2_calibration"
+    calibration_dir.mkdir()
+    amax = {f"{layer[: -len('.weight')]}.input_quantizer": 64.0 for layer in shapes
+            if ltx2.BLOCK_LINEAR_RE.match(layer[: -len(".weight")] if layer.endswith(".weight") else "")}
+    (calibration_dir / "ltx2q_test_amax.json").write_text(json.dumps({"amax_values": amax}))
     return root
 
 
@@ -85,6 +91,16 @@ def test_every_policy_samples_close_to_bf16(server, base, policy):
     assert rel(v, ref_v) < bound and rel(a, ref_a) < bound, (rel(v, ref_v), rel(a, ref_a))
     if policy not in ("bf16", "auto"):
         assert rel(v, ref_v) > 0  # the quantized path really ran
+
+
+def test_calibrated_static_scales(server, base):
+    ref_v, _ = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "bf16"), "calib_ref")
+    dynamic_v, _ = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "fp8-scaled-mm"), "calib_dynamic")
+    node = loader_node("ltx2q_test_tiny.safetensors", "fp8-scaled-mm", calibration="ltx2q_test_amax.json")
+    static_v, _ = sample(server, base, node, "calib_static")
+    assert torch.isfinite(static_v).all()
+    assert rel(static_v, dynamic_v) > 0  # the static scales were used
+    assert rel(static_v, ref_v) < POLICY_BOUNDS["fp8-scaled-mm"]
 
 
 @pytest.mark.parametrize("sampler", ["gradient_estimation", "euler_ancestral_cfg_pp"])

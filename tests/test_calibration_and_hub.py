@@ -1,0 +1,81 @@
+"""Calibration JSON (Lightricks' documented layout) and the official-file fetcher."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from quant import calibration, formats, hub
+
+
+def test_amax_file_round_trip_and_both_namings(tmp_path):
+    path = tmp_path / "amax.json"
+    path.write_text(json.dumps({"amax_values": {
+        "transformer_blocks.0.attn1.to_q.input_quantizer": 12.5,   # ours + their suffix
+        "transformer_blocks.1.attn.to_k.input_quantizer": 3.0,     # their `attn` for attn1
+        "model.diffusion_model.transformer_blocks.2.ff.net.2": 7,  # prefixed, no suffix
+    }}))
+    amax = calibration.load_amax(str(path))
+    assert amax == {"transformer_blocks.0.attn1.to_q": 12.5, "transformer_blocks.1.attn1.to_k": 3.0,
+                    "transformer_blocks.2.ff.net.2": 7.0}
+    out = tmp_path / "out.json"
+    calibration.save_amax(str(out), amax)
+    assert calibration.load_amax(str(out)) == amax
+    assert "transformer_blocks.0.attn1.to_q.input_quantizer" in json.loads(out.read_text())["amax_values"]
+    assert float(calibration.input_scale(448.0)) == 1.0
+    assert float(calibration.input_scale(12.5)) == pytest.approx(12.5 / formats.FP8_MAX)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("not json", "not a readable calibration JSON"),
+    (json.dumps({"values": {}}), "amax_values"),
+    (json.dumps({"amax_values": {"transformer_blocks.0.attn1.to_q": -1}}), "transformer_blocks.0.attn1.to_q"),
+    (json.dumps({"amax_values": {"transformer_blocks.0.attn1.to_q": "big"}}), "positive finite"),
+])
+def test_bad_amax_files_name_file_and_entry(tmp_path, content, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(calibration.CalibrationError) as exc:
+        calibration.load_amax(str(path))
+    assert str(path) in str(exc.value) and needle in str(exc.value)
+
+
+def test_missing_official_file_says_where_to_get_it(tmp_path):
+    official = hub.BY_NAME["ltx-2.3-22b-distilled-1.1.safetensors"]
+    with pytest.raises(hub.MissingModelFile) as exc:
+        hub.fetch(official, str(tmp_path), allow_download=False)
+    message = str(exc.value)
+    assert official.url in message and str(tmp_path) in message and "download missing files" in message
+
+
+def test_present_file_is_used_without_download(tmp_path):
+    official = hub.BY_NAME["ltx-2.3-spatial-upscaler-x2-1.1.safetensors"]
+    (tmp_path / official.filename).write_bytes(b"x")
+    assert hub.fetch(official, str(tmp_path), allow_download=True) == str(tmp_path / official.filename)
+
+
+def test_download_goes_through_huggingface_hub_into_the_folder(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(repo_id, filename, local_dir):
+        calls.append((repo_id, filename, local_dir))
+        target = f"{local_dir}/{filename}"
+        open(target, "wb").close()
+        return target
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
+    official = hub.BY_NAME["ltx-2.3-22b-dev-nvfp4.safetensors"]
+    progress = []
+    path = hub.fetch(official, str(tmp_path), allow_download=True, progress=lambda d, t: progress.append((d, t)))
+    assert calls == [("Lightricks/LTX-2.3-nvfp4", official.filename, str(tmp_path))]
+    assert path.endswith(official.filename) and progress[-1] == (1, 1)
+
+
+def test_offline_download_failure_is_actionable(tmp_path, monkeypatch):
+    def offline(**kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
+    official = hub.BY_NAME["ltx-2.3-22b-dev.safetensors"]
+    with pytest.raises(hub.MissingModelFile) as exc:
+        hub.fetch(official, str(tmp_path), allow_download=True)
+    assert "no network" in str(exc.value) and official.url in str(exc.value)
