@@ -93,6 +93,25 @@ def test_every_policy_samples_close_to_bf16(server, base, policy):
         assert rel(v, ref_v) > 0  # the quantized path really ran
 
 
+def test_sigmas_node_gives_the_distilled_schedule(server, base):
+    manual = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_manual")
+    graph = sampling_graph(loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_node")
+    graph["5"] = {"class_type": "LTX2QuantSigmas", "inputs": {"preset": "distilled stage 1", "steps": 30,
+                                                             "terminal": 0.1}}
+    server.run(graph)
+    node = latent(base, "sigmas_node")
+    assert all(torch.equal(a, b) for a, b in zip(node, manual))
+    info = server.get("/object_info/LTX2QuantSigmas")["LTX2QuantSigmas"]
+    assert info["category"] == "LTX-2 Quant"
+    graph["5"] = {"class_type": "LTX2QuantSigmas", "inputs": {"preset": "LTX-2 scheduler (non-distilled)",
+                                                             "steps": 4, "terminal": 0.1, "latent": ["2", 2]}}
+    graph["8"]["inputs"]["name"] = "sigmas_scheduler"
+    server.run(graph)
+    scheduled = latent(base, "sigmas_scheduler")
+    assert all(torch.isfinite(t).all() for t in scheduled)
+    assert not torch.equal(scheduled[0], node[0])
+
+
 def test_calibrated_static_scales(server, base):
     ref_v, _ = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "bf16"), "calib_ref")
     dynamic_v, _ = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "fp8-scaled-mm"), "calib_dynamic")
