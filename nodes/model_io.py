@@ -18,7 +18,7 @@ import folder_paths
 from ..quant import checkpoint, runtime, weights
 from ..quant.calibration import input_scale
 from ..quant.checkpoint import LoadedCheckpoint
-from ..quant.policies import POLICIES, Policy, plan, summarize
+from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
 from .ops import compute_device, describe_paths, make_ops, quantized_layers
 
@@ -108,7 +108,6 @@ def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
 
 
 def _policy(name: str, scope: dict) -> Policy:
-    from ..quant.policies import get_policy
     return get_policy(name, **scope)
 
 

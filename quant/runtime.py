@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import formats, kernels
+from .reference import reference_linear
 from .weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight, quantize_weight
 
 log = logging.getLogger("ltx2_quant")
@@ -244,8 +245,7 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     input_scale = tensors.get("input_scale")
     if path == "reference":
-        from .reference import reference_linear
-        qw = QuantizedWeight(fmt, shape, {key: v for key, v in tensors.items()})
+        qw = QuantizedWeight(fmt, shape, dict(tensors))
         y = reference_linear(x2d, qw, bias, activation).to(x.dtype)
     elif path == "bf16-dequant":
         if kernels.AVAILABLE and x2d.is_cuda:
