@@ -88,18 +88,19 @@ def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, secon
     return "\n".join(lines)
 
 
-def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
+def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str, nvfp4_mode: str, scope: dict,
                       amax: dict[str, float] | None = None):
+    """Pick the policy (`auto` sized against free VRAM), quantize `source` tensor by tensor (on the GPU
+    when there is one) and build the MODEL; returns it with the node's report text."""
     start = time.perf_counter()
     device = compute_device()
-    with SafetensorsFile(path) as f:
-        info = checkpoint.inspect_checkpoint(f)
-        why = "chosen by you"
-        if policy_name == "auto":
-            policy_name, why = auto_policy(info, device)
-        policy = _policy(policy_name, scope)
-        quantize_on = device if device.type == "cuda" else torch.device("cpu")
-        loaded = checkpoint.load_converted(f, policy, progress_bar(len(f.keys())), quantize_on)
+    info = checkpoint.inspect_checkpoint(source)
+    why = "chosen by you"
+    if policy_name == "auto":
+        policy_name, why = auto_policy(info, device)
+    policy = get_policy(policy_name, **scope)
+    quantize_on = device if device.type == "cuda" else torch.device("cpu")
+    loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
     extra = ""
     if amax:
         extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
@@ -107,8 +108,10 @@ def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
     return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
 
 
-def _policy(name: str, scope: dict) -> Policy:
-    return get_policy(name, **scope)
+def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
+                      amax: dict[str, float] | None = None):
+    with SafetensorsFile(path) as f:
+        return convert_and_build(f, policy_name, nvfp4_mode, scope, amax)
 
 
 def model_metadata(patcher) -> dict[str, str]:
@@ -125,24 +128,15 @@ def model_metadata(patcher) -> dict[str, str]:
 def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict):
     """A new MODEL with `patcher`'s diffusion model converted to a policy; its LoRA patches and model
     options carry over."""
-    start = time.perf_counter()
     diffusion_model = patcher.model.diffusion_model
     if quantized_layers(diffusion_model):
         raise ValueError("this model was already quantized by LTX-2 Quant; quantize the original model instead")
     source = MemoryTensors(diffusion_model.state_dict(), model_metadata(patcher), "the input MODEL")
-    device = compute_device()
-    info = checkpoint.inspect_checkpoint(source)
-    why = "chosen by you"
-    if policy_name == "auto":
-        policy_name, why = auto_policy(info, device)
-    policy = _policy(policy_name, scope)
-    loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())),
-                                       device if device.type == "cuda" else "cpu")
-    new, paths = build_model(loaded, policy_name, nvfp4_mode)
+    new, text = convert_and_build(source, policy_name, nvfp4_mode, scope)
     new.patches = {k: list(v) for k, v in patcher.patches.items()}
     new.patches_uuid = patcher.patches_uuid
     new.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
-    return new, report(loaded, policy, why, paths, time.perf_counter() - start)
+    return new, text
 
 
 def safe_output_path(folder: str, filename: str) -> str:
