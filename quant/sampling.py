@@ -49,17 +49,28 @@ def gradient_estimation_step(x: torch.Tensor, denoised: torch.Tensor, sigma: flo
     return x + total * (sigma_next - sigma), velocity
 
 
-def check_video_shape(width: int, height: int, frames: int, two_stage: bool) -> None:
-    """Raise a ValueError naming the bad value: frames must be 8k+1; width and height multiples of
-    32, or of 64 for the two-stage flow (its first stage runs at half size)."""
+def video_shape_errors(width: int, height: int, frames: int, two_stage: bool) -> list[str]:
+    """Every rule the size breaks, each naming the bad value and the nearest good ones: frames must
+    be 8k+1; width and height multiples of 32, or of 64 for the two-stage flow (its first stage runs
+    at half size)."""
+    errors = []
     if frames < 1 or (frames - 1) % 8:
         lower = max(1, (frames - 1) // 8 * 8 + 1)
-        raise ValueError(f"frames must be 8k+1 (e.g. {lower} or {lower + 8}), got {frames}")
+        errors.append(f"frames must be 8k+1 (e.g. {lower} or {lower + 8}), got {frames}")
     multiple = 64 if two_stage else 32
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % multiple:
-            raise ValueError(f"{name} must be a multiple of {multiple}"
-                             f"{' for the two-stage flow' if two_stage else ''}, got {value}")
+            lower = max(multiple, value // multiple * multiple)
+            errors.append(f"{name} must be a multiple of {multiple}{' for the two-stage flow' if two_stage else ''}"
+                          f", got {value} (e.g. {lower} or {lower + multiple})")
+    return errors
+
+
+def check_video_shape(width: int, height: int, frames: int, two_stage: bool) -> None:
+    """Raise a ValueError naming every bad value (see `video_shape_errors`)."""
+    errors = video_shape_errors(width, height, frames, two_stage)
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def video_tokens(width: int, height: int, frames: int) -> int:
