@@ -47,15 +47,16 @@ def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[
 
 
 def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
-    """Static input scales for the W8A8 layers a calibration file covers; returns how many."""
+    """Static input scales for the layers a calibration file covers: FP8 scales for W8A8 layers,
+    the NVFP4 activation global scale for NVFP4 layers; returns how many."""
     count = 0
     for layer, value in amax.items():
         conf_key = layer + ".comfy_quant"
         if conf_key not in loaded.state_dict:
             continue
         conf = json.loads(bytes(loaded.state_dict[conf_key].tolist()).decode("utf-8"))
-        if runtime.layer_activation(conf) == "fp8":
-            loaded.state_dict[layer + ".input_scale"] = input_scale(value)
+        if runtime.layer_activation(conf) == "fp8" or conf.get("format") == weights.NVFP4:
+            loaded.state_dict[layer + ".input_scale"] = input_scale(value, conf.get("format"))
             count += 1
     return count
 
@@ -206,3 +207,19 @@ def official_or_local(name: str) -> tuple[str | None, str]:
         if path is not None:
             return path, folder
     return None, ""
+
+
+VAE_PREFIX = "vae."
+
+
+def load_vae(path: str):
+    """The LTX-2 video VAE from a full checkpoint, reading only its `vae.` tensors (the transformer in the
+    same file is never read)."""
+    with SafetensorsFile(path) as f:
+        keys = [k for k in f.keys() if k.startswith(VAE_PREFIX)]
+        if not keys:
+            raise ValueError(f"{path} has no '{VAE_PREFIX}*' tensors: pick a full LTX-2 checkpoint (from "
+                             f"checkpoints), not a transformer-only file")
+        state_dict = {k[len(VAE_PREFIX):]: f.read(k) for k in keys}
+        metadata = f.metadata
+    return comfy.sd.VAE(sd=state_dict, metadata=metadata)

@@ -1,5 +1,7 @@
-"""Static activation scales from an amax calibration file (the JSON layout Lightricks documented:
-{"amax_values": {"transformer_blocks.0.attn1.to_q.input_quantizer": 12.5, ...}})."""
+"""Activation calibration: recording layer-input amax, and static activation scales from an amax file
+(the JSON layout Lightricks documented: {"amax_values": {"transformer_blocks.0.attn1.to_q.input_quantizer":
+12.5, ...}}). Our files add "amax_per_channel" (one amax per input feature, same keys), which other
+readers ignore."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 
 from . import formats
 from .ltx2 import CHECKPOINT_PREFIX, strip_prefix
+from .safetensors_io import write_text
+from .weights import NVFP4
 
 SUFFIX = ".input_quantizer"
 
@@ -27,29 +31,97 @@ def layer_name(entry: str) -> str:
     return name.replace(".attn.", ".attn1.")
 
 
-def load_amax(path: str) -> dict[str, float]:
-    """Layer -> activation amax. Errors name the file and the bad entry."""
+def _read(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CalibrationError(f"{path}: not a readable calibration JSON ({e})") from None
-    values = raw.get("amax_values") if isinstance(raw, dict) else None
-    if not isinstance(values, dict):
+    if not isinstance(raw, dict) or not isinstance(raw.get("amax_values"), dict):
         raise CalibrationError(f"{path}: expected an object with 'amax_values' mapping layer names to numbers")
-    amax = {}
-    for entry, value in values.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise CalibrationError(f"{path}: amax for {entry!r} must be a positive finite number, got {value!r}")
-        amax[layer_name(entry)] = float(value)
-    return amax
+    return raw
 
 
-def save_amax(path: str, amax: dict[str, float]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"amax_values": {f"{layer}{SUFFIX}": value for layer, value in sorted(amax.items())}}, f, indent=1)
+def _positive(path: str, entry: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CalibrationError(f"{path}: amax for {entry!r} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
-def input_scale(amax: float) -> torch.Tensor:
-    """The static FP8 activation decode scale for an amax: activations are clamped to it."""
-    return torch.tensor(amax / formats.FP8_MAX, dtype=torch.float32)
+def load_amax(path: str) -> dict[str, float]:
+    """Layer -> activation amax. Errors name the file and the bad entry."""
+    return {layer_name(entry): _positive(path, entry, value) for entry, value in _read(path)["amax_values"].items()}
+
+
+def load_channel_amax(path: str) -> dict[str, torch.Tensor]:
+    """Layer -> per-input-channel amax (fp32 vector), from our "amax_per_channel"; {} when absent.
+    A channel that never saw a non-zero input has amax 0."""
+    channels = _read(path).get("amax_per_channel", {})
+    if not isinstance(channels, dict):
+        raise CalibrationError(f"{path}: 'amax_per_channel' must map layer names to lists of numbers")
+    out = {}
+    for entry, values in channels.items():
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in values):
+            raise CalibrationError(f"{path}: per-channel amax for {entry!r} must be a non-empty list of "
+                                   f"non-negative finite numbers")
+        out[layer_name(entry)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a calibration file atomically, in Lightricks' naming (`.input_quantizer` suffix)."""
+    content = {"amax_values": {f"{layer}{SUFFIX}": value for layer, value in sorted(amax.items())}}
+    if channel_amax:
+        content["amax_per_channel"] = {f"{layer}{SUFFIX}": [round(float(v), 6) for v in values.tolist()]
+                                       for layer, values in sorted(channel_amax.items())}
+    write_text(path, json.dumps(content, indent=1))
+
+
+def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
+    """The static activation decode scale for an amax: amax/448 for FP8 activations (clamped to it
+    before the cast), amax/2688 for an NVFP4 layer (the activation global scale of NVFP4 activation
+    quantization, as ComfyUI's NVFP4 files store it)."""
+    divisor = formats.NVFP4_GLOBAL_DIVISOR if fmt == NVFP4 else formats.FP8_MAX
+    return torch.tensor(amax / divisor, dtype=torch.float32)
+
+
+class AmaxRecorder:
+    """Running maxima of |input| per layer and input channel, fed from forward hooks while a model
+    samples. Stays on the activations' device (no sync per call) until read."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+
+    def observe(self, layer: str, x: torch.Tensor) -> None:
+        amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        previous = self.channels.get(layer)
+        # torch.maximum propagates NaN, so a non-finite activation is reported by per_tensor()
+        self.channels[layer] = amax if previous is None else torch.maximum(previous, amax)
+        self.calls[layer] = self.calls.get(layer, 0) + 1
+
+    def per_channel(self) -> dict[str, torch.Tensor]:
+        return {layer: values.cpu() for layer, values in sorted(self.channels.items())}
+
+    def per_tensor(self) -> dict[str, float]:
+        """Layer -> amax over every call and channel; layers whose input was all zero are left out
+        (no scale can be derived). Raises naming the layer if an input held NaN or Inf."""
+        out = {}
+        for layer, values in self.per_channel().items():
+            amax = float(values.max())
+            if not math.isfinite(amax):
+                raise CalibrationError(f"{layer}: its input held NaN or Inf while calibrating; the model "
+                                       f"itself diverges on these inputs")
+            if amax > 0:
+                out[layer] = amax
+        return out
+
+
+def outlier_ratio(channels: torch.Tensor) -> float:
+    """max / median of a layer's per-channel amax: how far its worst input channel sticks out
+    (~1-3 for random weights; real transformers often reach 10-100, where per-tensor static scales
+    lose most of their resolution)."""
+    median = float(channels.median())
+    return float(channels.max()) / median if median > 0 else float("inf")

@@ -1,4 +1,4 @@
-"""Command line: `python -m quant {demo,quantize,inspect,synth}`."""
+"""Command line: `python -m quant {demo,quantize,inspect,quality-layers,synth}`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file")
     inspect.add_argument("--all", action="store_true", help="list every layer, not only quantized ones")
 
+    quality = sub.add_parser("quality-layers", help="per-layer weight error and output SNR of policies vs the "
+                                                    "full-precision file (no ComfyUI; random or calibrated inputs)")
+    quality.add_argument("file")
+    quality.add_argument("--policy", action="append", choices=list(POLICIES), metavar="POLICY",
+                         help="policy to measure (repeatable; default: every quantizing policy)")
+    quality.add_argument("--calibration", metavar="AMAX_JSON",
+                         help="use its static activation scales, and shape inputs by its per-channel amax")
+    quality.add_argument("--tokens", type=int, default=256, help="input rows per layer")
+    quality.add_argument("--worst", type=int, default=20, metavar="N", help="list the N worst layers per policy")
+    quality.add_argument("--out", metavar="JSON", help="write the full report here")
+    _add_scope_options(quality)
+
     synth = sub.add_parser("synth", help="write a small random LTX-2.3-shaped checkpoint (for trying things out)")
     synth.add_argument("output")
     synth.add_argument("--blocks", type=int, default=2)
@@ -65,6 +77,25 @@ def describe(info: CheckpointInfo, show_all: bool) -> str:
     for s in info.layers.values():
         if show_all or s.quantized:
             lines.append(f"{s.layer:<60}{'x'.join(map(str, s.shape)):>14}  {s.format:<22}{s.nbytes:>14,}")
+    return "\n".join(lines)
+
+
+def quality_layers(args: argparse.Namespace) -> str:
+    from . import calibration, quality
+    amax = calibration.load_amax(args.calibration) if args.calibration else None
+    channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
+    report, lines = {}, []
+    for name in args.policy or [p for p in POLICIES if POLICIES[p].weight_format]:
+        policy = get_policy(name, include=args.include, exclude=args.exclude, keep_first_blocks=args.keep_first,
+                            keep_last_blocks=args.keep_last, keep_audio=args.keep_audio)
+        rows = quality.file_layer_quality(args.file, policy, amax, channels, tokens=args.tokens)
+        summary = quality.group_summary(rows)
+        report[name] = {"layers": rows, "groups": summary}
+        lines += [f"== {name}: {len(rows)} quantized layers, worst {min(args.worst, len(rows))}",
+                  quality.format_layer_table(rows, args.worst), quality.format_group_table(summary), ""]
+    if args.out:
+        quality.write_report(args.out, {"file": args.file, "calibration": args.calibration, "policies": report})
+        lines.append(f"wrote {args.out}")
     return "\n".join(lines)
 
 
@@ -91,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             with SafetensorsFile(args.file) as f:
                 print(describe(inspect_checkpoint(f, require_ltx=False), args.all))
+        elif args.command == "quality-layers":
+            print(quality_layers(args))
         elif args.command == "synth":
             config = ltx2.tiny_config(num_layers=args.blocks)
             state = ltx2.synthetic_state_dict(config)

@@ -132,7 +132,9 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
         raise ValueError(f"unknown path {path!r}")
     if qw.input_scale is not None:
         tensors["input_scale"] = qw.input_scale.float().reshape(())
-        if path in W8A8_PATHS:
+        # An NVFP4 layer's input_scale is the global scale of NVFP4 activations (amax/2688: the native
+        # GEMM, ComfyUI's files), not an FP8 scale: the Hopper FP8 path keeps per-token activations.
+        if path in W8A8_PATHS and qw.format != NVFP4:
             tensors["static_weight_scale"] = tensors[W8A8_PATHS[path]] * tensors["input_scale"]
     return tensors
 
@@ -259,8 +261,9 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
                                      tensors["row_ratio"], n, k)
         else:
             w = tensors["weight"]
-        w_scale = tensors.get("static_weight_scale", tensors[W8A8_PATHS[path]])
-        y = _scaled_mm_rowwise(x2d, w, w_scale, bias, input_scale, out_dtype)
+        static = "static_weight_scale" in tensors
+        w_scale = tensors["static_weight_scale"] if static else tensors[W8A8_PATHS[path]]
+        y = _scaled_mm_rowwise(x2d, w, w_scale, bias, input_scale if static else None, out_dtype)
     elif path == "nvfp4-jit-bf16":
         w = kernels.nvfp4_to_bf16(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], n, k)
         y = torch.nn.functional.linear(x2d.to(torch.bfloat16), w, None if bias is None else bias.to(torch.bfloat16))

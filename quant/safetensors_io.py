@@ -8,6 +8,7 @@ Only the safetensors format is accepted; pickles are refused, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -208,41 +209,26 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> b
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: Iterable[torch.Tensor],
-                    metadata: dict[str, str] | None = None, overwrite: bool = False) -> int:
-    """Write tensors, produced one at a time in `specs` order, atomically: the bytes go to a temp
-    file in the target folder which is fsynced and renamed into place only when complete. Any
-    error (including KeyboardInterrupt) removes the temp file; an existing file is never touched
-    unless `overwrite`. Returns the number of bytes written."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, overwrite: bool = False, needed_bytes: int = 0, suffix: str = ""):
+    """A binary file object for `path` written atomically: the bytes go to a temp file in the target
+    folder which is fsynced and renamed into place only when the block ends without error. Any error
+    (including KeyboardInterrupt) removes the temp file; an existing file is never touched unless
+    `overwrite`."""
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path}: exists; refusing to overwrite")
-    header = _header_bytes(specs, metadata)
-    total = len(header) + sum(s.nbytes for s in specs)
     folder = os.path.dirname(os.path.abspath(path))
     free = _free_bytes(folder)
-    if free is not None and free < total:
-        raise OSError(f"{path}: needs {total:,} bytes but only {free:,} are free in {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    if free is not None and free < needed_bytes:
+        raise OSError(f"{path}: needs {needed_bytes:,} bytes but only {free:,} are free in {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; model files are shared like any other
         with os.fdopen(fd, "wb") as out:
-            out.write(header)
-            produced = iter(tensors)
-            for spec in specs:
-                tensor = next(produced, None)
-                if tensor is None:
-                    raise RuntimeError(f"{path}: writer got no tensor for {spec.name!r}")
-                tensor = tensor.detach().to("cpu").contiguous()
-                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                    raise RuntimeError(f"{path}: tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                                       f"planned {spec.dtype} {spec.shape}")
-                if spec.nbytes:
-                    out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            if next(produced, None) is not None:  # also lets the producer finish (final progress)
-                raise RuntimeError(f"{path}: more tensors produced than planned")
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -250,7 +236,36 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: Iterable[torch.Tensor],
+                    metadata: dict[str, str] | None = None, overwrite: bool = False) -> int:
+    """Write tensors, produced one at a time in `specs` order, atomically (see atomic_file).
+    Returns the number of bytes written."""
+    header = _header_bytes(specs, metadata)
+    total = len(header) + sum(s.nbytes for s in specs)
+    with atomic_file(path, overwrite, total, ".safetensors") as out:
+        out.write(header)
+        produced = iter(tensors)
+        for spec in specs:
+            tensor = next(produced, None)
+            if tensor is None:
+                raise RuntimeError(f"{path}: writer got no tensor for {spec.name!r}")
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise RuntimeError(f"{path}: tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                   f"planned {spec.dtype} {spec.shape}")
+            if spec.nbytes:
+                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        if next(produced, None) is not None:  # also lets the producer finish (final progress)
+            raise RuntimeError(f"{path}: more tensors produced than planned")
     return total
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """A small text file (calibration JSON, quality reports), written atomically."""
+    with atomic_file(path, overwrite, suffix=".tmp") as out:
+        out.write(text.encode("utf-8"))
 
 
 def _free_bytes(folder: str) -> int | None:
