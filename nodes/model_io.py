@@ -140,13 +140,13 @@ def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict):
     return new, text
 
 
-def safe_output_path(folder: str, filename: str) -> str:
-    """`filename` inside `folder`: a bare name, no directories, `.safetensors` added if missing."""
+def safe_output_path(folder: str, filename: str, extension: str = ".safetensors") -> str:
+    """`filename` inside `folder`: a bare name, no directories, `extension` added if missing."""
     name = filename.strip()
     if not name or os.path.basename(name) != name or name in (".", "..") or "\x00" in name:
         raise ValueError(f"file name {filename!r} must be a plain name without folders")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
+    if not name.endswith(extension):
+        name += extension
     path = os.path.realpath(os.path.join(folder, name))
     if os.path.dirname(path) != os.path.realpath(folder):
         raise ValueError(f"file name {filename!r} would leave the folder {folder}")

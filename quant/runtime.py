@@ -131,12 +131,21 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
     else:
         raise ValueError(f"unknown path {path!r}")
     if qw.input_scale is not None:
-        tensors["input_scale"] = qw.input_scale.float().reshape(())
-        # An NVFP4 layer's input_scale is the global scale of NVFP4 activations (amax/2688: the native
-        # GEMM, ComfyUI's files), not an FP8 scale: the Hopper FP8 path keeps per-token activations.
-        if path in W8A8_PATHS and qw.format != NVFP4:
-            tensors["static_weight_scale"] = tensors[W8A8_PATHS[path]] * tensors["input_scale"]
+        tensors.update(static_scale_tensors(path, qw.format, tensors, qw.input_scale))
     return tensors
+
+
+def static_scale_tensors(path: str, fmt: str, tensors: dict[str, torch.Tensor], input_scale: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+    """The tensors a prepared layer adds for a static input_scale: the scale itself and, on the W8A8
+    paths, the weight scale with it folded in. An NVFP4 layer's input_scale is the global scale of
+    NVFP4 activations (amax/2688: the native GEMM, ComfyUI's files), not an FP8 scale: the Hopper
+    FP8 path keeps per-token activations there."""
+    scale = input_scale.float().reshape(()).to(tensors["weight"].device)
+    out = {"input_scale": scale}
+    if path in W8A8_PATHS and fmt != NVFP4:
+        out["static_weight_scale"] = tensors[W8A8_PATHS[path]] * scale
+    return out
 
 
 def stored_form(path: str, tensors: dict[str, torch.Tensor], fmt: str, shape: tuple[int, int]) -> QuantizedWeight:

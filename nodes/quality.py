@@ -1,0 +1,117 @@
+"""Calibrate and Quality report nodes (ComfyUI V3). The work is in evaluation.py and quant/."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..quant.calibration import outlier_ratio, save_amax
+from ..quant.quality import format_layer_table, write_report
+from . import evaluation, model_io
+from .loader import CALIBRATION_FOLDER, CATEGORY, register_folders
+from .ops import quantized_layers
+
+
+def sampling_inputs() -> list:
+    return [
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Latent.Input("latent", tooltip="The latent to sample from (e.g. an empty LTXV latent)"),
+        io.Sigmas.Input("sigmas", tooltip="e.g. LTX-2 Sigmas 'distilled stage 1'; Euler steps are taken"),
+        io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+    ]
+
+
+class LTX2QuantCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        register_folders()
+        return io.Schema(
+            node_id="LTX2QuantCalibrate",
+            display_name="LTX-2 Calibrate",
+            category=CATEGORY,
+            description="Samples the model on your inputs while recording every Linear's input amax (per tensor and "
+                        "per channel); writes an amax JSON for the loader and returns the model with static "
+                        "activation scales where it was quantized by this pack.",
+            inputs=[
+                io.Model.Input("model", tooltip="bf16 (recommended) or quantized LTX-2 model"),
+                *sampling_inputs(),
+                io.String.Input("filename", default="ltx2_amax.json",
+                                tooltip="Written to models/ltx2_calibration; empty: do not write a file"),
+                io.Boolean.Input("overwrite", default=True),
+            ],
+            outputs=[io.Model.Output(tooltip="With static activation scales on the W8A8/NVFP4 layers of a model "
+                                             "this pack quantized; otherwise the input model")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, sigmas, cfg, seed, filename, overwrite) -> io.NodeOutput:
+        recorder = evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
+        amax = recorder.per_tensor()
+        channels = recorder.per_channel()
+        lines = [f"calibrated {len(amax)} Linear inputs over {len(sigmas) - 1} steps"]
+        if filename.strip():
+            folder = folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0]
+            os.makedirs(folder, exist_ok=True)
+            path = model_io.safe_output_path(folder, filename, ".json")
+            if os.path.exists(path) and not overwrite:
+                raise FileExistsError(f"{path} exists; enable overwrite to replace it")
+            save_amax(path, amax, channels)
+            lines.append(f"wrote {path}")
+        out = model
+        if quantized_layers(model.model.diffusion_model):
+            out, count = evaluation.with_static_scales(model, amax)
+            lines.append(f"static activation scales on {count} quantized layers")
+        ratios = sorted(((outlier_ratio(channels[name]), name) for name in amax), reverse=True)[:5]
+        lines.append("largest per-channel outliers (max/median channel amax): "
+                     + ", ".join(f"{name} {ratio:.1f}x" for ratio, name in ratios))
+        return io.NodeOutput(out, ui=ui.PreviewText("\n".join(lines)))
+
+
+class LTX2QuantQualityReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTX2QuantQualityReport",
+            display_name="LTX-2 Quality Report",
+            category=CATEGORY,
+            description="Compares quantized models with their bf16 source on the same inputs: per-step velocity "
+                        "error, final-latent error, per-layer weight error and output SNR; a table and a plot.",
+            inputs=[
+                io.Model.Input("reference", tooltip="The full-precision (bf16) model"),
+                io.Model.Input("model", tooltip="A quantized model of the same weights"),
+                io.Model.Input("model_b", optional=True, tooltip="Another quantized model to compare"),
+                io.Model.Input("model_c", optional=True),
+                *sampling_inputs(),
+                io.Int.Input("worst_layers", default=15, min=0, max=10000, tooltip="Layers listed per model"),
+                io.String.Input("report_name", default="", optional=True,
+                                tooltip="If set: writes <name>.json and <name>.png into ComfyUI's output folder"),
+            ],
+            outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="plot")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, reference, model, positive, negative, latent, sigmas, cfg, seed, worst_layers,
+                model_b=None, model_c=None, report_name="") -> io.NodeOutput:
+        given = (("model", model), ("model_b", model_b), ("model_c", model_c))
+        candidates = {label + (f" ({m.model.ltx2q_policy})" if getattr(m.model, "ltx2q_policy", None) else ""): m
+                      for label, m in given if m is not None}
+        report = evaluation.compare_models(reference, candidates, positive, negative, latent, sigmas, cfg, seed)
+        parts = [evaluation.format_comparison(report)]
+        for label, r in report["models"].items():
+            if r["layers"] and worst_layers:
+                parts += ["", f"{label}: worst layers", format_layer_table(r["layers"], worst_layers)]
+        image = evaluation.plot_comparison(report)
+        if report_name.strip():
+            path = model_io.safe_output_path(folder_paths.get_output_directory(), report_name, ".json")
+            write_report(path, report)
+            evaluation.save_png(image, path[: -len(".json")] + ".png")
+            parts.append(f"wrote {path} and its .png")
+        plot = evaluation.image_tensor(image)
+        text = "\n".join(parts)
+        shown = {**ui.PreviewText(text).as_dict(), **ui.PreviewImage(plot, cls=cls).as_dict()}
+        return io.NodeOutput(text, plot, ui=shown)
