@@ -1,11 +1,16 @@
 from comfy_api.latest import ComfyExtension, io
 
-from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave
+from . import web_routes
+from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
 from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
-from .sampling import LTX2QuantSigmas
+from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
 
 
 class LTX2QuantExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        web_routes.register()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantSigmas, LTX2QuantCalibrate,
+        return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantSigmas,
+                LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale, LTX2QuantCalibrate,
                 LTX2QuantQualityReport]

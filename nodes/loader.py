@@ -172,3 +172,21 @@ class LTX2QuantSave(io.ComfyNode):
     def execute(cls, model, folder, filename, comfy_compatible, overwrite) -> io.NodeOutput:
         path = model_io.save_model(model, folder, filename, comfy_compatible, overwrite)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB)"))
+
+
+class LTX2QuantVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LTX2QuantVAELoader",
+            display_name="LTX-2 VAE from Checkpoint",
+            category=CATEGORY,
+            description="Loads the video VAE from a full LTX-2 checkpoint without reading its transformer "
+                        "(CheckpointLoaderSimple would load all 22B weights too).",
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"))],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name) -> io.NodeOutput:
+        return io.NodeOutput(model_io.load_vae(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)))

@@ -76,3 +76,20 @@ def check_video_shape(width: int, height: int, frames: int, two_stage: bool) -> 
 def video_tokens(width: int, height: int, frames: int) -> int:
     """Transformer tokens of a video latent: one per latent cell (32x32 pixels x 8 frames)."""
     return ((frames - 1) // 8 + 1) * (height // 32) * (width // 32)
+
+
+def check_two_stage_latent_shape(shape: tuple[int, ...]) -> None:
+    """Validate the full-size video latent [B, 128, latent frames, H/32, W/32] of the two-stage flow,
+    naming the pixel size it stands for."""
+    if len(shape) != 5 or shape[1] != 128:
+        raise ValueError(f"Expected an LTX-2 video latent [batch, 128, frames, height/32, width/32], got shape "
+                         f"{list(shape)}; use EmptyLTXVLatentVideo (+ LTXVEmptyLatentAudio, LTXVConcatAVLatent).")
+    check_video_shape(shape[4] * 32, shape[3] * 32, (shape[2] - 1) * 8 + 1, two_stage=True)
+
+
+def check_sigmas(sigmas: list[float], stage: str) -> None:
+    """A sigma list a sampler can run: at least one step, finite, non-increasing."""
+    if len(sigmas) < 2:
+        raise ValueError(f"{stage} sigmas need at least two values, got {sigmas}")
+    if not all(math.isfinite(s) for s in sigmas) or any(b > a for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"{stage} sigmas must be finite and non-increasing, got {sigmas}")

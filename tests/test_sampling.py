@@ -82,3 +82,29 @@ def test_good_shapes_and_tokens():
     sampling.check_video_shape(768, 544, 121, two_stage=False)
     assert sampling.video_tokens(768, 512, 121) == 6144
     assert sampling.video_tokens(1536, 1024, 121) == 24576
+
+
+@pytest.mark.parametrize("shape,needle", [
+    ((1, 128, 16, 16, 24), None),
+    ((1, 128, 16, 16, 23), "width must be a multiple of 64 for the two-stage flow, got 736"),
+    ((1, 128, 16, 17, 24), "height must be a multiple of 64 for the two-stage flow, got 544"),
+    ((1, 16, 16, 16, 24), "[batch, 128, frames, height/32, width/32], got shape [1, 16, 16, 16, 24]"),
+    ((1, 128, 16, 24), "got shape [1, 128, 16, 24]"),
+])
+def test_two_stage_latent_shapes(shape, needle):
+    if needle is None:
+        sampling.check_two_stage_latent_shape(shape)  # 768x512, 121 frames
+    else:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            sampling.check_two_stage_latent_shape(shape)
+
+
+@pytest.mark.parametrize("sigmas,needle", [
+    ([1.0], "need at least two values"),
+    ([0.5, 0.9, 0.0], "non-increasing"),
+    ([1.0, float("nan"), 0.0], "finite"),
+])
+def test_bad_sigma_lists(sigmas, needle):
+    with pytest.raises(ValueError, match=needle):
+        sampling.check_sigmas(sigmas, "Stage-1")
+    sampling.check_sigmas(list(sampling.DISTILLED_STAGE1), "Stage-1")

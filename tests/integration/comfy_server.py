@@ -52,7 +52,8 @@ class ComfyServer:
         config = os.path.join(base, f"extra_model_paths_{'pack' if with_pack else 'plain'}.yaml")
         with open(config, "w") as f:
             f.write(f"test:\n  base_path: {base}\n  diffusion_models: models/diffusion_models\n"
-                    f"  loras: models/loras\n  ltx2_calibration: models/ltx2_calibration\n  custom_nodes: {os.path.basename(nodes)}\n")
+                    f"  loras: models/loras\n  ltx2_calibration: models/ltx2_calibration\n  checkpoints: models/checkpoints\n"
+                    f"  latent_upscale_models: models/latent_upscale_models\n  custom_nodes: {os.path.basename(nodes)}\n")
         self.output = os.path.join(base, "output")
         os.makedirs(os.path.join(base, "user"), exist_ok=True)
         self.log_path = os.path.join(base, f"server_{self.port}.log")

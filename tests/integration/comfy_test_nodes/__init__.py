@@ -44,11 +44,11 @@ class LTX2QTestSaveLatent:
     CATEGORY = "testing"
 
     def save(self, samples, name):
-        video, audio = samples["samples"].unbind()
+        latent = samples["samples"]
+        tensors = dict(zip(("video", "audio"), latent.unbind())) if latent.is_nested else {"video": latent}
         folder = os.path.join(folder_paths.get_output_directory(), "latents")
         os.makedirs(folder, exist_ok=True)
-        save_file({"video": video.float().contiguous(), "audio": audio.float().contiguous()},
-                  os.path.join(folder, name + ".safetensors"))
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(folder, name + ".safetensors"))
         return {}
 
 
