@@ -1,0 +1,203 @@
+"""VRAM needed to sample an LTX-2.3 video with a policy: the transformer's resident weights (the
+policy's plan over the real shapes), the activation peak of one transformer block at the chosen
+size, and fixed overheads. tests/test_memory.py checks it against the peaks bench/bench_model.py
+measured through ComfyUI (docs/BENCHMARKS.md).
+
+Scope: the sampling phase (and, two-stage, the latent upsampler) with the transformer resident;
+ComfyUI runs the text encoder and the VAE when the transformer can be offloaded. Batch size 1,
+text-to-video (image conditioning adds a per-token AdaLN embedding before the blocks, smaller than
+the feed-forward peak below)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from . import ltx2, runtime, sampling, weights
+from .policies import POLICIES, get_policy, plan, summarize
+from .safetensors_io import DTYPE_NAMES
+
+GIB = 2 ** 30
+BF16 = 2
+FP32 = 4
+LATENT_CHANNELS = 128  # video latent channels; an audio token is 8 channels x 16 mel bins, also 128
+AUDIO_LATENTS_PER_SECOND = 25
+# The text context after the connectors is padded to 1,024 tokens (ltx2.md; bench_model.py feeds it).
+TEXT_TOKENS = 1024
+# Latent-sized fp32 tensors alive on the GPU while the model runs: ComfyUI's sampler keeps the noise,
+# the initial latent, x and the last denoised estimate, and the model call adds its scaled input and
+# its output (both fp32).
+SAMPLER_LATENT_COPIES = 6
+# cuBLAS/cuBLASLt workspace that PyTorch allocates through its caching allocator (32 MiB on Hopper).
+CUDA_WORKSPACE = 32 * 2 ** 20
+# The x2 spatial upsampler of the two-stage flow (ltx-2.3-spatial-upscaler-x2-1.1, ltx2.md): Conv3d
+# 128 -> 1024, 4 ResBlocks, Conv2d 1024 -> 4*1024 + PixelShuffle(2), 4 ResBlocks, Conv3d 1024 -> 128,
+# all 3x3(x3) kernels with bias, run in bf16.
+UPSAMPLER_MID = 1024
+UPSAMPLER_BLOCKS_PER_STAGE = 4
+# Mid-width tensors alive at once in an upsampler ResBlock at full size (input, conv, norm, SiLU).
+UPSAMPLER_LIVE_TENSORS = 4
+# Default hardware: an FP8 GPU (Ada/Hopper), where fp8-cast and NVFP4 expand weights per call.
+FP8_GPU = runtime.Capability("cuda", (9, 0), True)
+# Per-call behaviour of each execution path (runtime.choose_path): bytes per weight element that a
+# call expands into a temporary, and whether the call quantizes its input to FP8 (W8A8).
+PATH_PER_CALL = {
+    "bf16-dequant": (BF16, False), "nvfp4-jit-bf16": (BF16, False),
+    "reference": (FP32, False),  # the slow fallback also copies activations to fp32 (not modelled)
+    "nvfp4-jit-fp8": (1, True), "fp8-rowwise": (0, True), "mxfp8-as-fp8": (0, True),
+    "mxfp8-native": (0, True), "nvfp4-native": (0, True),
+}
+# Ada/Hopper re-block MXFP8 at load to per-row FP8 (runtime.prepare), 3% smaller than MXFP8 storage.
+RESIDENT_FORMAT = {"mxfp8-as-fp8": weights.FP8_ROWWISE}
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    policy: str
+    phase: str  # the phase that sets the peak: "sampling" or "upsampling"
+    video_tokens: int
+    audio_tokens: int
+    weight_bytes: int  # resident during that phase (the transformer, plus the upsampler there)
+    activation_bytes: int
+    overhead_bytes: int  # text context and library workspace
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.overhead_bytes
+
+    def as_gib(self) -> dict:
+        return {"weights_gib": self.weight_bytes / GIB, "activations_gib": self.activation_bytes / GIB,
+                "overhead_gib": self.overhead_bytes / GIB, "total_gib": self.total_bytes / GIB}
+
+
+def audio_tokens(frames: int, frame_rate: float) -> int:
+    """Audio latents of a clip: 25 per second, rounded up (ComfyUI's LTXVEmptyLatentAudio)."""
+    return math.ceil(frames / frame_rate * AUDIO_LATENTS_PER_SECOND)
+
+
+def _stream_widths(config: dict) -> tuple[int, int]:
+    return (config["num_attention_heads"] * config["attention_head_dim"],
+            config["audio_num_attention_heads"] * config["audio_attention_head_dim"])
+
+
+def weight_plan(policy_name: str, scope: dict | None = None, config: dict | None = None):
+    """(policy, decisions, bytes of the tensors the plan does not cover) for a bf16 transformer of
+    `config` (default: the LTX-2.3 release) as the loader would convert it."""
+    config = config or ltx2.LTX23_CONFIG
+    policy = get_policy(policy_name, **(scope or {}))
+    shapes = ltx2.model_shapes(config)
+    source = DTYPE_NAMES[torch.bfloat16]
+    layers = [(key[: -len(".weight")], shape, source, math.prod(shape) * BF16)
+              for key, shape in shapes.items() if key.endswith(".weight")]
+    other = sum(math.prod(shape) * BF16 for key, shape in shapes.items() if not key.endswith(".weight"))
+    return policy, plan(policy, layers, config["num_layers"]), other
+
+
+def planned_bytes(policy_name: str, scope: dict | None = None, config: dict | None = None) -> int:
+    """The converted transformer's size as the loader's `auto` weighs it: the plan's stored sizes
+    plus biases, tables and registers in bf16."""
+    _, decisions, other = weight_plan(policy_name, scope, config)
+    return summarize(decisions)["bytes_after"] + other
+
+
+def _runtime_layers(policy, decisions, capability: runtime.Capability, nvfp4_mode: str) -> tuple[int, int, bool]:
+    """(bytes the quantized layers hold on the GPU, the largest per-call weight temporary, whether
+    any layer quantizes its input to FP8), from the execution path each layer takes."""
+    held, expanded, w8a8 = 0, 0, False
+    for d in decisions:
+        if not d.changed:
+            continue
+        path, _ = runtime.choose_path(d.target_format, policy.activation, capability, d.shape, nvfp4_mode)
+        per_element, quantizes_input = PATH_PER_CALL[path]
+        held += weights.storage_nbytes(RESIDENT_FORMAT.get(path, d.target_format), d.shape)
+        expanded = max(expanded, per_element * math.prod(d.shape))
+        w8a8 = w8a8 or quantizes_input
+    return held, expanded, w8a8
+
+
+def upsampler_bytes() -> int:
+    conv3d = lambda cin, cout: cin * cout * 27 + cout  # noqa: E731
+    norm = 2 * UPSAMPLER_MID  # GroupNorm weight and bias
+    res_block = 2 * (conv3d(UPSAMPLER_MID, UPSAMPLER_MID) + norm)
+    params = (conv3d(LATENT_CHANNELS, UPSAMPLER_MID) + norm + 2 * UPSAMPLER_BLOCKS_PER_STAGE * res_block
+              + UPSAMPLER_MID * 4 * UPSAMPLER_MID * 9 + 4 * UPSAMPLER_MID + conv3d(UPSAMPLER_MID, LATENT_CHANNELS))
+    return params * BF16
+
+
+def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: bool = False,
+                  scope: dict | None = None, nvfp4_mode: str = "fast", config: dict | None = None,
+                  capability: runtime.Capability = FP8_GPU, frame_rate: float = 24.0) -> VramEstimate:
+    """Peak VRAM of sampling `width` x `height` x `frames` (two-stage: stage 2 at that size after
+    stage 1 at half size, and the upsampler between them) with the transformer resident."""
+    sampling.check_video_shape(width, height, frames, two_stage)
+    config = config or ltx2.LTX23_CONFIG
+    policy_obj, decisions, other = weight_plan(policy, scope, config)
+    quantized, expanded, w8a8 = _runtime_layers(policy_obj, decisions, capability, nvfp4_mode)
+    model = quantized + sum(d.bytes_after for d in decisions if not d.changed) + other
+    v, a = _stream_widths(config)
+    ffn = ltx2.block_shapes(config)["ff.net.0.proj.weight"][0]
+    tokens, audio = sampling.video_tokens(width, height, frames), audio_tokens(frames, frame_rate)
+    latents = SAMPLER_LATENT_COPIES * LATENT_CHANNELS * FP32
+
+    # Alive through every block, per video token: the residual stream (v), the self-attention RoPE
+    # cos+sin (v/2 each) and the audio<->video cross-attention RoPE (a/2 each); per audio token the
+    # same at audio width. Blocks run one after another, so only one block's temporaries add to it.
+    carried = tokens * (BF16 * (2 * v + a) + latents) + audio * (BF16 * 3 * a + latents)
+    # The video feed-forward is the largest moment of a block (attention holds q, k, v and its output,
+    # 4-6 widths; flash attention adds only a per-row log-sum-exp). While GELU runs: the modulated
+    # input, the up-projection and its GELU (both 4v wide). While the down-projection runs: the
+    # input, the GELU output, an FP8 copy of it for W8A8, the output, and the expanded weight.
+    gelu_moment = tokens * BF16 * (v + 2 * ffn)
+    down_moment = tokens * (BF16 * (2 * v + ffn) + (ffn + FP32 if w8a8 else 0)) + expanded
+    activations = carried + max(gelu_moment, down_moment)
+    # The conditioning as ComfyUI passes it (fp32) and its bf16 video/audio split.
+    overhead = TEXT_TOKENS * (v + a) * (FP32 + BF16) + CUDA_WORKSPACE
+
+    estimate = VramEstimate(policy_obj.name, "sampling", tokens, audio, model, activations, overhead)
+    if two_stage:
+        # ComfyUI's LTXVLatentUpsampler moves the upsampler onto the GPU next to a resident model.
+        upsampling = tokens * (UPSAMPLER_LIVE_TENSORS * UPSAMPLER_MID * BF16 + latents)
+        alternative = VramEstimate(policy_obj.name, "upsampling", tokens, audio, model + upsampler_bytes(), upsampling,
+                                   overhead)
+        estimate = max(estimate, alternative, key=lambda e: e.total_bytes)
+    return estimate
+
+
+def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: runtime.Capability,
+                    free_bytes: int | None, auto_headroom_bytes: int) -> dict:
+    """The JSON the web widget shows for a query (policy, width, height, frames, two_stage,
+    nvfp4_mode): the estimate in GiB, or `errors` naming each bad value. `auto` is resolved the way
+    the loader resolves it on this server's device; the estimate assumes an FP8 GPU when the server
+    has none."""
+    answer: dict = {"policy": query.get("policy", "auto"), "auto_reason": None, "errors": [],
+                    "weights_gib": None, "activations_gib": None, "overhead_gib": None, "total_gib": None}
+    numbers = {}
+    for name in ("width", "height", "frames"):
+        raw = query.get(name, "")
+        try:
+            numbers[name] = int(raw)
+        except ValueError:
+            answer["errors"].append(f"{name} must be a whole number, got {raw!r}")
+    two_stage = query.get("two_stage", "false").lower() in ("1", "true", "yes", "on")
+    if len(numbers) == 3:
+        answer["errors"] += sampling.video_shape_errors(numbers["width"], numbers["height"], numbers["frames"],
+                                                        two_stage)
+    if answer["policy"] not in ("auto", *POLICIES):
+        answer["errors"].append(f"unknown policy {answer['policy']!r}; choose one of: auto, {', '.join(POLICIES)}")
+    nvfp4_mode = query.get("nvfp4_mode", "fast")
+    if nvfp4_mode not in runtime.NVFP4_MODES:
+        answer["errors"].append(f"unknown nvfp4_mode {nvfp4_mode!r}; choose one of: {', '.join(runtime.NVFP4_MODES)}")
+    if answer["errors"]:
+        return answer
+    if answer["policy"] == "auto":
+        sizes = {name: planned_bytes(name, scope) for name in POLICIES}
+        answer["policy"], answer["auto_reason"] = runtime.choose_auto_policy(capability, free_bytes, sizes,
+                                                                             auto_headroom_bytes)
+    target = capability if capability.fp8_tensor_cores else FP8_GPU
+    estimate = estimate_vram(answer["policy"], numbers["width"], numbers["height"], numbers["frames"], two_stage,
+                             scope=scope, nvfp4_mode=nvfp4_mode, capability=target)
+    answer.update(estimate.as_gib(), phase=estimate.phase, video_tokens=estimate.video_tokens)
+    return answer

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+
+from quant import ltx2, memory, runtime
+from quant.policies import POLICIES
+
+GIB = 2 ** 30
+# Peak VRAM (GiB, torch.cuda.max_memory_allocated over an 8-step run) measured by
+# `bench/bench_model.py` through ComfyUI v0.20.1 on an NVIDIA H200, 2026-11-27: docs/BENCHMARKS.md,
+# "Full model through ComfyUI (issue 4)". Model: LTX-2.3 widths, text connectors cut to one layer.
+# "core bf16" is ComfyUI core with bf16 weights, i.e. the bf16 policy. Key: (blocks, policy, width, height).
+MEASURED_PEAK_GIB = {
+    # "48 blocks (19.24 B parameters, the real depth)"
+    (48, "bf16", 768, 512): 36.5, (48, "bf16", 1536, 1024): 38.2,
+    (48, "fp8-scaled-mm", 768, 512): 19.3, (48, "fp8-scaled-mm", 1536, 1024): 21.0,
+    (48, "nvfp4", 768, 512): 11.7, (48, "nvfp4", 1536, 1024): 13.5,
+    # 48 blocks, the rerun after the host-overhead change (6,144 tokens only)
+    (48, "mxfp8", 768, 512): 19.3, (48, "fp8-cast", 768, 512): 19.3,
+    # "8 blocks, every mode (3.77 B parameters)"
+    (8, "bf16", 768, 512): 7.7, (8, "bf16", 1536, 1024): 9.4,
+    (8, "fp8-cast", 768, 512): 4.8, (8, "fp8-cast", 1536, 1024): 6.5,
+    (8, "fp8-scaled-mm", 768, 512): 4.8, (8, "fp8-scaled-mm", 1536, 1024): 6.5,
+    (8, "mxfp8", 768, 512): 4.8, (8, "mxfp8", 1536, 1024): 6.5,
+    (8, "nvfp4", 768, 512): 3.6, (8, "nvfp4", 1536, 1024): 5.3,
+}
+FRAMES = 121
+
+
+def bench_config(blocks: int) -> dict:
+    return dict(ltx2.LTX23_CONFIG, num_layers=blocks, connector_num_layers=1)  # as bench_model.py builds it
+
+
+@pytest.mark.parametrize("blocks,policy,width,height", sorted(MEASURED_PEAK_GIB))
+def test_estimate_within_15_percent_of_measured_peak(blocks, policy, width, height):
+    measured = MEASURED_PEAK_GIB[(blocks, policy, width, height)]
+    estimate = memory.estimate_vram(policy, width, height, FRAMES, config=bench_config(blocks))
+    assert estimate.phase == "sampling"
+    assert abs(estimate.total_bytes / GIB / measured - 1) <= 0.15, (estimate.as_gib(), measured)
+
+
+@pytest.mark.parametrize("blocks,policy", sorted({(b, p) for b, p, w, _ in MEASURED_PEAK_GIB if w == 1536}))
+def test_activation_growth_within_15_percent_of_measured(blocks, policy):
+    """Weights dominate the peak; the difference between the two sizes isolates the activation term."""
+    measured = MEASURED_PEAK_GIB[(blocks, policy, 1536, 1024)] - MEASURED_PEAK_GIB[(blocks, policy, 768, 512)]
+    small, large = (memory.estimate_vram(policy, w, h, FRAMES, config=bench_config(blocks))
+                    for w, h in ((768, 512), (1536, 1024)))
+    estimated = (large.total_bytes - small.total_bytes) / GIB
+    assert abs(estimated / measured - 1) <= 0.15, (estimated, measured)
+
+
+def test_tokens_follow_the_latent_shapes():
+    estimate = memory.estimate_vram("bf16", 768, 512, 121)
+    assert estimate.video_tokens == 6144  # ltx2.md: 121 frames at 768x512
+    assert estimate.audio_tokens == 127  # ComfyUI: ceil(121 / 24 * 25)
+    assert memory.estimate_vram("bf16", 1536, 1024, 121).video_tokens == 24576
+
+
+def test_weights_come_from_the_policy_plan():
+    for name in ("bf16", "fp8-cast", "fp8-scaled-mm", "nvfp4"):
+        assert memory.estimate_vram(name, 768, 512, 121).weight_bytes == memory.planned_bytes(name)
+    bf16 = memory.planned_bytes("bf16")
+    assert bf16 == 2 * sum(math.prod(s) for s in ltx2.model_shapes(ltx2.LTX23_CONFIG).values())
+    # Ada/Hopper hold MXFP8 re-blocked to per-row FP8: the size of fp8-scaled-mm, less than its file.
+    mxfp8 = memory.estimate_vram("mxfp8", 768, 512, 121).weight_bytes
+    assert mxfp8 == memory.planned_bytes("fp8-scaled-mm") < memory.planned_bytes("mxfp8")
+    # Keeping blocks in bf16 costs memory; the scope reaches the plan.
+    kept = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2, "keep_last_blocks": 2})
+    assert kept.weight_bytes == memory.planned_bytes("nvfp4", {"keep_first_blocks": 2, "keep_last_blocks": 2})
+    assert memory.planned_bytes("nvfp4") < kept.weight_bytes < bf16
+
+
+def test_weight_expanded_per_call_adds_at_small_sizes():
+    """fp8-cast and NVFP4 expand one layer's weight per call; at few tokens that temporary sets the peak."""
+    small = {name: memory.estimate_vram(name, 256, 256, 9, nvfp4_mode=mode).activation_bytes
+             for name, mode in (("bf16", "fast"), ("fp8-cast", "fast"), ("fp8-scaled-mm", "fast"))}
+    exact = memory.estimate_vram("nvfp4", 256, 256, 9, nvfp4_mode="exact").activation_bytes
+    fast = memory.estimate_vram("nvfp4", 256, 256, 9, nvfp4_mode="fast").activation_bytes
+    ffn_weight = 16384 * 4096
+    assert small["fp8-cast"] - small["bf16"] > 0.9 * 2 * ffn_weight  # a bf16 copy of the FFN weight
+    assert exact - small["bf16"] > 0.9 * 2 * ffn_weight
+    assert 0.9 * ffn_weight < fast - small["fp8-scaled-mm"] < 1.1 * ffn_weight  # an FP8 copy
+
+
+def test_two_stage_adds_the_upsampler_phase():
+    assert abs(memory.upsampler_bytes() / 1e9 - 1.0) < 0.05  # the released file is ~1 GB in bf16 (ltx2.md)
+    one = memory.estimate_vram("fp8-scaled-mm", 768, 512, 121)
+    two = memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, two_stage=True)
+    assert two.phase == "upsampling" and two.weight_bytes == one.weight_bytes + memory.upsampler_bytes()
+    assert two.total_bytes > one.total_bytes
+    # At 24,576 tokens the stage-2 activations outweigh the upsampler.
+    big = memory.estimate_vram("fp8-scaled-mm", 1536, 1024, 121, two_stage=True)
+    assert big.phase == "sampling"
+    assert big.total_bytes == memory.estimate_vram("fp8-scaled-mm", 1536, 1024, 121).total_bytes
+
+
+@pytest.mark.parametrize("width,height,frames,two_stage,needle", [
+    (768, 512, 120, False, "frames must be 8k+1 (e.g. 113 or 121), got 120"),
+    (700, 512, 121, False, "width must be a multiple of 32, got 700 (e.g. 672 or 704)"),
+    (768, 544, 121, True, "height must be a multiple of 64 for the two-stage flow, got 544 (e.g. 512 or 576)"),
+])
+def test_bad_sizes_are_refused(width, height, frames, two_stage, needle):
+    with pytest.raises(ValueError) as err:
+        memory.estimate_vram("bf16", width, height, frames, two_stage=two_stage)
+    assert needle in str(err.value)
+
+
+CPU = runtime.Capability("cpu", None, False)
+
+
+def answer(**query):
+    return memory.estimate_answer({k: str(v) for k, v in query.items()}, None, CPU, None, 6 * GIB)
+
+
+def test_answer_matches_the_estimator():
+    got = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage="false")
+    expected = memory.estimate_vram("nvfp4", 768, 512, 121).as_gib()
+    assert got["errors"] == [] and got["policy"] == "nvfp4" and got["phase"] == "sampling"
+    assert {k: got[k] for k in expected} == expected
+    assert got["video_tokens"] == 6144
+    two = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage="true")
+    assert two["total_gib"] == memory.estimate_vram("nvfp4", 768, 512, 121, two_stage=True).as_gib()["total_gib"]
+
+
+def test_answer_lists_every_bad_value():
+    got = answer(policy="int3", width=700, height="abc", frames=120)
+    assert got["total_gib"] is None and got["weights_gib"] is None
+    assert got["errors"] == [
+        "height must be a whole number, got 'abc'",
+        f"unknown policy 'int3'; choose one of: auto, {', '.join(POLICIES)}",
+    ]
+    got = answer(policy="bf16", width=700, height=512, frames=120, two_stage="false")
+    assert got["errors"] == ["frames must be 8k+1 (e.g. 113 or 121), got 120",
+                             "width must be a multiple of 32, got 700 (e.g. 672 or 704)"]
+    got = answer(policy="bf16", width=768, height=544, frames=121, two_stage="1")
+    assert got["errors"] == ["height must be a multiple of 64 for the two-stage flow, got 544 (e.g. 512 or 576)"]
+    assert answer(policy="nvfp4", width=768, height=512, frames=121, nvfp4_mode="fastest")["errors"] == [
+        "unknown nvfp4_mode 'fastest'; choose one of: fast, exact"]
+
+
+def test_auto_resolves_like_the_loader():
+    hopper = runtime.Capability("cuda", (9, 0), True)
+    query = {"policy": "auto", "width": "768", "height": "512", "frames": "121"}
+    roomy = memory.estimate_answer(query, None, hopper, 80 * GIB, 6 * GIB)
+    assert roomy["policy"] == "fp8-scaled-mm" and "fits" in roomy["auto_reason"]
+    tight = memory.estimate_answer(query, None, hopper, 22 * GIB, 6 * GIB)  # fp8 21.9 + 6 does not fit
+    assert tight["policy"] == "nvfp4"
+    assert tight["total_gib"] == memory.estimate_vram("nvfp4", 768, 512, 121).as_gib()["total_gib"]
+    on_cpu = memory.estimate_answer(query, None, CPU, None, 6 * GIB)
+    assert on_cpu["policy"] == "bf16" and on_cpu["auto_reason"].startswith("cpu")
