@@ -1,0 +1,40 @@
+"""GET /ltx2_quant/estimate: the VRAM estimate and size checks the web extension shows, as JSON.
+The formula and the rules live in quant/memory.py and quant/sampling.py; the frontend never repeats them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import comfy.model_management
+from aiohttp import web
+from server import PromptServer
+
+from ..quant import memory, runtime
+from .loader import scope_options
+from .model_io import ACTIVATION_HEADROOM
+from .ops import compute_device
+
+ESTIMATE_ROUTE = "/ltx2_quant/estimate"
+
+
+def query_scope(query) -> dict:
+    """The loader's scope widgets, as the web extension sends them, as `get_policy` scope changes."""
+    return scope_options(query.get("scope", "all block linears"), query.get("include", ""), query.get("exclude", ""),
+                         int(query.get("keep_first_blocks") or 0), int(query.get("keep_last_blocks") or 0),
+                         query.get("keep_audio", "false").lower() == "true")
+
+
+async def estimate(request: web.Request) -> web.Response:
+    try:
+        scope = query_scope(request.query)
+    except (KeyError, ValueError) as e:
+        return web.json_response({"errors": [f"bad scope parameters: {e}"]}, status=400)
+    device = compute_device()
+    free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
+    answer = await asyncio.to_thread(memory.estimate_answer, request.query, scope, runtime.capability(device), free,
+                                     ACTIVATION_HEADROOM)
+    return web.json_response(answer)
+
+
+def register() -> None:
+    PromptServer.instance.routes.get(ESTIMATE_ROUTE)(estimate)
