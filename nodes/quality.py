@@ -39,22 +39,26 @@ class LTX2QuantCalibrate(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="bf16 (recommended) or quantized LTX-2 model"),
                 *sampling_inputs(),
-                io.String.Input("filename", default="ltx2_amax.json",
-                                tooltip="Written to models/ltx2_calibration; empty: do not write a file"),
+                io.Combo.Input("folder", options=folder_paths.get_folder_paths(CALIBRATION_FOLDER),
+                               tooltip="Which ltx2_calibration folder to write into (the Loader lists them)"),
+                io.String.Input("filename", default="ltx2_amax.json", tooltip="Empty: do not write a file"),
                 io.Boolean.Input("overwrite", default=True),
             ],
             outputs=[io.Model.Output(tooltip="With static activation scales on the W8A8/NVFP4 layers of a model "
                                              "this pack quantized; otherwise the input model")],
+            is_output_node=True,  # writing the file is reason enough to run
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, sigmas, cfg, seed, filename, overwrite) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent, sigmas, cfg, seed, folder, filename,
+                overwrite) -> io.NodeOutput:
         recorder = evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
         amax = recorder.per_tensor()
         channels = recorder.per_channel()
         lines = [f"calibrated {len(amax)} Linear inputs over {len(sigmas) - 1} steps"]
         if filename.strip():
-            folder = folder_paths.get_folder_paths(CALIBRATION_FOLDER)[0]
+            if folder not in folder_paths.get_folder_paths(CALIBRATION_FOLDER):
+                raise ValueError(f"{folder} is not one of ComfyUI's {CALIBRATION_FOLDER} folders")
             os.makedirs(folder, exist_ok=True)
             path = model_io.safe_output_path(folder, filename, ".json")
             if os.path.exists(path) and not overwrite:
