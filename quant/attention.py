@@ -1,0 +1,489 @@
+"""Attention for the LTX-2 transformer: a registry of implementations, one chosen per model at load.
+
+Every implementation computes softmax(q k^T * scale) v for q (B, H, Sq, D) and k, v (B, H, Skv, D)
+(any strides, last dimension contiguous) and returns (B, H, Sq, D). `choose_attention()` picks one
+for a device from its declared constraints, then probes it once on small inputs against an fp32
+reference, falling back down the list when it raises, is inaccurate or not finite; the reason is
+logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
+(`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
+mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
+
+  kitchen-int8    comfy-kitchen's INT8 attention (INT8 Q/K/V, unsigned INT8 P).
+  triton-int8     Triton flash attention (the design of Triton's fused-attention tutorial): Q and K
+                  INT8 with one scale per token (K smoothed by its mean over tokens, which softmax
+                  ignores), P and V E4M3 (V scaled per channel and stored transposed, as Hopper's FP8
+                  MMA wants), fp32 softmax and accumulation. SageAttention2's split of formats.
+  triton-fp8      the same with E4M3 Q/K (about 4x the QK error of INT8 on random inputs).
+  triton-int8-qk  INT8 Q/K only; P and V stay 16-bit (SageAttention's split).
+  sdpa-cudnn / sdpa-flash / sdpa-efficient   torch SDPA pinned to one CUDA backend.
+  sdpa            torch SDPA's own dispatch (what ComfyUI core runs with --use-pytorch-cross-attention).
+  sdpa-math       the exact math backend (slow; the fallback of last resort).
+
+ORDER lists them fastest first as expected on Hopper; bench/bench_attention.py measures speed and
+error. "auto" takes the first exact (16-bit) one that works; "auto-8bit" also the 8-bit ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import kernels
+from .formats import FP8_MAX
+from .runtime import Capability
+
+log = logging.getLogger("ltx2_quant")
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Attention:
+    name: str
+    summary: str
+    exact: bool  # False: 8-bit operands (lossy); "auto" passes these over
+    masks: bool  # takes an attention mask
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, ...] | None  # None: any
+    requires: Callable[[Capability], str | None]  # why it cannot run on this device, None if it can
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, torch.Tensor | None], torch.Tensor]
+
+    def takes(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, low_precision_ok: bool) -> bool:
+        return ((mask is None or self.masks) and q.dtype in self.dtypes and q.shape[1] == k.shape[1]
+                and (self.head_dims is None or q.shape[-1] in self.head_dims) and (self.exact or low_precision_ok))
+
+
+def _cuda_at_least(major: int, minor: int, what: str) -> Callable[[Capability], str | None]:
+    def requires(cap: Capability) -> str | None:
+        if cap.device_type != "cuda" or cap.compute_capability < (major, minor):
+            return f"{what} needs CUDA sm_{major}{minor}+ ({cap.describe()})"
+        return None
+    return requires
+
+
+def _sdpa(backend: SDPBackend | None):
+    def run(q, k, v, scale, mask):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return run
+
+
+def _kitchen_requires(cap: Capability) -> str | None:
+    try:
+        kitchen = importlib.import_module("comfy_kitchen")
+    except ImportError:
+        return "comfy-kitchen is not installed"
+    if not hasattr(kitchen, "int8_attention"):
+        return "this comfy-kitchen has no int8_attention (needs a newer one)"
+    return _cuda_at_least(7, 5, "comfy-kitchen INT8 attention")(cap)
+
+
+def _kitchen_int8(q, k, v, scale, mask):
+    return importlib.import_module("comfy_kitchen").int8_attention(q, k, v, scale=scale, attn_mask=mask)
+
+
+def _triton_requires(cap: Capability) -> str | None:
+    if not kernels.AVAILABLE:
+        return "triton is not installed"
+    return _cuda_at_least(8, 9, "FP8 attention (FP8 tensor cores)")(cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton 8-bit flash attention
+
+if kernels.AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from .kernels import _round_to_float_grid, _to_bf16, _to_fp8_bits
+
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _INT8_MAX = tl.constexpr(127.0)
+
+    @triton.jit
+    def _qk_quantize(x, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+        """Rows of fp32 x (BLOCK, D) -> (8-bit operand, fp32 scale per row). The operand is what tl.dot
+        multiplies: INT8 or E4M3 on the GPU; in the interpreter (whose fp8 casts round wrongly) the
+        same values kept fp32."""
+        # |x| bits order like the floats and NaN outranks all: a NaN row gets a NaN scale, so NaN
+        # reaches the output (an INT8 cast alone would turn it into 0).
+        amax = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
+        top = _INT8_MAX if QK_INT8 else _FP8_MAX
+        scale = tl.where(amax == 0.0, 1.0, amax / top)
+        y = x * (1.0 / scale)[:, None]
+        if QK_INT8:
+            y = tl.floor(y + 0.5)
+            if not INTERPRET:
+                y = y.to(tl.int8)
+        elif INTERPRET:
+            y = _round_to_float_grid(y, 3, -6)
+        else:
+            y = y.to(tl.float8e4nv)
+        return y, scale
+
+    @triton.jit
+    def _qk_stored(y, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+        """The quantized K tile as stored (int8, or fp8 bits as uint8); NaN stays NaN in fp8."""
+        if QK_INT8:
+            return y.to(tl.int8)
+        if INTERPRET:
+            return _to_fp8_bits(y, INTERPRET)
+        return y.to(tl.uint8, bitcast=True)
+
+    @triton.jit
+    def _qk_loaded(bits, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            if QK_INT8:
+                return bits.to(tl.float32)
+            return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if QK_INT8:
+            return bits
+        return bits.to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
+    def _fp8_operand(x, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return _round_to_float_grid(x, 3, -6)
+        return x.to(tl.float8e4nv)
+
+    @triton.jit
+    def _attn_prepare_kv_kernel(K, V, k_mean_ptr, v_inv_ptr, k8_ptr, k_scale_ptr, vt8_ptr,
+                                stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                                H, S, S_PAD, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, QK_INT8: tl.constexpr,
+                                FP8_V: tl.constexpr, INTERPRET: tl.constexpr):
+        """K minus its mean over tokens -> 8-bit with one scale per token, (B, H, S, D) contiguous;
+        with FP8_V, V times its per-channel inverse scale -> E4M3 transposed, (B, H, D, S_PAD)."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, HEAD_DIM)
+        inside = rows[:, None] < S
+        k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + rows[:, None].to(tl.int64) * stride_ks
+                    + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        k8, scale = _qk_quantize(k - tl.load(k_mean_ptr + bh * HEAD_DIM + cols)[None, :], QK_INT8, INTERPRET)
+        tl.store(k_scale_ptr + bh.to(tl.int64) * S + rows, scale, mask=rows < S)
+        tl.store(k8_ptr + (bh.to(tl.int64) * S + rows[:, None]) * HEAD_DIM + cols[None, :],
+                 _qk_stored(k8, QK_INT8, INTERPRET), mask=inside)
+        if FP8_V:
+            v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vs
+                        + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+            v = v * tl.load(v_inv_ptr + bh * HEAD_DIM + cols)[None, :]
+            tl.store(vt8_ptr + (bh.to(tl.int64) * HEAD_DIM + cols[None, :]) * S_PAD + rows[:, None],
+                     _to_fp8_bits(v, INTERPRET), mask=inside)
+
+    @triton.jit
+    def _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr, bh, start_n, Skv, S_PAD,
+                    stride_vs, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, FP8_V: tl.constexpr,
+                    P_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        """One BLOCK_N-token block of keys and values: online-softmax update of (acc, l_i, m_i)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k_ptrs = k8_ptr + (bh.to(tl.int64) * Skv + offs_n[None, :]) * HEAD_DIM + offs_d[:, None]  # (D, N): K-major
+        ks_ptrs = k_scale_ptr + bh.to(tl.int64) * Skv + offs_n
+        if EVEN_N:
+            k_bits = tl.load(k_ptrs)
+            k_scale = tl.load(ks_ptrs)
+        else:
+            k_bits = tl.load(k_ptrs, mask=offs_n[None, :] < Skv, other=0)
+            k_scale = tl.load(ks_ptrs, mask=offs_n < Skv, other=0.0)
+        k8 = _qk_loaded(k_bits, QK_INT8, INTERPRET)
+        if QK_INT8 and not INTERPRET:
+            qk = tl.dot(q8, k8, out_dtype=tl.int32).to(tl.float32)
+        else:
+            qk = tl.dot(q8, k8)
+        s = qk * row_factor[:, None] * k_scale[None, :]
+        if not EVEN_N:
+            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if FP8_V:  # P in [0, 1] scaled onto E4M3's range; V^T rows are tokens-contiguous (K-major for the MMA)
+            vt_ptrs = vt8_ptr + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * S_PAD + offs_n[None, :]
+            if EVEN_N:
+                vt_bits = tl.load(vt_ptrs)
+            else:
+                vt_bits = tl.load(vt_ptrs, mask=offs_n[None, :] < Skv, other=0)
+            acc = tl.dot(_fp8_operand(p * _FP8_MAX, INTERPRET), tl.trans(_qk_loaded(vt_bits, False, INTERPRET)), acc)
+        else:
+            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
+            if EVEN_N:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
+            if not P_BF16:
+                acc = tl.dot(p, v.to(tl.float32), acc)
+            elif INTERPRET:
+                acc = tl.dot(_round_to_float_grid(p, 7, -126), v.to(tl.float32), acc)
+            else:
+                acc = tl.dot(p.to(tl.bfloat16), v, acc)
+        return acc, l_i, m_new
+
+    def _attn_configs():
+        if kernels.INTERPRET:  # small blocks keep the CPU interpreter fast and cover several blocks
+            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+                if not (w == 8 and m * n < 128 * 128)]
+
+    @triton.autotune(configs=_attn_configs(), key=["Sq", "Skv", "HEAD_DIM", "QK_INT8", "FP8_V"])
+    @triton.heuristics({"EVEN_N": lambda args: args["Skv"] % args["BLOCK_N"] == 0})
+    @triton.jit
+    def _attn_kernel(Q, k8_ptr, k_scale_ptr, V, vt8_ptr, v_scale_ptr, Out,
+                     stride_qb, stride_qh, stride_qs, stride_vb, stride_vh, stride_vs,
+                     stride_ob, stride_oh, stride_os, H, Sq, Skv, S_PAD, qk_scale,
+                     HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, FP8_V: tl.constexpr, P_BF16: tl.constexpr,
+                     OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
+                    + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0).to(tl.float32)
+        # Q quantized per token once, in registers; its scale, the softmax scale and log2(e) make one
+        # factor per row.
+        q8, q_scale = _qk_quantize(q, QK_INT8, INTERPRET)
+        row_factor = q_scale * qk_scale
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
+        if INTERPRET:  # its range() cannot take a runtime bound (numpy >= 2.4); the GPU needs for-loops to pipeline
+            start_n = 0
+            while start_n < Skv:
+                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr,
+                                            bh, start_n, Skv, S_PAD, stride_vs, HEAD_DIM, QK_INT8, FP8_V, P_BF16,
+                                            INTERPRET, BLOCK_N, EVEN_N)
+                start_n += BLOCK_N
+        else:
+            for start_n in range(0, Skv, BLOCK_N):
+                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr,
+                                            bh, start_n, Skv, S_PAD, stride_vs, HEAD_DIM, QK_INT8, FP8_V, P_BF16,
+                                            INTERPRET, BLOCK_N, EVEN_N)
+        out = acc / l_i[:, None]
+        if FP8_V:
+            out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d) / _FP8_MAX)[None, :]
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os \
+            + offs_d[None, :]
+        if OUT_BF16:
+            tl.store(o_ptrs, _to_bf16(out, INTERPRET), mask=offs_m[:, None] < Sq)
+        else:
+            tl.store(o_ptrs, out, mask=offs_m[:, None] < Sq)
+
+
+def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, qk_int8: bool,
+                           fp8_v: bool) -> torch.Tensor:
+    batch, heads, sq, dim = q.shape
+    skv = k.shape[2]
+    device = q.device
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D)
+    k8 = torch.empty((batch, heads, skv, dim), dtype=torch.int8 if qk_int8 else torch.uint8, device=device)
+    k_scale = torch.empty((batch, heads, skv), dtype=torch.float32, device=device)
+    s_pad = (skv + 15) // 16 * 16  # 16-byte aligned rows of V^T
+    if fp8_v:
+        v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=2, dtype=torch.float32)  # (B, H, D)
+        v_scale = torch.where(v_amax == 0, 1.0, v_amax / FP8_MAX).contiguous()
+        v_inv = (1.0 / v_scale).contiguous()
+        vt8 = torch.empty((batch, heads, dim, s_pad), dtype=torch.uint8, device=device)
+    else:
+        v_scale = v_inv = vt8 = k_scale  # not read without FP8_V
+    _attn_prepare_kv_kernel[(triton.cdiv(skv, 64), batch * heads)](
+        k, v, k_mean, v_inv, k8, k_scale, vt8, k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), heads, skv, s_pad, HEAD_DIM=dim, BLOCK_S=64, QK_INT8=qk_int8,
+        FP8_V=fp8_v, INTERPRET=kernels.INTERPRET, num_warps=4)
+    out = torch.empty((batch, sq, heads, dim), dtype=q.dtype, device=device).transpose(1, 2)
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    _attn_kernel[grid](
+        q, k8, k_scale, v, vt8, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, sq, skv, s_pad, scale * LOG2E, HEAD_DIM=dim, QK_INT8=qk_int8, FP8_V=fp8_v,
+        P_BF16=v.dtype == torch.bfloat16, OUT_BF16=q.dtype == torch.bfloat16, INTERPRET=kernels.INTERPRET)
+    return out
+
+
+# A torch custom op, so torch.compile traces through the kernels as one node; eager calls launch directly.
+@torch.library.custom_op("ltx2q::attention_8bit", mutates_args=())
+def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, qk_int8: bool,
+                       fp8_v: bool) -> torch.Tensor:
+    return _attention_8bit_launch(q, k, v, scale, qk_int8, fp8_v)
+
+
+@_attention_8bit_op.register_fake
+def _(q, k, v, scale, qk_int8, fp8_v):
+    batch, heads, sq, dim = q.shape
+    return q.new_empty((batch, sq, heads, dim)).transpose(1, 2)
+
+
+def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   qk_int8: bool = True, fp8_v: bool = True) -> torch.Tensor:
+    """Triton 8-bit attention: q (B, H, Sq, D), k/v (B, H, Skv, D), D 64 or 128, bf16 or fp32, last
+    dimension contiguous -> (B, H, Sq, D) in q's dtype. Q and K are INT8 (qk_int8) or E4M3 with one
+    scale per token; fp8_v makes P and V E4M3 too, otherwise they stay 16-bit."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("attention_8bit needs q, k and v contiguous in the head dimension")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if torch.compiler.is_compiling():
+        return _attention_8bit_op(q, k, v, scale, qk_int8, fp8_v)
+    return _attention_8bit_launch(q, k, v, scale, qk_int8, fp8_v)
+
+
+def _triton_8bit(qk_int8: bool, fp8_v: bool):
+    return lambda q, k, v, scale, mask: attention_8bit(q, k, v, scale, qk_int8, fp8_v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+_HALF = (torch.bfloat16, torch.float16)
+_ANY = (torch.bfloat16, torch.float16, torch.float32)
+_TRITON_DTYPES = (torch.bfloat16, torch.float32)
+IMPLEMENTATIONS = {a.name: a for a in [
+    Attention("kitchen-int8", "comfy-kitchen INT8 attention (8-bit Q/K/V/P, lossy)", exact=False, masks=True,
+              dtypes=_ANY, head_dims=None, requires=_kitchen_requires, run=_kitchen_int8),
+    Attention("triton-int8", "Triton attention, INT8 Q/K per token, E4M3 P and V, fp32 softmax and accumulation "
+              "(SageAttention2's design; lossy)", exact=False, masks=False, dtypes=_TRITON_DTYPES,
+              head_dims=(64, 128), requires=_triton_requires, run=_triton_8bit(qk_int8=True, fp8_v=True)),
+    Attention("triton-fp8", "Triton attention, E4M3 Q/K per token, E4M3 P and V (lossy)", exact=False, masks=False,
+              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_triton_requires,
+              run=_triton_8bit(qk_int8=False, fp8_v=True)),
+    Attention("triton-int8-qk", "Triton attention, INT8 Q/K per token, 16-bit P and V (SageAttention's design; lossy)",
+              exact=False, masks=False, dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_triton_requires,
+              run=_triton_8bit(qk_int8=True, fp8_v=False)),
+    Attention("sdpa-cudnn", "torch SDPA, cuDNN backend", exact=True, masks=False, dtypes=_HALF, head_dims=None,
+              requires=_cuda_at_least(8, 0, "cuDNN attention"), run=_sdpa(SDPBackend.CUDNN_ATTENTION)),
+    Attention("sdpa-flash", "torch SDPA, FlashAttention-2 backend", exact=True, masks=False, dtypes=_HALF,
+              head_dims=None, requires=_cuda_at_least(8, 0, "flash attention"), run=_sdpa(SDPBackend.FLASH_ATTENTION)),
+    Attention("sdpa-efficient", "torch SDPA, memory-efficient backend", exact=True, masks=True, dtypes=_ANY,
+              head_dims=None, requires=_cuda_at_least(5, 0, "memory-efficient attention"),
+              run=_sdpa(SDPBackend.EFFICIENT_ATTENTION)),
+    Attention("sdpa", "torch SDPA, its own backend choice (ComfyUI core's pytorch attention)", exact=True, masks=True,
+              dtypes=_ANY, head_dims=None, requires=lambda cap: None, run=_sdpa(None)),
+    Attention("sdpa-math", "torch SDPA, math backend (exact, slow)", exact=True, masks=True, dtypes=_ANY,
+              head_dims=None, requires=lambda cap: None, run=_sdpa(SDPBackend.MATH)),
+]}
+ORDER = list(IMPLEMENTATIONS)  # fastest first, as expected on Hopper
+AUTO = "auto"
+AUTO_8BIT = "auto-8bit"
+CHOICES = [AUTO, AUTO_8BIT, *ORDER]
+# Probe shapes (B, H, Sq, Skv, D): LTX-2.3's head sizes (video 128, audio 64), lengths off the block grid.
+PROBE_SHAPES = [(1, 2, 80, 150, 128), (1, 2, 40, 33, 64)]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 math reference every implementation is measured against."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale,
+                                              attn_mask=None if mask is None else mask.float()
+                                              if mask.is_floating_point() else mask)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32; NaN when out has a NaN or inf (so no bound passes it)."""
+    out = out.float()
+    if not torch.isfinite(out).all():
+        return math.nan
+    return float((out - ref).norm() / ref.norm())
+
+
+def probe_bound(impl: Attention, dtype: torch.dtype) -> float:
+    """Largest relative error vs fp32 a working implementation shows on random inputs."""
+    if not impl.exact:
+        return 0.1
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+def probe(impl: Attention, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Runs `impl` once per probe shape on `device`; why it is unusable there, or None."""
+    if dtype not in impl.dtypes:
+        return f"takes {', '.join(str(d).removeprefix('torch.') for d in impl.dtypes)}, the model computes in " \
+               f"{str(dtype).removeprefix('torch.')}"
+    g = torch.Generator().manual_seed(0)
+    for b, h, sq, skv, d in PROBE_SHAPES:
+        if impl.head_dims is not None and d not in impl.head_dims:
+            continue
+        q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for n in (sq, skv, skv))
+        try:
+            out = impl.run(q, k, v, None, None)
+        except Exception as e:  # a backend missing from this build or driver says so only when called
+            return f"failed on a {d}-dim probe: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        err = relative_error(out.cpu(), reference_attention(q, k, v).cpu())
+        if not err <= probe_bound(impl, dtype):
+            return f"probe error {err:.3g} vs fp32 exceeds {probe_bound(impl, dtype):g} ({d}-dim heads)"
+    return None
+
+
+def choose_attention(cap: Capability, requested: str = AUTO, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """(implementation, reason) for `requested` (a name, "auto" or "auto-8bit") on a device of `cap`.
+    With `device`, each candidate is also probed there; a failing one falls back to the next
+    (a requested one to what "auto" picks), and the reason says what was passed over and why."""
+    if requested not in CHOICES:
+        raise ValueError(f"unknown attention {requested!r}; choose one of {', '.join(CHOICES)}")
+    exact_only = requested != AUTO_8BIT
+    automatic = [n for n in ORDER if IMPLEMENTATIONS[n].exact or not exact_only]
+    candidates = automatic if requested in (AUTO, AUTO_8BIT) else [requested] + [
+        n for n in automatic if n != requested and IMPLEMENTATIONS[n].exact]
+    passed_over = []
+    for name in candidates:
+        impl = IMPLEMENTATIONS[name]
+        why = impl.requires(cap)
+        if why is None and device is not None:
+            why = probe(impl, device, dtype)
+        if why is None:
+            reason = f"{impl.summary} on {cap.describe()}"
+            if passed_over:
+                reason += "; passed over: " + "; ".join(passed_over)
+            log.info("LTX-2 Quant attention (%s): %s: %s", requested, name, reason)
+            return name, reason
+        passed_over.append(f"{name} ({why})")
+    raise RuntimeError(f"no attention implementation works on {cap.describe()}: {'; '.join(passed_over)}")
+
+
+def _to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, s, inner = t.shape
+    return t.view(b, s, heads, inner // heads).transpose(1, 2)
+
+
+def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's masks are (Skv), (Sq, Skv), (B, Sq, Skv) or (B, H, Sq, Skv): broadcast as SDPA wants."""
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0) if mask.ndim < 3 else mask.unsqueeze(1)
+    return mask
+
+
+def comfy_override(name: str):
+    """The callable for ComfyUI's `transformer_options["optimized_attention_override"]`. ComfyUI calls
+    it as override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+    skip_output_reshape=False, **kwargs), with func its own attention; q/k/v are (B, S, heads*D), or
+    (B, heads, S, D) with skip_reshape; it returns (B, Sq, heads*D), or (B, heads, Sq, D) with
+    skip_output_reshape."""
+    impl = IMPLEMENTATIONS[name]
+
+    def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+        qh, kh, vh = (q, k, v) if skip_reshape else (_to_heads(t, heads) for t in (q, k, v))
+        if not impl.takes(qh, kh, mask, kwargs.get("low_precision_attention", True) is not False) \
+                or kwargs.get("enable_gqa"):
+            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+        out = impl.run(qh, kh, vh, kwargs.get("scale"), None if mask is None else _mask_4d(mask))
+        if skip_output_reshape:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    override.attention = name  # which implementation a patched model runs (reports, tests)
+    return override

@@ -1,0 +1,185 @@
+"""Attention implementations vs the fp32 math reference, the choice and its fallbacks, and the
+ComfyUI calling convention. Without a GPU the Triton kernels run in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py) at small shapes; CUDA-only backends skip with the reason."""
+
+import math
+
+import pytest
+import torch
+
+from quant import attention, kernels
+from quant.attention import IMPLEMENTATIONS, choose_attention, comfy_override, probe, reference_attention, \
+    relative_error
+from quant.runtime import Capability, capability
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HERE = capability(DEVICE)
+HOPPER = Capability("cuda", (9, 0), True)
+CPU = Capability("cpu", None, False)
+# Relative error vs fp32 on unit-normal inputs; the 8-bit ones measured at these seeds with some margin
+# (INT8 Q/K ~0.009, E4M3 P and V ~0.034, E4M3 Q/K/P/V ~0.048).
+LOSSY_BOUNDS = {"triton-int8-qk": 0.015, "triton-int8": 0.045, "triton-fp8": 0.06, "kitchen-int8": 0.06}
+SHAPES = [(1, 2, 40, 64, 64), (2, 3, 37, 50, 128)]  # (B, H, Sq, Skv, D): one on the block grid, one off it
+
+
+def runs_here(name: str) -> str | None:
+    """Why `name` cannot run in this test environment, or None."""
+    why = IMPLEMENTATIONS[name].requires(HERE)
+    if why is not None and name.startswith("triton") and kernels.AVAILABLE and kernels.INTERPRET:
+        return None  # Triton's CPU interpreter runs the kernels
+    return why
+
+
+def bound(name: str, dtype: torch.dtype) -> float:
+    if name in LOSSY_BOUNDS:
+        return LOSSY_BOUNDS[name]
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def inputs(shape, dtype, seed=0):
+    b, h, sq, skv, d = shape
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(device=DEVICE, dtype=dtype) for n in (sq, skv, skv)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", attention.ORDER)
+def test_implementation_matches_fp32_reference(name, dtype, shape):
+    impl = IMPLEMENTATIONS[name]
+    if (why := runs_here(name)) is not None:
+        pytest.skip(why)
+    if dtype not in impl.dtypes:
+        pytest.skip(f"{name} takes {impl.dtypes}")
+    q, k, v = inputs(shape, dtype)
+    out = impl.run(q, k, v, None, None)
+    assert out.shape == q.shape and out.dtype == dtype
+    err = relative_error(out.cpu(), reference_attention(q, k, v).cpu())
+    assert err < bound(name, dtype), err
+    if not impl.exact:
+        assert err > 1e-4  # 8-bit operands really were used
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN
+@pytest.mark.parametrize("name", attention.ORDER)
+def test_nan_input_never_passes(name):
+    if (why := runs_here(name)) is not None:
+        pytest.skip(why)
+    for which in range(3):  # a NaN in q, k or v
+        tensors = inputs(SHAPES[1], torch.bfloat16)
+        tensors[which][0, 1, 5, 7] = float("nan")
+        out = IMPLEMENTATIONS[name].run(*tensors, None, None)
+        assert out[0, 1].isnan().any(), f"NaN in input {which} vanished"
+        assert math.isnan(relative_error(out.cpu(), reference_attention(*tensors).cpu()))
+
+
+@pytest.mark.skipif(runs_here("triton-int8") is not None, reason="triton is not installed")
+def test_triton_kernel_takes_strided_inputs_and_a_scale():
+    b, s, h, d = 1, 45, 2, 64
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(b, s, 3, h, d, generator=g).to(DEVICE, torch.bfloat16)  # ComfyUI-like (B, S, H*D) views
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out = attention.attention_8bit(q, k, v, scale=0.05, qk_int8=True, fp8_v=False)
+    assert relative_error(out.cpu(), reference_attention(q, k, v, scale=0.05).cpu()) < LOSSY_BOUNDS["triton-int8-qk"]
+
+
+def test_auto_on_cpu_is_torch_sdpa_and_says_why():
+    name, reason = choose_attention(CPU, "auto", "cpu", torch.float32)
+    assert name == "sdpa"
+    assert "cpu" in reason and "sdpa-cudnn (cuDNN attention needs CUDA sm_80+ (cpu))" in reason
+
+
+def test_requested_kernel_that_cannot_run_falls_back_with_reason():
+    name, reason = choose_attention(CPU, "triton-int8")
+    assert name == "sdpa"
+    assert "triton-int8 (" in reason and "needs CUDA sm_89+" in reason
+
+
+def test_failing_probe_falls_back_to_the_next():
+    # A Hopper-like capability with a CPU device: cuDNN passes the declared check but fails when run.
+    name, reason = choose_attention(HOPPER, "sdpa-cudnn", "cpu", torch.bfloat16)
+    assert name == "sdpa-flash"  # torch's CPU build has a flash kernel
+    assert "sdpa-cudnn (failed on a 128-dim probe: RuntimeError" in reason
+
+
+@pytest.mark.skipif(runs_here("triton-int8") is not None, reason="triton is not installed")
+def test_auto_8bit_passes_over_what_fails():
+    name, reason = choose_attention(HOPPER, "auto-8bit", DEVICE, torch.bfloat16)
+    assert name == "triton-int8"
+    assert reason.count("kitchen-int8 (") == 1
+
+
+def test_wrong_dtype_is_refused_at_choice():
+    name, reason = choose_attention(HOPPER, "sdpa-flash", "cpu", torch.float32)
+    assert name != "sdpa-flash" and "sdpa-flash (takes bfloat16, float16, the model computes in float32)" in reason
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="unknown attention 'flash3'.*auto, auto-8bit, kitchen-int8"):
+        choose_attention(CPU, "flash3")
+
+
+@pytest.mark.parametrize("result, dtype, expected", [
+    (lambda q: torch.zeros_like(q), torch.bfloat16, "exceeds 0.02"),
+    (lambda q: torch.full_like(q, float("nan")), torch.float32, "probe error nan"),
+    (lambda q: 1 / 0, torch.float32, "failed on a 128-dim probe: ZeroDivisionError")])
+def test_probe_rejects_wrong_nan_and_raising(result, dtype, expected):
+    broken = attention.Attention("broken", "test", exact=True, masks=False, dtypes=(dtype,), head_dims=None,
+                                 requires=lambda cap: None, run=lambda q, k, v, scale, mask: result(q))
+    assert expected in probe(broken, "cpu", dtype)
+    assert probe(IMPLEMENTATIONS["sdpa"], "cpu", dtype) is None
+
+
+class ComfyAttention:
+    """Stands in for ComfyUI's own attention function: records that the call came back to it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                 **kwargs):
+        self.calls += 1
+        return "comfy"
+
+
+def comfy_inputs(b=2, sq=24, skv=24, heads=4, d=64, dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(b, n, heads * d, generator=g).to(DEVICE, dtype) for n in (sq, skv, skv)]
+
+
+def heads_view(t, heads):
+    b, s, inner = t.shape
+    return t.view(b, s, heads, inner // heads).transpose(1, 2)
+
+
+def test_override_keeps_comfyui_layouts():
+    q, k, v = comfy_inputs()
+    func = ComfyAttention()
+    override = comfy_override("sdpa")
+    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)))
+    out = override(func, q, k, v, 4, transformer_options={}, _inside_attn_wrapper=True)
+    assert out.shape == q.shape and relative_error(out, ref.transpose(1, 2).reshape(q.shape)) < 1e-5
+    q4, k4, v4 = (heads_view(t, 4) for t in (q, k, v))
+    out4 = override(func, q4, k4, v4, 4, skip_reshape=True, skip_output_reshape=True)
+    assert out4.shape == q4.shape and relative_error(out4, ref) < 1e-5
+    assert func.calls == 0 and override.attention == "sdpa"
+
+
+def test_override_masked_call():
+    q, k, v = comfy_inputs(sq=20, skv=30)
+    mask = torch.zeros(20, 30, device=DEVICE)
+    mask[:, 25:] = float("-inf")
+    func = ComfyAttention()
+    assert comfy_override("sdpa-flash")(func, q, k, v, 4, mask) == "comfy" and func.calls == 1
+    out = comfy_override("sdpa")(func, q, k, v, 4, mask)
+    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)), mask=mask[None, None])
+    assert relative_error(out, ref.transpose(1, 2).reshape(out.shape)) < 1e-5 and func.calls == 1
+
+
+@pytest.mark.parametrize("kwargs, dtype, d", [({"low_precision_attention": False}, torch.bfloat16, 64),
+                                              ({}, torch.float16, 64), ({}, torch.bfloat16, 96),
+                                              ({"enable_gqa": True}, torch.bfloat16, 64)])
+def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d):
+    q, k, v = comfy_inputs(d=d, dtype=dtype)
+    func = ComfyAttention()
+    assert comfy_override("triton-int8")(func, q, k, v, 4, **kwargs) == "comfy" and func.calls == 1
