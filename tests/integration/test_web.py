@@ -1,0 +1,176 @@
+"""The web extension in a real ComfyUI page: a headless Chromium opens the frontend of a real server
+with the pack, adds EmptyLTXVLatentVideo, the loader and the two-stage sampler through the page's
+own LiteGraph, edits their widgets as the canvas does (`widget.setValue`) or loads a workflow with
+bad values, and reads what the extension shows. The numbers must be the Python estimator's, and bad sizes must be flagged.
+
+Needs COMFYUI_PATH (with ComfyUI's requirements and its frontend package, `comfyui-frontend-package`),
+the `playwright` Python package and a Chromium (`chromium` on PATH, e.g. Debian's `apt-get install
+chromium`, or LTX2Q_CHROMIUM=/path/to/chrome); skips with the reason otherwise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.parse
+
+import pytest
+
+from comfy_server import ComfyServer, missing_requirements
+from quant import memory, runtime
+
+GIB = 2 ** 30
+CPU = runtime.Capability("cpu", None, False)  # the test server runs with --cpu
+
+
+def browser_requirements() -> str | None:
+    reason = missing_requirements()
+    if reason:
+        return reason
+    try:
+        import comfyui_frontend_package  # noqa: F401
+    except ImportError:
+        return "this interpreter lacks comfyui-frontend-package (ComfyUI's frontend)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install playwright)"
+    if not chromium_path():
+        return "no Chromium found (install Debian's chromium, or set LTX2Q_CHROMIUM)"
+    return None
+
+
+def chromium_path() -> str | None:
+    return os.environ.get("LTX2Q_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+REASON = browser_requirements()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ComfyServer(str(tmp_path_factory.mktemp("comfy_web")), with_pack=True)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?.LTX2QuantLoader",
+                               timeout=120_000)
+        page.evaluate("() => window.app.graph.clear()")
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+ADD_NODE = """(type) => {
+  const node = window.LiteGraph.createNode(type);
+  window.app.graph.add(node);
+  return node.id;
+}"""
+SET_WIDGET = """([id, name, value]) => {
+  const node = window.app.graph.getNodeById(id);
+  node.widgets.find((w) => w.name === name).setValue(value, { e: null, node, canvas: window.app.canvas });
+}"""
+# The canvas snaps typed numbers to the widget's step (frames to 8k+1, sizes to 32), so bad sizes
+# reach the graph from workflow files and links: load the graph back with the values replaced.
+LOAD_WITH_VALUES = """async ([id, values]) => {
+  const data = window.app.graph.serialize();
+  data.nodes.find((n) => n.id === id).widgets_values = values;
+  await window.app.loadGraphData(data);
+}"""
+STATUS = """(id) => {
+  const widget = window.app.graph.getNodeById(id)?.widgets?.find((w) => w.name === "ltx2quant_vram");
+  return widget ? { text: widget.element.textContent, error: widget.element.dataset.error === "true" } : null;
+}"""
+
+
+def set_widgets(page, node_id, **values):
+    for name, value in values.items():
+        page.evaluate(SET_WIDGET, [node_id, name, value])
+
+
+def wait_status(page, node_id, needle: str) -> dict:
+    """The status line of a node once it contains `needle` (the extension answers asynchronously)."""
+    page.wait_for_function(f"(id) => ({STATUS})(id)?.text.includes({needle!r})", arg=node_id, timeout=20_000)
+    return page.evaluate(STATUS, node_id)
+
+
+def gib(value: int) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def test_route_answers_like_the_estimator(server):
+    query = {"policy": "nvfp4", "width": "768", "height": "512", "frames": "121", "two_stage": "false"}
+    got = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(query))
+    assert got == memory.estimate_answer(query, {"include": [], "exclude": [], "keep_first_blocks": 0,
+                                                 "keep_last_blocks": 0, "keep_audio": False}, CPU, None, 6 * GIB)
+    bad = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(dict(query, frames="120", width="700")))
+    assert bad["total_gib"] is None and len(bad["errors"]) == 2
+
+
+def test_loader_shows_the_estimate_and_latent_flags_bad_sizes(page):
+    latent = page.evaluate(ADD_NODE, "EmptyLTXVLatentVideo")
+    loader = page.evaluate(ADD_NODE, "LTX2QuantLoader")
+    set_widgets(page, latent, width=768, height=512, length=121)
+    set_widgets(page, loader, policy="fp8-scaled-mm")
+    expected = memory.estimate_vram("fp8-scaled-mm", 768, 512, 121)
+    status = wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB (fp8-scaled-mm: weights "
+                                       f"{gib(expected.weight_bytes)}")
+    assert "768x512x121" in status["text"] and f"EmptyLTXVLatentVideo #{latent}" in status["text"]
+    assert not status["error"]
+    assert not wait_status(page, latent, "ok: 768x512x121, 6144 tokens")["error"]
+
+    set_widgets(page, loader, policy="nvfp4", keep_first_blocks=2)  # the scope widgets count too
+    expected = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2})
+    wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB (nvfp4: weights {gib(expected.weight_bytes)}")
+
+    page.evaluate(LOAD_WITH_VALUES, [latent, [768, 512, 120, 1]])
+    status = wait_status(page, latent, "frames must be 8k+1 (e.g. 113 or 121), got 120")
+    assert status["error"]
+    assert wait_status(page, loader, "invalid size 768x512x120")["error"]
+
+    page.evaluate(LOAD_WITH_VALUES, [latent, [700, 512, 121, 1]])
+    assert wait_status(page, latent, "width must be a multiple of 32, got 700 (e.g. 672 or 704)")["error"]
+    assert wait_status(page, loader, "invalid size 700x512x121")["error"]
+    set_widgets(page, latent, width=1536, height=1024)
+    set_widgets(page, loader, policy="auto", keep_first_blocks=0)
+    expected = memory.estimate_vram("bf16", 1536, 1024, 121)  # auto on this CPU-only server picks bf16
+    wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB (auto -> bf16")
+    # The status line is display only: neither in the prompt nor in the saved workflow.
+    prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    assert prompt[str(loader)]["inputs"]["policy"] == "auto"
+    assert not any("ltx2quant_vram" in node["inputs"] for node in prompt.values())
+    saved = page.evaluate("(id) => window.app.graph.serialize().nodes.find((n) => n.id === id).widgets_values", latent)
+    assert saved == [1536, 1024, 121, 1]
+    assert not page.errors
+
+
+def test_two_stage_sampler_checks_multiples_of_64(page):
+    if not page.evaluate("() => !!window.LiteGraph.registered_node_types.LTX2QuantTwoStageSampler"):
+        pytest.skip("this pack has no LTX2QuantTwoStageSampler node")
+    page.evaluate("() => window.app.graph.clear()")
+    sampler = page.evaluate(ADD_NODE, "LTX2QuantTwoStageSampler")
+    wait_status(page, sampler, "no EmptyLTXVLatentVideo in the graph")
+    latent = page.evaluate(ADD_NODE, "EmptyLTXVLatentVideo")
+    loader = page.evaluate(ADD_NODE, "LTX2QuantLoader")
+    set_widgets(page, loader, policy="fp8-scaled-mm")
+    set_widgets(page, latent, width=768, height=544, length=121)  # fine for one stage, not for two
+    needle = "height must be a multiple of 64 for the two-stage flow, got 544 (e.g. 512 or 576)"
+    assert wait_status(page, sampler, needle)["error"]
+    assert wait_status(page, latent, needle)["error"]
+    set_widgets(page, latent, height=512)
+    assert not wait_status(page, sampler, "ok: 768x512x121")["error"]
+    expected = memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, two_stage=True)
+    wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB")
+    assert "two-stage" in page.evaluate(STATUS, loader)["text"]
+    assert not page.errors
