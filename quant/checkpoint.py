@@ -10,6 +10,8 @@ metadata) and official NVFP4 files (U8 weight, e4m3 swizzled `weight_scale`, fp3
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -23,6 +25,20 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 PACK_METADATA_KEY = "ltx2_quant"
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Tensors of a quantized layer besides its weight and bias.
+LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, "comfy_quant")
+# The header config entries ltx2.block_shapes computes a transformer block's tensors from, and those
+# ltx2.model_shapes also needs for the rest of an LTX-2.3 transformer.
+BLOCK_LAYOUT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
+                     "audio_attention_head_dim")
+MODEL_LAYOUT_KEYS = ("connector_num_layers", "connector_num_attention_heads", "audio_connector_num_attention_heads")
+MAX_LAYOUT_VALUE = 4096  # beyond any LTX-2 width or depth; keeps a damaged header from building a huge model
+BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+# FP8 codes that are NaN or Inf (no isfinite kernel for these dtypes): (mask, value) of the bits.
+NONFINITE_FP8_BITS = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C),
+                      torch.float8_e8m0fnu: (0xFF, 0xFF)}
+
+log = logging.getLogger("ltx2_quant")
 
 
 @dataclass
@@ -188,26 +204,70 @@ def read_layer(f: SafetensorsFile, source: LayerSource) -> weights.QuantizedWeig
     return weights.QuantizedWeight.from_tensors(source.format, tuple(source.shape), tensors)
 
 
-def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
-                  device: torch.device | str = "cpu") -> weights.QuantizedWeight:
-    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights by name. The math
-    runs on `device` (a GPU makes load-time quantization fast); the result comes back to the CPU."""
-    stored = read_layer(f, source)
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf values a tensor holds (0 for integer tensors). A float32 sum is finite
+    unless some value is NaN/Inf (or the sum overflows), and it runs about twice as fast as
+    isfinite on bf16, so values are counted only when the sum says there is something to count."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    if tensor.dtype in NONFINITE_FP8_BITS:
+        mask, value = NONFINITE_FP8_BITS[tensor.dtype]
+        return int(((tensor.view(torch.uint8) & mask) == value).sum())
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def refuse_nonfinite(path: str, key: str, tensor: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    """`tensor`, or a CheckpointError naming the file, the tensor (and its layer) if any value is NaN/Inf."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        where = f"layer {layer!r}: tensor {key!r}" if layer else f"tensor {key!r}"
+        raise CheckpointError(f"{path}: {where} has {bad} NaN/Inf values; refusing to use it (the video would "
+                              "come out black or as noise). The file is damaged: download it again.")
+    return tensor
+
+
+def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.QuantizedWeight | torch.Tensor,
+                 target: str, device: torch.device | str) -> weights.QuantizedWeight:
     if isinstance(stored, weights.QuantizedWeight):
-        if stored.format == target:
-            return stored
         full = stored.to(device).dequantize(torch.float32)
     else:
         full = stored.to(device)
         if full.dtype not in PLAIN_DTYPES:  # e.g. an fp8_e5m2 cast: no reductions in that dtype
             full = full.float()
-    if not torch.isfinite(full).all():
-        bad = int((~torch.isfinite(full)).sum())
-        raise CheckpointError(f"{f.path}: layer {source.layer!r} has {bad} NaN/Inf weight values; refusing to "
-                              "quantize it (the output would be black or noise)")
-    out = weights.quantize_weight(full, target).to("cpu")
+    refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
+    return weights.quantize_weight(full, target).to("cpu")
+
+
+def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
+                  device: torch.device | str = "cpu") -> weights.QuantizedWeight:
+    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights or scales by name.
+    The math runs on `device` (a GPU makes load-time quantization fast); the result comes back to
+    the CPU. A layer that does not fit the GPU's free memory is quantized on the CPU instead."""
+    stored = read_layer(f, source)
+    if isinstance(stored, weights.QuantizedWeight):
+        for suffix, key in source.keys.items():  # scales are tiny; FP8 codes are checked bitwise
+            tensor = stored.tensors[suffix]
+            if stored.format == weights.MXFP8 and suffix == "weight_scale":
+                tensor = tensor.view(torch.float8_e8m0fnu)  # E8M0 held as bytes; 0xFF is NaN
+            refuse_nonfinite(f.path, key, tensor, source.layer)
+        if stored.format == target:
+            return stored
+    try:
+        out = _quantize_on(f, source, stored, target, device)
+    except torch.OutOfMemoryError:
+        if torch.device(device).type == "cpu":
+            raise
+        out = None
+    if out is None:
+        # Past the except block the failed attempt's frames, and the GPU memory they held, are gone.
+        log.warning("LTX-2 Quant: out of GPU memory quantizing %s; quantizing it on the CPU instead", source.layer)
+        torch.cuda.empty_cache()
+        out = _quantize_on(f, source, stored, target, "cpu")
     if "input_scale" in source.keys:  # a static activation scale travels with its layer
-        out.tensors["input_scale"] = f.read(source.keys["input_scale"]).float().reshape(())
+        key = source.keys["input_scale"]
+        out.tensors["input_scale"] = refuse_nonfinite(f.path, key, f.read(key), source.layer).float().reshape(())
     return out
 
 
@@ -216,6 +276,118 @@ def require_config(info: CheckpointInfo) -> None:
         raise CheckpointError(
             f"{info.path}: this is an LTX-2.3 transformer but its header has no 'config' metadata; ComfyUI "
             "would build it as LTX-2 and fail. Quantize the original release file, which carries it.")
+
+
+def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> None:
+    """The transformer in the file must be the one its header config describes: ComfyUI builds the
+    model from the config and loads the weights non-strictly, so a missing tensor would stay
+    uninitialized (noise or black video) and an extra one would be ignored, both silently. Without
+    a config that gives the layout, every block must hold the same tensors with the same shapes."""
+    if info.family not in ("ltx2", "ltx2.3"):
+        return
+    config = _layout_config(info)
+    _check_generation(info)
+    blocks: dict[int, dict[str, tuple[int, ...]]] = {}
+    outside: dict[str, tuple[int, ...]] = {}
+    for key, shape in _transformer_shapes(f, info).items():
+        match = BLOCK_KEY.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), {})[match.group(2)] = shape
+        else:
+            outside[key] = shape
+    if config is not None:
+        num_blocks, per_block = config["num_layers"], ltx2.block_shapes(config)
+        reference = (f"the header config ({num_blocks} blocks, video {config['num_attention_heads']} heads x "
+                     f"{config['attention_head_dim']}, audio {config['audio_num_attention_heads']} heads x "
+                     f"{config['audio_attention_head_dim']})")
+    else:
+        num_blocks, per_block = info.num_blocks, {}
+        for n in sorted(blocks):
+            for key, shape in blocks[n].items():
+                per_block.setdefault(key, shape)
+        reference = f"the other blocks ({num_blocks} blocks, no header config giving the layout)"
+    missing, extra, wrong = [], [], []
+    for n in range(min(num_blocks, info.num_blocks)):
+        have = blocks.get(n, {})
+        for key, shape in per_block.items():
+            if key not in have:
+                missing.append(f"transformer_blocks.{n}.{key}")
+            elif have[key] != tuple(shape):
+                wrong.append(f"transformer_blocks.{n}.{key} is {list(have[key])}, not {list(shape)}")
+        extra += [f"transformer_blocks.{n}.{key}" for key in have if key not in per_block]
+    if num_blocks > info.num_blocks:
+        missing.append(f"all of transformer_blocks.{info.num_blocks} to {num_blocks - 1}")
+    extra += [f"all of transformer_blocks.{n}" for n in sorted(blocks) if n >= num_blocks]
+    if info.family == "ltx2.3" and config is not None and all(k in config for k in MODEL_LAYOUT_KEYS):
+        for key, shape in ltx2.model_shapes({**config, "num_layers": 0}).items():
+            if key not in outside:
+                missing.append(key)
+            elif outside[key] != tuple(shape):
+                wrong.append(f"{key} is {list(outside[key])}, not {list(shape)}")
+    problems = []
+    if missing:
+        problems.append(f"missing: {_first(missing)} (ComfyUI would leave them uninitialized: noise or a black video)")
+    if extra:
+        problems.append(f"not part of that model: {_first(extra)} (ComfyUI would ignore them)")
+    if wrong:
+        problems.append(f"wrong shape: {_first(wrong)}")
+    if problems:
+        raise CheckpointError(f"{f.path}: the transformer does not match {reference}; " + "; ".join(problems)
+                              + ". The file is incomplete or damaged, or its header belongs to another model.")
+
+
+def _layout_config(info: CheckpointInfo) -> dict | None:
+    """The header config when it gives the transformer's layout, else None; a layout value that
+    ComfyUI could not build a model from is an error."""
+    config = info.config
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{info.path}: the header config's 'transformer' entry must be a JSON object, "
+                              f"got {type(config).__name__}")
+    for key in (*BLOCK_LAYOUT_KEYS, *MODEL_LAYOUT_KEYS):
+        value = config.get(key)
+        if key in config and (not isinstance(value, int) or isinstance(value, bool)
+                              or not 0 <= value <= MAX_LAYOUT_VALUE):
+            raise CheckpointError(f"{info.path}: the header config has {key}={value!r}, which no LTX-2 model has "
+                                  f"(a whole number from 0 to {MAX_LAYOUT_VALUE}); the header is damaged")
+    return config if all(k in config for k in BLOCK_LAYOUT_KEYS) else None
+
+
+def _check_generation(info: CheckpointInfo) -> None:
+    """LTX-2.3 weights (gated attention) and an LTX-2 header config, or the other way round."""
+    if info.config is None:
+        return
+    gated = bool(info.config.get("apply_gated_attention"))
+    if gated and info.family == "ltx2":
+        raise CheckpointError(f"{info.path}: the header config is LTX-2.3's (apply_gated_attention) but the weights "
+                              "are LTX-2's (no to_gate_logits layers); ComfyUI would build LTX-2.3 and leave the "
+                              "gates uninitialized. The header does not belong to these weights.")
+    if not gated and info.family == "ltx2.3":
+        raise CheckpointError(f"{info.path}: the weights are LTX-2.3's (they have to_gate_logits layers) but the "
+                              "header config is LTX-2's (no apply_gated_attention); ComfyUI would build LTX-2 and "
+                              "ignore the gates. Use the LTX-2.3 release file, whose header matches.")
+
+
+def _transformer_shapes(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
+    """The diffusion model's tensors, unprefixed, with quantized layers at their logical shape and
+    their scale tensors left out (inspect_checkpoint has checked those)."""
+    shapes = {}
+    for key in f.keys():
+        if not key.startswith(info.prefix):
+            continue
+        name = ltx2.strip_prefix(key, info.prefix)
+        layer, _, suffix = name.rpartition(".")
+        if layer in info.layers and suffix in LAYER_EXTRA_SUFFIXES:
+            continue
+        shapes[name] = tuple(info.layers[layer].shape if layer in info.layers and suffix == "weight"
+                             else f.tensors[key].shape)
+    return shapes
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
 def layer_conf(decision: LayerDecision, policy: Policy | None) -> dict:
@@ -268,6 +440,7 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
     text projections are left out)."""
     info = inspect_checkpoint(f)
     require_config(info)
+    check_layers(f, info)
     decisions = plan(policy, info.layer_table(), info.num_blocks)
     layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
     for decision in decisions:
@@ -282,7 +455,8 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         entry = layer_of_key.get(key)
         if entry is None or entry[1].target_format not in weights.FORMATS:
             t = f.tensors[key]
-            steps.append(Step([TensorSpec(key, t.dtype, t.shape)], lambda key=key: [f.read(key)]))
+            steps.append(Step([TensorSpec(key, t.dtype, t.shape)],
+                              lambda key=key: [refuse_nonfinite(f.path, key, f.read(key))]))
             continue
         source, decision = entry
         if key != source.keys["weight"]:

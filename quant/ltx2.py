@@ -146,8 +146,9 @@ def block_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     rows = 9 if config.get("cross_attention_adaln") else 6
     shapes["scale_shift_table"] = (rows, v)
     shapes["audio_scale_shift_table"] = (rows, a)
-    shapes["prompt_scale_shift_table"] = (2, v)
-    shapes["audio_prompt_scale_shift_table"] = (2, a)
+    if config.get("cross_attention_adaln"):  # LTX-2.3 only, like its prompt AdaLN embedders
+        shapes["prompt_scale_shift_table"] = (2, v)
+        shapes["audio_prompt_scale_shift_table"] = (2, a)
     shapes["scale_shift_table_a2v_ca_video"] = (5, v)
     shapes["scale_shift_table_a2v_ca_audio"] = (5, a)
     return shapes

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from .reference import reference_linear
 from .weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight, quantize_weight
 
 log = logging.getLogger("ltx2_quant")
+T = TypeVar("T")
 
 NVFP4_MODES = ("fast", "exact")
 # W8A8 paths through _scaled_mm, and the tensor that holds their per-output-row weight scale.
@@ -205,6 +207,42 @@ def choose_auto_policy(cap: Capability, free_bytes: int | None, weight_bytes: di
     smallest = min(order, key=lambda name: weight_bytes[name])
     return smallest, (f"{cap.describe()}: nothing fits {free_bytes / gib:.1f} GiB free; {smallest} is the smallest "
                       f"({weight_bytes[smallest] / gib:.1f} GiB), ComfyUI will offload part of it")
+
+
+def out_of_memory_advice(stage: str, policy: str, weight_bytes: dict[str, int], total_bytes: int | None,
+                         headroom_bytes: int) -> str:
+    """What to do after running out of GPU memory while `stage` with `policy`: the smaller policies
+    whose weights plus `headroom_bytes` (activations) fit a GPU of `total_bytes`, best quality
+    first, else the smallest one with offloading; and a smaller video."""
+    gib = 2 ** 30
+    current = weight_bytes[policy]
+    smaller = sorted((name for name in weight_bytes if weight_bytes[name] < current), key=weight_bytes.get,
+                     reverse=True)
+    fits = [name for name in smaller if total_bytes is None or weight_bytes[name] + headroom_bytes <= total_bytes]
+    gpu = f" on this {total_bytes / gib:.1f} GiB GPU" if total_bytes else ""
+    lines = [f"LTX-2 Quant: out of GPU memory while {stage} with policy {policy} "
+             f"({current / gib:.1f} GiB of weights{gpu})."]
+    if fits:
+        lines.append("Policies that leave room for activations: "
+                     + ", ".join(f"{name} ({weight_bytes[name] / gib:.1f} GiB)" for name in fits) + ".")
+    elif smaller:
+        lines.append(f"{smaller[-1]} is the smallest policy ({weight_bytes[smaller[-1]] / gib:.1f} GiB); with it "
+                     "ComfyUI keeps part of the model in system memory (slower, but it runs).")
+    lines.append("A smaller video (fewer frames, lower resolution) needs less memory at any policy. "
+                 "The memory of the failed run was released; the next prompt can run.")
+    return " ".join(lines)
+
+
+def call_or_advise_on_oom(call: Callable[[], T], advice: Callable[[], str], release: Callable[[], None]) -> T:
+    """call(); if it runs out of GPU memory: release(), then torch.OutOfMemoryError(advice()). The
+    original error is dropped first: its traceback holds the failed call's frames and with them
+    every tensor it allocated, which release() could not free while it lives."""
+    try:
+        return call()
+    except torch.OutOfMemoryError:
+        pass
+    release()
+    raise torch.OutOfMemoryError(advice())
 
 
 def _reblock_mxfp8(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ Only the safetensors format is accepted; pickles are refused, never loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -19,6 +20,8 @@ from typing import BinaryIO, Iterable
 import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# Write errors that mean "no room": a full disk, a quota, a file size limit.
+NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -214,7 +217,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, needed_bytes: 
     """A binary file object for `path` written atomically: the bytes go to a temp file in the target
     folder which is fsynced and renamed into place only when the block ends without error. Any error
     (including KeyboardInterrupt) removes the temp file; an existing file is never touched unless
-    `overwrite`."""
+    `overwrite`. Running out of room mid-write is an OSError that names `path`."""
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path}: exists; refusing to overwrite")
@@ -232,10 +235,36 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, needed_bytes: 
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _fsync_folder(folder)
+    except OSError as e:
+        _remove(tmp)
+        if e.errno in NO_ROOM_ERRNOS:
+            raise OSError(e.errno, f"{path}: no room left while writing ({e.strerror}); the partial file was "
+                                   f"removed and nothing was written. Free space in {folder} and try again.") from None
         raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: str) -> None:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself survive a crash (POSIX). Windows cannot open a folder, and some
+    filesystems refuse to fsync one: the file itself is already on disk then."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: Iterable[torch.Tensor],

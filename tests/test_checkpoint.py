@@ -916,15 +916,15 @@ def test_nan_inf_weights_refused_naming_the_layer(tmp_path, bad_value, policy_na
     assert not dst.exists() and not tmp_leftovers(tmp_path)
 
 
-def test_nan_outside_scope_is_copied(tmp_path):
-    # Layers that are not quantized are copied as they are (only quantization needs finite weights).
+def test_nan_outside_scope_is_refused_too(tmp_path):
+    # A tensor copied as it is would make the video black just the same (issue #7).
     src, dst = tmp_path / "nan.safetensors", tmp_path / "out.safetensors"
     config, state = synthetic(num_layers=1)
     state["transformer_blocks.0.attn1.to_gate_logits.weight"][0, 0] = float("nan")
     save_tensors(src, state, ltx2.header_metadata(config))
-    quantize_file(str(src), str(dst), get_policy("nvfp4"))
-    with SafetensorsFile(dst) as f:
-        assert torch.isnan(f.read("transformer_blocks.0.attn1.to_gate_logits.weight")[0, 0])
+    with pytest.raises(CheckpointError, match=r"'transformer_blocks\.0\.attn1\.to_gate_logits\.weight' has 1 NaN"):
+        quantize_file(str(src), str(dst), get_policy("nvfp4"))
+    assert not dst.exists() and not tmp_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("shape", [(64,), (2, 32, 32), ()])
