@@ -1,6 +1,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import web_routes
+from .attention import LTX2QuantAttention
 from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
 from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
 from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
@@ -13,4 +14,4 @@ class LTX2QuantExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantSigmas,
                 LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale, LTX2QuantCalibrate,
-                LTX2QuantQualityReport]
+                LTX2QuantQualityReport, LTX2QuantAttention]

@@ -13,6 +13,7 @@ from ..quant.calibration import load_amax
 from ..quant.policies import POLICIES
 from ..quant.runtime import NVFP4_MODES
 from . import model_io
+from .attention import KEEP, LOADER_CHOICES, patch_attention
 
 CATEGORY = "LTX-2 Quant"
 CALIBRATION_FOLDER = "ltx2_calibration"
@@ -90,19 +91,25 @@ class LTX2QuantLoader(io.ComfyNode):
                                tooltip="amax JSON from models/ltx2_calibration: static FP8 activation scales"),
                 io.Boolean.Input("download_missing", default=False, optional=True,
                                  tooltip="Fetch a missing official file from Hugging Face into its model folder"),
+                io.Combo.Input("attention", options=LOADER_CHOICES, default=KEEP, optional=True,
+                               tooltip="Attention kernel for this model, as the LTX-2 Quant Attention node sets it"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, ckpt_name, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
-                keep_last_blocks=0, keep_audio=False, calibration="none", download_missing=False) -> io.NodeOutput:
+                keep_last_blocks=0, keep_audio=False, calibration="none", download_missing=False,
+                attention=KEEP) -> io.NodeOutput:
         path = resolve_checkpoint(ckpt_name, download_missing)
         amax = None
         if calibration != "none":
             amax = load_amax(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration))
         options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
         model, text = model_io.load_and_quantize(path, policy, nvfp4_mode, options, amax)
+        if attention != KEEP:
+            model, attention_text = patch_attention(model, attention)
+            text += "\n" + attention_text
         return io.NodeOutput(model, ui=ui.PreviewText(text))
 
 
