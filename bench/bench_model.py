@@ -3,6 +3,10 @@ and final-latent error vs bf16, for ComfyUI core's modes and this pack's policie
 run. The transformer has the real LTX-2.3 widths and random weights (`--blocks 48` is the real depth).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_model.py [--blocks 48] [--sizes 768x512x121,1536x1024x121]
+
+A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile Blocks node),
+`nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
+full warm-up run, so compile time is reported apart (`warm s`), not in s/step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ _pack = importlib.util.module_from_spec(_spec)
 sys.modules["ltx2q"] = _pack
 _spec.loader.exec_module(_pack)
 from ltx2q.nodes import model_io  # noqa: E402
+from ltx2q.nodes.compile import compile_blocks  # noqa: E402
 from ltx2q.quant import checkpoint, ltx2  # noqa: E402
 from ltx2q.quant.policies import get_policy  # noqa: E402
 from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
@@ -91,23 +96,39 @@ def sample(patcher, latent, positive, sigmas):
     return out
 
 
+def apply_patches(patcher, patches: list[str]):
+    for patch in patches:
+        if patch == "compile":
+            patcher = compile_blocks(patcher, "blocks")
+        elif patch.startswith("attn="):
+            from ltx2q.nodes.attention import patch_attention
+            patcher = patch_attention(patcher, patch[len("attn="):])
+        else:
+            raise ValueError(f"unknown patch {patch!r}")
+    return patcher
+
+
 def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int, int]]) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    patcher = build(mode, state, metadata)
+    base, *patches = mode.split("+")
+    patcher = apply_patches(build(base, state, metadata), patches)
     comfy.model_management.load_models_gpu([patcher])
     torch.cuda.synchronize()
     row = {"mode": mode, "load_s": time.perf_counter() - start, "sizes": {}}
     for width, height, frames in sizes:
         latent, positive = inputs(patcher, width, height, frames)
-        sample(patcher, latent, positive, STAGE1[:2])  # warm-up
+        start = time.perf_counter()
+        # Warm-up: two steps, or the whole run when compiling (each sigma must not trigger a recompile).
+        sample(patcher, latent, positive, STAGE1 if patches else STAGE1[:2])
+        warm_s = time.perf_counter() - start
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = sample(patcher, latent, positive, STAGE1)
         seconds = (time.perf_counter() - start) / (len(STAGE1) - 1)
         video, audio = out.unbind()
         row["sizes"][f"{width}x{height}x{frames}"] = {
-            "s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+            "s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "warm_s": warm_s,
             "video": video.float().cpu(), "audio": audio.float().cpu()}
     del patcher
     comfy.model_management.unload_all_models()
@@ -148,11 +169,13 @@ def main() -> None:
             err_a = float((m["audio"] - ref["audio"]).norm() / ref["audio"].norm()) if ref else float("nan")
             speed = ref["s_per_step"] / m["s_per_step"] if ref else float("nan")
             table.append({"mode": r["mode"], "size": size, "s_per_step": m["s_per_step"], "vs_core_bf16": speed,
-                          "peak_gib": m["peak_gib"], "load_s": r["load_s"], "err_video": err_v, "err_audio": err_a})
-    print(f"{'mode':<24}{'size':<16}{'s/step':>8}{'vs bf16':>9}{'peak GiB':>10}{'load s':>8}{'err v':>8}{'err a':>8}")
+                          "peak_gib": m["peak_gib"], "load_s": r["load_s"], "warm_s": m["warm_s"],
+                          "err_video": err_v, "err_audio": err_a})
+    print(f"{'mode':<40}{'size':<16}{'s/step':>8}{'vs bf16':>9}{'peak GiB':>10}{'load s':>8}{'warm s':>8}"
+          f"{'err v':>8}{'err a':>8}")
     for t in table:
-        print(f"{t['mode']:<24}{t['size']:<16}{t['s_per_step']:>8.3f}{t['vs_core_bf16']:>8.2f}x{t['peak_gib']:>10.1f}"
-              f"{t['load_s']:>8.1f}{t['err_video']:>8.4f}{t['err_audio']:>8.4f}")
+        print(f"{t['mode']:<40}{t['size']:<16}{t['s_per_step']:>8.3f}{t['vs_core_bf16']:>8.2f}x{t['peak_gib']:>10.1f}"
+              f"{t['load_s']:>8.1f}{t['warm_s']:>8.1f}{t['err_video']:>8.4f}{t['err_audio']:>8.4f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)

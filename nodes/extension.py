@@ -2,6 +2,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import web_routes
 from .attention import LTX2QuantAttention
+from .compile import LTX2QuantCompile
 from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
 from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
 from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
@@ -13,5 +14,6 @@ class LTX2QuantExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantSigmas,
-                LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale, LTX2QuantCalibrate,
+                LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale,
+                LTX2QuantCompile, LTX2QuantCalibrate,
                 LTX2QuantQualityReport, LTX2QuantAttention]

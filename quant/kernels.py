@@ -23,6 +23,7 @@ try:
 except ImportError:  # CPU-only installs: the runtime falls back to the reference path
     triton = None
 
+from . import formats
 from .formats import FP8_MAX, NVFP4_BLOCK, round_up
 
 AVAILABLE = triton is not None
@@ -188,31 +189,6 @@ def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None
     return out.view(torch.float8_e4m3fn), scale
 
 
-# Each kernel is a torch custom op, so torch.compile traces through it as one opaque node. Eager
-# callers skip the custom-op dispatcher (tens of microseconds a call, more than a small GEMM takes
-# at 6k tokens) and launch directly; the public functions below pick one or the other.
-
-@torch.library.custom_op("ltx2q::quantize_fp8_rows", mutates_args=())
-def _quantize_fp8_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_fp8_rows_launch(x.contiguous(), None)
-
-
-@_quantize_fp8_rows_op.register_fake
-def _(x):
-    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
-            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
-
-
-@torch.library.custom_op("ltx2q::quantize_fp8_static", mutates_args=())
-def _quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    return _quantize_fp8_rows_launch(x.contiguous(), input_scale.float().contiguous())[0]
-
-
-@_quantize_fp8_static_op.register_fake
-def _(x, input_scale):
-    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-
-
 def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output row, the FP8 decode scale the converted weight uses and the factor that takes
     an NVFP4 element (e2m1 * block scale) to it. Computed once at load: (row_scale (N,), ratio (N,))."""
@@ -238,6 +214,10 @@ def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale
                              INTERPRET=INTERPRET, num_warps=4)
     return out.view(torch.float8_e4m3fn) if to_fp8 else out
 
+
+# The weight-expansion kernels are torch custom ops, so torch.compile traces each as one opaque node.
+# Eager callers skip the custom-op dispatcher (tens of microseconds a call, more than a small GEMM takes
+# at 6k tokens) and launch directly; the public functions below pick one or the other.
 
 @torch.library.custom_op("ltx2q::nvfp4_to_fp8", mutates_args=())
 def _nvfp4_to_fp8_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
@@ -282,16 +262,18 @@ def _(data, row_scale):
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales)."""
+    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales). Under torch.compile
+    the plain formula is traced instead, so Inductor fuses it into the op that produced x."""
     if torch.compiler.is_compiling():
-        return _quantize_fp8_rows_op(x)
+        return formats.quantize_fp8_rowwise_dynamic(x)
     return _quantize_fp8_rows_launch(x.contiguous(), None)
 
 
 def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast."""
+    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast (fused like quantize_fp8_rows
+    under torch.compile)."""
     if torch.compiler.is_compiling():
-        return _quantize_fp8_static_op(x, input_scale)
+        return formats.quantize_fp8_static(x, input_scale)
     return _quantize_fp8_rows_launch(x.contiguous(), input_scale)[0]
 
 

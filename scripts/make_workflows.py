@@ -1,0 +1,192 @@
+"""Write the example workflows (example_workflows/*.json, ComfyUI's UI format) from compact graph
+specs below and the node schemas in tests/data/node_schemas.json (a trimmed /object_info), which
+give each node's widget order, input and output types.
+
+    python scripts/make_workflows.py                                  # rewrite example_workflows/
+    python scripts/make_workflows.py --schemas-from object_info.json  # refresh the schema snapshot first
+                                                                      # (GET /object_info of a ComfyUI with the pack)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from quant.safetensors_io import write_text  # noqa: E402
+
+SCHEMAS = os.path.join(REPO, "tests", "data", "node_schemas.json")
+OUT = os.path.join(REPO, "example_workflows")
+
+DISTILLED = "ltx-2.3-22b-distilled-1.1.safetensors"
+DEV = "ltx-2.3-22b-dev.safetensors"
+GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
+UPSCALER = "ltx-2.3-spatial-upscaler-x2-1.1.safetensors"
+DISTILLED_LORA = "ltx-2.3-22b-distilled-lora-384-1.1.safetensors"
+PROMPT = ("A red fox trots across a snowy forest clearing at dawn, breath steaming, soft golden light through "
+          "the pines; the crunch of snow underfoot and distant birdsong.")
+NEGATIVE = "blurry, low quality, still frame, watermark, text"
+
+
+def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: str, image: bool = False,
+                    lora: str | None = None) -> list[dict]:
+    """Nodes as {id, type, widgets: {input: value}, links: {input: (node id, output slot)}, col, row}."""
+    model = (1, 0)
+    nodes = [
+        {"id": 1, "type": "LTX2QuantLoader", "col": 0, "row": 0,
+         "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears",
+                     "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
+                     "keep_audio": False, "calibration": "none", "download_missing": False, "attention": "auto"}},
+        {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
+         "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
+        {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},
+        {"id": 4, "type": "LTXVAudioVAELoader", "col": 0, "row": 4, "widgets": {"ckpt_name": checkpoint}},
+        {"id": 5, "type": "LatentUpscaleModelLoader", "col": 0, "row": 5, "widgets": {"model_name": UPSCALER}},
+        {"id": 6, "type": "CLIPTextEncode", "col": 1, "row": 0, "widgets": {"text": PROMPT}, "links": {"clip": (2, 0)}},
+        {"id": 7, "type": "CLIPTextEncode", "col": 1, "row": 1, "widgets": {"text": NEGATIVE},
+         "links": {"clip": (2, 0)}},
+        {"id": 8, "type": "LTXVConditioning", "col": 1, "row": 2, "widgets": {"frame_rate": 24.0},
+         "links": {"positive": (6, 0), "negative": (7, 0)}},
+        {"id": 9, "type": "EmptyLTXVLatentVideo", "col": 1, "row": 3,
+         "widgets": {"width": 768, "height": 512, "length": 121, "batch_size": 1}},
+        {"id": 10, "type": "LTXVEmptyLatentAudio", "col": 1, "row": 4,
+         "widgets": {"frames_number": 121, "frame_rate": 24, "batch_size": 1}, "links": {"audio_vae": (4, 0)}},
+        {"id": 11, "type": "LTXVConcatAVLatent", "col": 1, "row": 5,
+         "links": {"video_latent": (9, 0), "audio_latent": (10, 0)}},
+        {"id": 12, "type": "LTX2QuantSigmas", "col": 2, "row": 3,
+         "widgets": {"preset": "distilled stage 1", "steps": 30, "terminal": 0.1}},
+        {"id": 13, "type": "LTX2QuantSigmas", "col": 2, "row": 4,
+         "widgets": {"preset": stage2_preset, "steps": 30, "terminal": 0.1}},
+        {"id": 14, "type": "LTX2QuantTwoStageSampler", "col": 2, "row": 0,
+         "widgets": {"noise_seed": 42, "sampler": sampler, "ge_gamma": 2.0, "cfg": 1.0, "image_strength": 1.0,
+                     "upscale_weights": "as loaded"},
+         "links": {"model": model, "positive": (8, 0), "negative": (8, 1), "latent": (11, 0), "upscale_model": (5, 0),
+                   "vae": (3, 0), "sigmas_stage1": (12, 0), "sigmas_stage2": (13, 0)}},
+        {"id": 15, "type": "LTXVSeparateAVLatent", "col": 3, "row": 0, "links": {"av_latent": (14, 0)}},
+        {"id": 16, "type": "VAEDecodeTiled", "col": 3, "row": 1,
+         "widgets": {"tile_size": 768, "overlap": 64, "temporal_size": 4096, "temporal_overlap": 4},
+         "links": {"samples": (15, 0), "vae": (3, 0)}},
+        {"id": 17, "type": "LTXVAudioVAEDecode", "col": 3, "row": 3, "links": {"samples": (15, 1), "audio_vae": (4, 0)}},
+        {"id": 18, "type": "CreateVideo", "col": 4, "row": 0, "widgets": {"fps": 24.0},
+         "links": {"images": (16, 0), "audio": (17, 0)}},
+        {"id": 19, "type": "SaveVideo", "col": 4, "row": 1,
+         "widgets": {"filename_prefix": "video/LTX-2.3_quant", "format": "auto", "codec": "auto"},
+         "links": {"video": (18, 0)}},
+    ]
+    if image:
+        nodes += [
+            {"id": 20, "type": "LoadImage", "col": 1, "row": 6, "widgets": {"image": "example.png", "upload": "image"}},
+            {"id": 21, "type": "LTXVPreprocess", "col": 2, "row": 6, "widgets": {"img_compression": 18},
+             "links": {"image": (20, 0)}},
+        ]
+        nodes[13]["links"]["image"] = (21, 0)
+    if lora:
+        nodes.append({"id": 22, "type": "LoraLoaderModelOnly", "col": 1, "row": 7,
+                      "widgets": {"lora_name": lora, "strength_model": 0.5}, "links": {"model": model}})
+        nodes[13]["links"]["model"] = (22, 0)
+    return nodes
+
+
+# file stem -> (title, graph)
+WORKFLOWS = {
+    "ltx2.3_t2v_two_stage_fp8_scaled_mm": (
+        "LTX-2.3 text-to-video, two-stage distilled, fp8-scaled-mm",
+        two_stage_graph(DISTILLED, "fp8-scaled-mm", "euler", "distilled stage 2 (Lightricks)")),
+    "ltx2.3_i2v_two_stage_nvfp4": (
+        "LTX-2.3 image-to-video, two-stage distilled, nvfp4",
+        two_stage_graph(DISTILLED, "nvfp4", "euler", "distilled stage 2 (Lightricks)", image=True)),
+    "ltx2.3_dev_distilled_lora_fp8_scaled_mm": (
+        "LTX-2.3 dev + distilled LoRA 0.5 on fp8-scaled-mm, two-stage",
+        two_stage_graph(DEV, "fp8-scaled-mm", "euler_ancestral_cfg_pp / euler_cfg_pp",
+                        "distilled stage 2 (ComfyUI templates)", lora=DISTILLED_LORA)),
+}
+
+
+def widget_inputs(schema: dict) -> list[tuple[str, list]]:
+    """(name, spec) of the inputs the UI shows as widgets, in the order the UI serializes them."""
+    out = []
+    for section in ("required", "optional"):
+        inputs = schema["input"].get(section, {})
+        for name in schema.get("input_order", {}).get(section, list(inputs)):
+            spec = inputs[name]
+            if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                out.append((name, spec))
+    return out
+
+
+def link_inputs(schema: dict) -> list[tuple[str, str, bool]]:
+    """(name, type, optional) of the inputs that take a link (not widgets)."""
+    widgets = {name for name, _ in widget_inputs(schema)}
+    out = []
+    for section in ("required", "optional"):
+        inputs = schema["input"].get(section, {})
+        for name in schema.get("input_order", {}).get(section, list(inputs)):
+            if name not in widgets:
+                out.append((name, inputs[name][0], section == "optional"))
+    return out
+
+
+def widgets_values(schema: dict, widgets: dict) -> list:
+    values = []
+    for name, spec in widget_inputs(schema):
+        values.append(widgets[name])
+        if len(spec) > 1 and spec[1].get("control_after_generate"):
+            values.append("fixed")
+        if len(spec) > 1 and spec[1].get("image_upload"):
+            values.append(widgets.get("upload", "image"))
+    return values
+
+
+def build(title: str, spec: list[dict], schemas: dict) -> dict:
+    links, nodes = [], []
+    outputs = {n["id"]: [[] for _ in schemas[n["type"]]["output"]] for n in spec}
+    link_id = 0
+    link_of = {}
+    for node in spec:
+        schema = schemas[node["type"]]
+        for name, (source, slot) in node.get("links", {}).items():
+            link_id += 1
+            source_type = schemas[next(n["type"] for n in spec if n["id"] == source)]["output"][slot]
+            links.append([link_id, source, slot, node["id"], [n for n, _, _ in link_inputs(schema)].index(name),
+                          source_type])
+            outputs[source][slot].append(link_id)
+            link_of[(node["id"], name)] = link_id
+    for order, node in enumerate(spec):
+        schema = schemas[node["type"]]
+        nodes.append({
+            "id": node["id"], "type": node["type"], "pos": [40 + 420 * node["col"], 40 + 200 * node["row"]],
+            "size": [380, 160], "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": link_of.get((node["id"], name)), **({"shape": 7} if optional else {})}
+                       for name, kind, optional in link_inputs(schema)],
+            "outputs": [{"name": name, "type": kind, "links": outputs[node["id"]][slot] or None, "slot_index": slot}
+                        for slot, (name, kind) in enumerate(zip(schema["output_name"], schema["output"]))],
+            "properties": {"Node name for S&R": node["type"]},
+            "widgets_values": widgets_values(schema, node.get("widgets", {})),
+        })
+    return {"last_node_id": max(n["id"] for n in spec), "last_link_id": link_id, "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"title": title, "ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--schemas-from", help="a full /object_info JSON to take the used node schemas from")
+    args = parser.parse_args()
+    used = sorted({n["type"] for _, spec in WORKFLOWS.values() for n in spec})
+    if args.schemas_from:
+        with open(args.schemas_from) as f:
+            info = json.load(f)
+        write_text(SCHEMAS, json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n")
+    with open(SCHEMAS) as f:
+        schemas = json.load(f)
+    os.makedirs(OUT, exist_ok=True)
+    for stem, (title, spec) in WORKFLOWS.items():
+        write_text(os.path.join(OUT, stem + ".json"), json.dumps(build(title, spec, schemas), indent=1) + "\n")
+        print(os.path.join("example_workflows", stem + ".json"))
+
+
+if __name__ == "__main__":
+    main()

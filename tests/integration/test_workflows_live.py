@@ -1,0 +1,49 @@
+"""The example workflows against a real ComfyUI's /object_info (core's and this pack's node schemas),
+and the schema snapshot the CPU test uses equal to it. Skips when COMFYUI_PATH is unset."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import pytest
+
+from comfy_server import REPO, ComfyServer, missing_requirements
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from workflow_check import check_workflow, without_user_files  # noqa: E402
+
+REASON = missing_requirements()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
+
+
+@pytest.fixture(scope="module")
+def object_info(tmp_path_factory):
+    server = ComfyServer(str(tmp_path_factory.mktemp("comfy_workflows")), with_pack=True)
+    try:
+        yield server.get("/object_info"), server.get("/workflow_templates")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_is_valid_in_real_comfyui(object_info, path):
+    with open(path) as f:
+        assert check_workflow(json.load(f), object_info[0]) == []
+
+
+def test_schema_snapshot_matches_real_comfyui(object_info):
+    with open(os.path.join(REPO, "tests", "data", "node_schemas.json")) as f:
+        snapshot = json.load(f)
+    for node_type, schema in snapshot.items():
+        assert without_user_files(object_info[0][node_type]) == without_user_files(schema), (
+            f"{node_type} changed: refresh with scripts/make_workflows.py --schemas-from <object_info.json>")
+
+
+def test_comfyui_lists_the_workflows_as_templates(object_info):
+    templates = object_info[1]
+    listed = next(names for pack, names in templates.items() if pack in ("ltx2-quant",))
+    assert sorted(listed) == sorted(os.path.basename(p)[: -len(".json")] for p in WORKFLOWS)

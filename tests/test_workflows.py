@@ -1,0 +1,72 @@
+"""The example workflows are valid against the node schemas snapshot (tests/data/node_schemas.json;
+tests/integration/test_workflows_live.py keeps it equal to a real ComfyUI's /object_info)."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+
+import pytest
+
+from workflow_check import check_workflow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
+with open(os.path.join(REPO, "tests", "data", "node_schemas.json")) as f:
+    SCHEMAS = json.load(f)
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_the_promised_workflows_exist():
+    names = {os.path.basename(p) for p in WORKFLOWS}
+    assert {"ltx2.3_t2v_two_stage_fp8_scaled_mm.json", "ltx2.3_i2v_two_stage_nvfp4.json",
+            "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_is_valid(path):
+    workflow = load(path)
+    assert check_workflow(workflow, SCHEMAS) == []
+    types = {n["type"] for n in workflow["nodes"]}
+    assert "LTX2QuantLoader" in types and "LTX2QuantTwoStageSampler" in types
+    assert all(t.startswith("LTX2Quant") or not t.startswith("LTX2Q") for t in types)  # no test-only nodes
+
+
+def test_workflows_use_the_promised_policies_and_models():
+    loaders = {os.path.basename(p): [n["widgets_values"][:2] for n in load(p)["nodes"] if n["type"] == "LTX2QuantLoader"]
+               for p in WORKFLOWS}
+    assert loaders["ltx2.3_t2v_two_stage_fp8_scaled_mm.json"] == [["ltx-2.3-22b-distilled-1.1.safetensors", "fp8-scaled-mm"]]
+    assert loaders["ltx2.3_i2v_two_stage_nvfp4.json"] == [["ltx-2.3-22b-distilled-1.1.safetensors", "nvfp4"]]
+    assert loaders["ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"] == [["ltx-2.3-22b-dev.safetensors", "fp8-scaled-mm"]]
+    lora = [n for n in load(os.path.join(REPO, "example_workflows", "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"))["nodes"]
+            if n["type"] == "LoraLoaderModelOnly"]
+    assert lora[0]["widgets_values"] == ["ltx-2.3-22b-distilled-lora-384-1.1.safetensors", 0.5]
+
+
+def broken(mutate) -> list[str]:
+    workflow = copy.deepcopy(load(WORKFLOWS[0]))
+    mutate(workflow)
+    return check_workflow(workflow, SCHEMAS)
+
+
+def node(workflow: dict, node_type: str) -> dict:
+    return next(n for n in workflow["nodes"] if n["type"] == node_type)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda w: node(w, "LTX2QuantLoader").update(type="LTX2QuantLoaderX"), "unknown node type LTX2QuantLoaderX"),
+    (lambda w: node(w, "LTX2QuantLoader")["widgets_values"].__setitem__(1, "int3"), "LTX2QuantLoader.policy = 'int3'"),
+    (lambda w: node(w, "LTX2QuantLoader")["widgets_values"].__setitem__(0, "my.safetensors"), "not an official"),
+    (lambda w: node(w, "EmptyLTXVLatentVideo")["widgets_values"].__setitem__(0, 99999), "outside"),
+    (lambda w: node(w, "EmptyLTXVLatentVideo")["widgets_values"].pop(), "no widget value"),
+    (lambda w: w["links"][0].__setitem__(5, "MODEL"), "link says MODEL"),
+    (lambda w: node(w, "VAEDecodeTiled")["inputs"][1].update(link=None), "required input vae is not connected"),
+])
+def test_the_check_catches_broken_workflows(mutate, needle):
+    assert any(needle in p for p in broken(mutate)), broken(mutate)
