@@ -37,7 +37,7 @@ _pack = importlib.util.module_from_spec(_spec)
 sys.modules["ltx2q"] = _pack
 _spec.loader.exec_module(_pack)
 from ltx2q.nodes import model_io  # noqa: E402
-from ltx2q.nodes.compile import compile_blocks  # noqa: E402
+from ltx2q.nodes.patches import compile_blocks, patch_attention  # noqa: E402
 from ltx2q.quant import checkpoint, ltx2  # noqa: E402
 from ltx2q.quant.policies import get_policy  # noqa: E402
 from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
@@ -101,8 +101,8 @@ def apply_patches(patcher, patches: list[str]):
         if patch == "compile":
             patcher = compile_blocks(patcher, "blocks")
         elif patch.startswith("attn="):
-            from ltx2q.nodes.attention import patch_attention
-            patcher = patch_attention(patcher, patch[len("attn="):])
+            patcher, text = patch_attention(patcher, patch[len("attn="):])
+            print(f"{patch}: {text}", flush=True)
         else:
             raise ValueError(f"unknown patch {patch!r}")
     return patcher
@@ -131,6 +131,7 @@ def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int,
             "s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "warm_s": warm_s,
             "video": video.float().cpu(), "audio": audio.float().cpu()}
     del patcher
+    torch._dynamo.reset()  # compiled graphs of this mode must not serve the next
     comfy.model_management.unload_all_models()
     gc.collect()
     comfy.model_management.soft_empty_cache()

@@ -1,33 +1,15 @@
-"""Attention patch node (ComfyUI V3) and the plain function it shares with the loader: the chosen
-implementation goes into a clone's transformer_options, so only that model runs it."""
+"""Attention patch node (ComfyUI V3); the work is patches.patch_attention, which the loader shares."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..quant import runtime
-from ..quant.attention import AUTO, CHOICES, choose_attention, comfy_override
+from ..quant.attention import AUTO, CHOICES
+from .patches import patch_attention
 
 CATEGORY = "LTX-2 Quant"
 KEEP = "comfyui default"  # the loader's choice that leaves attention alone
 LOADER_CHOICES = [KEEP, *CHOICES]
-
-
-def patch_attention(model, requested: str):
-    """(a clone of `model` whose attention runs the implementation chosen for `requested`, report line).
-    The choice is probed on the model's device in its compute dtype; ComfyUI's own attention still
-    takes the calls the implementation cannot (masks, other dtypes or head sizes)."""
-    device = model.load_device
-    name, reason = choose_attention(runtime.capability(device), requested, device,
-                                              model.model.get_dtype_inference())
-    patched = model.clone()
-    options = patched.model_options["transformer_options"]
-    replaced = options.get("optimized_attention_override")
-    options["optimized_attention_override"] = comfy_override(name)
-    text = f"attention: {name} ({reason})"
-    if replaced is not None:
-        text += f"; replaces an earlier attention override ({getattr(replaced, 'attention', replaced)})"
-    return patched, text
 
 
 class LTX2QuantAttention(io.ComfyNode):

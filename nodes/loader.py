@@ -13,7 +13,8 @@ from ..quant.calibration import load_amax
 from ..quant.policies import POLICIES
 from ..quant.runtime import NVFP4_MODES
 from . import model_io
-from .attention import KEEP, LOADER_CHOICES, patch_attention
+from .attention import KEEP, LOADER_CHOICES
+from .patches import patch_attention
 
 CATEGORY = "LTX-2 Quant"
 CALIBRATION_FOLDER = "ltx2_calibration"

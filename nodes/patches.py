@@ -1,0 +1,64 @@
+"""Model patches as plain functions (no node API imports, so benches and scripts use them too).
+
+torch.compile over each transformer block: Inductor fuses the elementwise tail around the quantized
+linears (norms, AdaLN modulation, gating, RoPE, and the per-token FP8 activation quantization into its
+producer). Compiled per block, not as a whole model: every block has the same code, so one compiled
+graph serves all 48, and ComfyUI's offload and LoRA paths (which act on the modules) keep working."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..quant import runtime
+from ..quant.attention import choose_attention, comfy_override
+from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+log = logging.getLogger("ltx2_quant")
+
+# Inductor options per mode (torch.compile takes either `mode` or `options`; the guard filter needs options).
+COMPILE_MODES = {"off": None, "blocks": {}, "blocks, max-autotune": {"max_autotune": True}}
+
+
+def skip_transformer_options_guards(guard_entries):
+    """transformer_options changes per call (sigmas, block index): guarding on it would recompile. The
+    attention override stays guarded, so a model patched after compiling never runs a stale graph."""
+    return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name)
+            for entry in guard_entries]
+
+
+def compile_blocks(patcher, mode: str):
+    """A clone of `patcher` whose transformer blocks run through torch.compile (Inductor) at sampling time."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"Unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    if COMPILE_MODES[mode] is None:
+        return patcher
+    blocks = getattr(patcher.model.diffusion_model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(patcher.model.diffusion_model).__name__} has no transformer_blocks to compile")
+    # One cache entry per block instance and input shape would exceed Dynamo's default limit of 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
+    clone = patcher.clone(disable_dynamic=True)
+    set_torch_compile_wrapper(model=clone, backend="inductor", dynamic=False,
+                              options={"guard_filter_fn": skip_transformer_options_guards, **COMPILE_MODES[mode]},
+                              keys=[f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))])
+    log.info("LTX-2 Quant: torch.compile (%s) over %d transformer blocks; the first step compiles", mode, len(blocks))
+    return clone
+
+
+def patch_attention(model, requested: str):
+    """(a clone of `model` whose attention runs the implementation chosen for `requested`, report line).
+    The choice is probed on the model's device in its compute dtype; ComfyUI's own attention still
+    takes the calls the implementation cannot (masks, other dtypes or head sizes)."""
+    device = model.load_device
+    name, reason = choose_attention(runtime.capability(device), requested, device,
+                                              model.model.get_dtype_inference())
+    patched = model.clone()
+    options = patched.model_options["transformer_options"]
+    replaced = options.get("optimized_attention_override")
+    options["optimized_attention_override"] = comfy_override(name)
+    text = f"attention: {name} ({reason})"
+    if replaced is not None:
+        text += f"; replaces an earlier attention override ({getattr(replaced, 'attention', replaced)})"
+    return patched, text
