@@ -113,7 +113,7 @@ function refresh() {
       }
       ask(node, params, (answer) => {
         if (answer.errors.length) {
-          show(node, `VRAM: invalid size ${sizeText}: ${answer.errors.join("; ")}`, true);
+          show(node, `VRAM not estimated for ${sizeText}: ${answer.errors.join("; ")}`, true);
           return;
         }
         const policy = params.policy === "auto" ? `auto -> ${answer.policy}` : answer.policy;

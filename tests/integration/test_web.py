@@ -137,11 +137,11 @@ def test_loader_shows_the_estimate_and_latent_flags_bad_sizes(page):
     page.evaluate(LOAD_WITH_VALUES, [latent, [768, 512, 120, 1]])
     status = wait_status(page, latent, "frames must be 8k+1 (e.g. 113 or 121), got 120")
     assert status["error"]
-    assert wait_status(page, loader, "invalid size 768x512x120")["error"]
+    assert wait_status(page, loader, "VRAM not estimated for 768x512x120: frames must be 8k+1")["error"]
 
     page.evaluate(LOAD_WITH_VALUES, [latent, [700, 512, 121, 1]])
     assert wait_status(page, latent, "width must be a multiple of 32, got 700 (e.g. 672 or 704)")["error"]
-    assert wait_status(page, loader, "invalid size 700x512x121")["error"]
+    assert wait_status(page, loader, "VRAM not estimated for 700x512x121: width must be")["error"]
     set_widgets(page, latent, width=1536, height=1024)
     set_widgets(page, loader, policy="auto", keep_first_blocks=0)
     expected = memory.estimate_vram("bf16", 1536, 1024, 121)  # auto on this CPU-only server picks bf16
