@@ -6,7 +6,8 @@ command for calibrating a file: `--save-amax`.
 GPU, the issue's targets (full LTX-2.3 widths, random weights):
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_quality.py --blocks 48 --size 768x512x121
 CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports):
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_quality.py --width 256 --blocks 8 --size 256x256x25 --per-layer
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_quality.py --width 256 --blocks 8 --size 256x256x25 --per-layer \
+        --modes 'fp8-scaled-mm;fp8-scaled-mm+static;nvfp4;nvfp4:first=1,last=1'
 
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
 FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, where scope items are
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--width", type=int, help="video width (heads x 64) for a small model; default: LTX-2.3's")
     parser.add_argument("--size", default="768x512x121", help="WIDTHxHEIGHTxFRAMES of the video")
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES))
+    parser.add_argument("--modes", default=";".join(DEFAULT_MODES), help="separated by ';'")
     parser.add_argument("--sigmas", default="distilled stage 1", choices=list(sampling.SIGMA_PRESETS))
     parser.add_argument("--context-tokens", type=int, default=256)
     parser.add_argument("--per-layer", action="store_true", help="also per-layer SNR (copies bf16 weights to CPU)")
@@ -147,7 +148,7 @@ def main() -> None:
     if args.save_amax:
         save_amax(args.save_amax, amax, recorder.per_channel())
     rows = []
-    for mode in args.modes.split(","):
+    for mode in args.modes.split(";"):
         candidate, weight_bytes = build(mode, state, metadata, amax, device)
         report = evaluation.compare_models(reference, {mode: candidate}, positive, positive, latent, sigmas, 1.0,
                                            seed=42, per_layer=args.per_layer)
