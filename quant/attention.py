@@ -14,7 +14,7 @@ mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own
                   ignores), P and V E4M3 (V scaled per channel and stored transposed, as Hopper's FP8
                   MMA wants), fp32 softmax and accumulation. SageAttention2's split of formats.
   triton-fp8      the same with E4M3 Q/K (about 4x the QK error of INT8 on random inputs).
-  triton-int8-qk  INT8 Q/K only; P and V stay 16-bit (SageAttention's split).
+  triton-int8-qk  INT8 Q/K only; P and V stay 16-bit (SageAttention's split); runs on Ampere too.
   sdpa-cudnn / sdpa-flash / sdpa-efficient   torch SDPA pinned to one CUDA backend.
   sdpa            torch SDPA's own dispatch (what ComfyUI core runs with --use-pytorch-cross-attention).
   sdpa-math       the exact math backend (slow; the fallback of last resort).
@@ -91,10 +91,12 @@ def _kitchen_int8(q, k, v, scale, mask):
     return importlib.import_module("comfy_kitchen").int8_attention(q, k, v, scale=scale, attn_mask=mask)
 
 
-def _triton_requires(cap: Capability) -> str | None:
-    if not kernels.AVAILABLE:
-        return "triton is not installed"
-    return _cuda_at_least(8, 9, "FP8 attention (FP8 tensor cores)")(cap)
+def _triton_requires(major: int, minor: int, what: str) -> Callable[[Capability], str | None]:
+    def requires(cap: Capability) -> str | None:
+        if not kernels.AVAILABLE:
+            return "triton is not installed"
+        return _cuda_at_least(major, minor, what)(cap)
+    return requires
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,17 +352,19 @@ def _triton_8bit(qk_int8: bool, fp8_v: bool):
 _HALF = (torch.bfloat16, torch.float16)
 _ANY = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_DTYPES = (torch.bfloat16, torch.float32)
+_FP8_TRITON = _triton_requires(8, 9, "Triton FP8 attention (FP8 tensor cores)")
 IMPLEMENTATIONS = {a.name: a for a in [
     Attention("kitchen-int8", "comfy-kitchen INT8 attention (8-bit Q/K/V/P, lossy)", exact=False, masks=True,
               dtypes=_ANY, head_dims=None, requires=_kitchen_requires, run=_kitchen_int8),
     Attention("triton-int8", "Triton attention, INT8 Q/K per token, E4M3 P and V, fp32 softmax and accumulation "
               "(SageAttention2's design; lossy)", exact=False, masks=False, dtypes=_TRITON_DTYPES,
-              head_dims=(64, 128), requires=_triton_requires, run=_triton_8bit(qk_int8=True, fp8_v=True)),
+              head_dims=(64, 128), requires=_FP8_TRITON, run=_triton_8bit(qk_int8=True, fp8_v=True)),
     Attention("triton-fp8", "Triton attention, E4M3 Q/K per token, E4M3 P and V (lossy)", exact=False, masks=False,
-              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_triton_requires,
+              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_FP8_TRITON,
               run=_triton_8bit(qk_int8=False, fp8_v=True)),
     Attention("triton-int8-qk", "Triton attention, INT8 Q/K per token, 16-bit P and V (SageAttention's design; lossy)",
-              exact=False, masks=False, dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_triton_requires,
+              exact=False, masks=False, dtypes=_TRITON_DTYPES, head_dims=(64, 128),
+              requires=_triton_requires(8, 0, "Triton INT8 attention (INT8 tensor cores)"),
               run=_triton_8bit(qk_int8=True, fp8_v=False)),
     Attention("sdpa-cudnn", "torch SDPA, cuDNN backend", exact=True, masks=False, dtypes=_HALF, head_dims=None,
               requires=_cuda_at_least(8, 0, "cuDNN attention"), run=_sdpa(SDPBackend.CUDNN_ATTENTION)),
@@ -385,10 +389,10 @@ PROBE_SHAPES = [(1, 2, 80, 150, 128), (1, 2, 40, 33, 64)]
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 math reference every implementation is measured against."""
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
     with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale,
-                                              attn_mask=None if mask is None else mask.float()
-                                              if mask.is_floating_point() else mask)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
