@@ -202,63 +202,49 @@ def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> tuple
 
 
 def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                  ratio: torch.Tensor | None, n: int, k: int) -> torch.Tensor:
+                  ratio: torch.Tensor | None, n: int, k: int, wrap=lambda kernel: kernel) -> torch.Tensor:
     to_fp8 = ratio is not None
     out = torch.empty((n, k), dtype=torch.uint8 if to_fp8 else torch.bfloat16, device=packed.device)
     scale_cols_padded = round_up(round_up(k, NVFP4_BLOCK) // NVFP4_BLOCK, 4)
     block_n, block_k = 16, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _nvfp4_rows_kernel[grid](packed, block_scales.view(torch.uint8), global_scale.float().reshape(1),
+    wrap(_nvfp4_rows_kernel)[grid](packed, block_scales.view(torch.uint8), global_scale.float().reshape(1),
                              ratio if to_fp8 else global_scale, out, n, k, packed.stride(0), out.stride(0),
                              scale_cols_padded, TO_FP8=to_fp8, BLOCK_N=block_n, BLOCK_K=block_k,
                              INTERPRET=INTERPRET, num_warps=4)
     return out.view(torch.float8_e4m3fn) if to_fp8 else out
 
 
-# The weight-expansion kernels are torch custom ops, so torch.compile traces each as one opaque node.
-# Eager callers skip the custom-op dispatcher (tens of microseconds a call, more than a small GEMM takes
-# at 6k tokens) and launch directly; the public functions below pick one or the other.
+# The weight-expansion kernels are torch triton_ops: torch.compile sees each as one node and Inductor
+# launches the Triton kernel straight from its generated code (a plain custom op would cost a
+# dispatcher round trip per call: at 6k tokens that made the compiled nvfp4 step CPU-bound). Eager
+# callers launch directly; the public functions below pick one or the other.
 
-@torch.library.custom_op("ltx2q::nvfp4_to_fp8", mutates_args=())
+@torch.library.triton_op("ltx2q::nvfp4_to_fp8", mutates_args=())
 def _nvfp4_to_fp8_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                      ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k)
+    return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k, wrap=torch.library.wrap_triton)
 
 
-@_nvfp4_to_fp8_op.register_fake
-def _(packed, block_scales, global_scale, ratio, n, k):
-    return torch.empty((n, k), dtype=torch.float8_e4m3fn, device=packed.device)
-
-
-@torch.library.custom_op("ltx2q::nvfp4_to_bf16", mutates_args=())
+@torch.library.triton_op("ltx2q::nvfp4_to_bf16", mutates_args=())
 def _nvfp4_to_bf16_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                       n: int, k: int) -> torch.Tensor:
-    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k)
+    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k, wrap=torch.library.wrap_triton)
 
 
-@_nvfp4_to_bf16_op.register_fake
-def _(packed, block_scales, global_scale, n, k):
-    return torch.empty((n, k), dtype=torch.bfloat16, device=packed.device)
-
-
-def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
     n, k = data.shape
     out = torch.empty((n, k), dtype=torch.bfloat16, device=data.device)
     grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
-    _fp8_rows_to_bf16_kernel[grid](data.view(torch.uint8), row_scale.float().contiguous(), out, n, k,
-                                   data.stride(0), out.stride(0), BLOCK_N=16, BLOCK_K=256,
-                                   INTERPRET=INTERPRET, num_warps=4)
+    wrap(_fp8_rows_to_bf16_kernel)[grid](data.view(torch.uint8), row_scale.float().contiguous(), out, n, k,
+                                         data.stride(0), out.stride(0), BLOCK_N=16, BLOCK_K=256,
+                                         INTERPRET=INTERPRET, num_warps=4)
     return out
 
 
-@torch.library.custom_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
+@torch.library.triton_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
 def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    return _fp8_rows_to_bf16_launch(data, row_scale)
-
-
-@_fp8_rows_to_bf16_op.register_fake
-def _(data, row_scale):
-    return torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
+    return _fp8_rows_to_bf16_launch(data, row_scale, wrap=torch.library.wrap_triton)
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,3 +56,19 @@ def test_weights_stay_4bit_for_nvfp4_fast_path():
     layer = runtime.PreparedLinear(quantize_weight(w, NVFP4), None, "none", "cuda")
     resident = sum(t.numel() * t.element_size() for t in layer.tensors.values())
     assert resident * 8 / w.numel() < 4.6  # bits per weight: 4 + block scales + row factors
+
+
+@pytest.mark.parametrize("fmt,activation,mode,bound", CASES)
+def test_compiled_path_matches_eager(fmt, activation, mode, bound):
+    """Under torch.compile (the Compile Blocks node) the activation quantization is traced as plain
+    torch and fused by Inductor, and the weight kernels run as triton_ops: same numbers as eager."""
+    torch.manual_seed(7)
+    w = torch.randn(2048, 1024) * 1024 ** -0.5
+    qw = quantize_weight(w, fmt)
+    layer = runtime.PreparedLinear(qw, torch.randn(2048) * 0.1, activation, "cuda", nvfp4_mode=mode)
+    x = torch.randn(300, 1024, device="cuda").bfloat16()
+    producer = lambda x: layer(torch.nn.functional.gelu(x * 1.5))  # noqa: E731 (quantization fuses here)
+    eager = producer(x).float()
+    compiled = torch.compile(producer, dynamic=False)(x).float()
+    assert compiled.isfinite().all()
+    assert relative_error(compiled.cpu(), eager.cpu()) < 2e-3, layer.path
