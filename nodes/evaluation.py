@@ -208,8 +208,8 @@ def plot_comparison(report: dict, width: int = 900, height: int = 420):
             continue
         low, high = min(0.0, min(values)), max(values)
         high = high if high > low else low + 1.0
-        draw.text((5, top), f"{high:.3g}", fill=(0, 0, 0))
-        draw.text((5, bottom - 10), f"{low:.3g}", fill=(0, 0, 0))
+        draw.text((p * panel_width + 5, top), f"{high:.3g}", fill=(0, 0, 0))
+        draw.text((p * panel_width + 5, bottom - 10), f"{low:.3g}", fill=(0, 0, 0))
         for k, (label, s) in enumerate(series.items()):
             color = colors[k % len(colors)]
             n = max(len(s) - 1, 1)
