@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -39,11 +41,38 @@ def progress_bar(total_hint: int = 1):
     return update
 
 
+def policy_sizes(info: checkpoint.CheckpointInfo) -> dict[str, int]:
+    """Weight bytes of the checkpoint's layers under each policy."""
+    return {name: summarize(plan(POLICIES[name], info.layer_table(), info.num_blocks))["bytes_after"]
+            for name in POLICIES}
+
+
 def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[str, str]:
-    sizes = {name: summarize(plan(POLICIES[name], info.layer_table(), info.num_blocks))["bytes_after"]
-             for name in POLICIES}
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    return runtime.choose_auto_policy(runtime.capability(device), free, sizes, ACTIVATION_HEADROOM)
+    return runtime.choose_auto_policy(runtime.capability(device), free, policy_sizes(info), ACTIVATION_HEADROOM)
+
+
+def advise_on_oom(stage: str, policy_name: str, sizes: dict[str, int], call):
+    """call(); out of GPU memory, the error says which policy or video size would fit, and the
+    failed call's memory is released first (ComfyUI then unloads its models, as for any OOM)."""
+    device = compute_device()
+
+    def advice() -> str:
+        total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
+        return runtime.out_of_memory_advice(stage, policy_name, sizes, total, ACTIVATION_HEADROOM)
+
+    def release() -> None:
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+    return runtime.call_or_advise_on_oom(call, advice, release)
+
+
+def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int]) -> None:
+    """Sampling that runs out of GPU memory inside the model reports what would fit (an APPLY_MODEL
+    wrapper: the model's frames are gone before ComfyUI's OOM handler unloads the models)."""
+    def wrapper(executor, *args, **kwargs):
+        return advise_on_oom("sampling", policy_name, sizes, lambda: executor(*args, **kwargs))
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)
 
 
 def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
@@ -97,16 +126,22 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
     why = "chosen by you"
+    sizes = policy_sizes(info)
     if policy_name == "auto":
         policy_name, why = auto_policy(info, device)
     policy = get_policy(policy_name, **scope)
     quantize_on = device if device.type == "cuda" else torch.device("cpu")
-    loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
-    extra = ""
-    if amax:
-        extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
-    patcher, paths = build_model(loaded, policy_name, nvfp4_mode)
-    return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
+
+    def load_and_build():
+        loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
+        extra = ""
+        if amax:
+            extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
+        patcher, paths = build_model(loaded, policy_name, nvfp4_mode)
+        return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
+    patcher, text = advise_on_oom("loading and quantizing the model", policy_name, sizes, load_and_build)
+    add_oom_advice(patcher, policy_name, sizes)
+    return patcher, text
 
 
 def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
@@ -155,7 +190,7 @@ def safe_output_path(folder: str, filename: str, extension: str = ".safetensors"
 
 def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, overwrite: bool) -> str:
     """Write the diffusion model as a ComfyUI-native file into one of the diffusion_models folders
-    (atomically: temp file, fsync, rename)."""
+    (atomically: temp file, fsync, rename), with a progress bar that honours Cancel."""
     if folder not in folder_paths.get_folder_paths("diffusion_models"):
         raise ValueError(f"{folder} is not one of ComfyUI's diffusion_models folders")
     path = safe_output_path(folder, filename)
@@ -194,8 +229,13 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
     metadata.pop(checkpoint.QUANT_METADATA_KEY, None)
     if quant_layers:
         metadata[checkpoint.QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": quant_layers})
-    tensors = (t for make in makers for t in make())
-    write_streaming(path, specs, tensors, metadata, overwrite=overwrite)
+    update = progress_bar(len(makers))
+
+    def produce():
+        for index, make in enumerate(makers):
+            yield from make()
+            update(index + 1, len(makers))  # Cancel stops the write here; the temp file is removed
+    write_streaming(path, specs, produce(), metadata, overwrite=overwrite)
     return path
 
 

@@ -113,8 +113,13 @@ def _discover_format(f: SafetensorsFile, layer_key: str, conf: dict | None) -> s
 
 
 def _logical_shape(f: SafetensorsFile, layer_key: str, fmt: str, conf: dict | None) -> tuple[int, ...]:
-    if conf and isinstance(conf.get("shape"), list):
-        return tuple(conf["shape"])  # written by this pack; padded formats cannot tell otherwise
+    if conf and "shape" in conf:  # written by this pack; padded formats cannot tell otherwise
+        shape = conf["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise CheckpointError(f"{f.path}: layer {layer_key!r} has quantization shape {shape!r} in its config; "
+                                  "it must be [rows, columns]")
+        return tuple(shape)
     stored = f.tensors[layer_key + ".weight"].shape
     bias = f.tensors.get(layer_key + ".bias")
     rows = bias.shape[0] if bias is not None and len(bias.shape) == 1 else stored[0]
