@@ -124,6 +124,7 @@ def main() -> None:
             print(f"{label}: done", flush=True)
             del patcher
         del built
+        torch._dynamo.reset()  # compiled graphs of this mode must not serve the next
         comfy.model_management.unload_all_models()
         gc.collect()
         comfy.model_management.soft_empty_cache()
