@@ -4,7 +4,8 @@ run. The transformer has the real LTX-2.3 widths and random weights (`--blocks 4
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_model.py [--blocks 48] [--sizes 768x512x121,1536x1024x121]
 
-A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile Blocks node),
+A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile Blocks node; `+graphs`:
+its CUDA-graph mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
 full warm-up run, so compile time is reported apart (`warm s`), not in s/step.
 """
@@ -100,6 +101,8 @@ def apply_patches(patcher, patches: list[str]):
     for patch in patches:
         if patch == "compile":
             patcher = compile_blocks(patcher, "blocks")
+        elif patch == "graphs":
+            patcher = compile_blocks(patcher, "blocks, cuda graphs")
         elif patch.startswith("attn="):
             patcher, text = patch_attention(patcher, patch[len("attn="):])
             print(f"{patch}: {text}", flush=True)

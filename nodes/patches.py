@@ -18,7 +18,9 @@ from comfy_api.torch_helpers import set_torch_compile_wrapper
 log = logging.getLogger("ltx2_quant")
 
 # Inductor options per mode (torch.compile takes either `mode` or `options`; the guard filter needs options).
-COMPILE_MODES = {"off": None, "blocks": {}, "blocks, max-autotune": {"max_autotune": True}}
+# "cuda graphs" also records each block's kernels once and replays them (no per-kernel launch cost).
+COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cudagraphs": True},
+                 "blocks, max-autotune": {"max_autotune": True}}
 
 
 def skip_transformer_options_guards(guard_entries):
