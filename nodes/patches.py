@@ -55,7 +55,7 @@ def patch_attention(model, requested: str):
     takes the calls the implementation cannot (masks, other dtypes or head sizes)."""
     device = model.load_device
     name, reason = choose_attention(runtime.capability(device), requested, device,
-                                              model.model.get_dtype_inference())
+                                    model.model.get_dtype_inference())
     patched = model.clone()
     options = patched.model_options["transformer_options"]
     replaced = options.get("optimized_attention_override")

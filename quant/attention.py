@@ -134,28 +134,36 @@ if kernels.AVAILABLE:
 
     @triton.jit
     def _qk_stored(y, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
-        """The quantized K tile as stored (int8, or fp8 bits as uint8); NaN stays NaN in fp8."""
+        """The quantized K tile as stored (int8, or fp8 bits as uint8); NaN stays NaN in fp8.
+        One return per function: Triton type-checks returns of branches a constexpr has pruned."""
         if QK_INT8:
-            return y.to(tl.int8)
-        if INTERPRET:
-            return _to_fp8_bits(y, INTERPRET)
-        return y.to(tl.uint8, bitcast=True)
+            stored = y.to(tl.int8)
+        elif INTERPRET:
+            stored = _to_fp8_bits(y, INTERPRET)
+        else:
+            stored = y.to(tl.uint8, bitcast=True)
+        return stored
 
     @triton.jit
     def _qk_loaded(bits, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
         if INTERPRET:
             if QK_INT8:
-                return bits.to(tl.float32)
-            return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        if QK_INT8:
-            return bits
-        return bits.to(tl.float8e4nv, bitcast=True)
+                operand = bits.to(tl.float32)
+            else:
+                operand = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        elif QK_INT8:
+            operand = bits
+        else:
+            operand = bits.to(tl.float8e4nv, bitcast=True)
+        return operand
 
     @triton.jit
     def _fp8_operand(x, INTERPRET: tl.constexpr):
         if INTERPRET:
-            return _round_to_float_grid(x, 3, -6)
-        return x.to(tl.float8e4nv)
+            operand = _round_to_float_grid(x, 3, -6)
+        else:
+            operand = x.to(tl.float8e4nv)
+        return operand
 
     @triton.jit
     def _attn_prepare_kv_kernel(K, V, k_mean_ptr, v_inv_ptr, k8_ptr, k_scale_ptr, vt8_ptr,
