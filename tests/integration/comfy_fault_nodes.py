@@ -6,7 +6,8 @@ tests/integration/faults.py; it defines no nodes, only routes):
   it got there. Cancel thus lands at a known point, in the middle of the node's work.
 - POST /ltx2q_test/oom {"where": "sampling" | "quantizing"}: the next model layer call, or the next
   layer quantization, raises torch.OutOfMemoryError once (a CPU has no GPU memory to run out of).
-- GET /ltx2q_test/memory: the server's resident memory and the tensors Python still holds.
+- GET /ltx2q_test/memory: the server's resident memory and how many models ComfyUI keeps loaded;
+  with ?tensors=1 also the tensors Python still holds.
 """
 
 from __future__ import annotations
@@ -105,13 +106,21 @@ async def arm_oom(request):
 
 @routes.get("/ltx2q_test/memory")
 async def memory(request):
-    gc.collect()
-    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     with open("/proc/self/status") as f:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return web.json_response({"rss_bytes": rss_kib * 1024, "tensors": len(tensors),
-                              "tensor_bytes": sum(t.nelement() * t.element_size() for t in tensors
-                                                  if t.device.type != "meta")})
+    answer = {"rss_bytes": rss_kib * 1024, "loaded_models": len(comfy.model_management.current_loaded_models)}
+    if request.query.get("tensors"):
+        gc.collect()
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        answer.update(tensors=len(tensors), tensor_bytes=sum(_nbytes(t) for t in tensors))
+    return web.json_response(answer)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    try:
+        return 0 if tensor.is_meta else tensor.nelement() * tensor.element_size()
+    except RuntimeError:  # a tensor subclass without storage of its own (e.g. a nested latent)
+        return 0
 
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -71,7 +71,13 @@ def interrupted(entry: dict) -> bool:
     return any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
 
 
-def free(server: ComfyServer) -> None:
-    """ComfyUI's "Unload models" + "Free cache" (POST /free); the worker acts on it between prompts."""
+def free(server: ComfyServer, timeout: float = 60.0) -> None:
+    """ComfyUI's "Unload models" + "Free cache" (POST /free). The prompt worker acts on it when it
+    is next idle: wait until it has unloaded the models, then for the cache reset that follows."""
     post(server, "/free", {"unload_models": True, "free_memory": True})
-    time.sleep(1.5)
+    deadline = time.time() + timeout
+    while server.get("/ltx2q_test/memory")["loaded_models"]:
+        if time.time() > deadline:
+            raise TimeoutError(f"ComfyUI did not unload its models within {timeout} s\n{server.tail()}")
+        time.sleep(0.2)
+    time.sleep(0.5)
