@@ -273,7 +273,8 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
     Returns the number of bytes written."""
     header = _header_bytes(specs, metadata)
     total = len(header) + sum(s.nbytes for s in specs)
-    with atomic_file(path, overwrite, total, ".safetensors") as out:
+    # Not ".safetensors": a temp file left by a killed process must not show up in ComfyUI's model lists.
+    with atomic_file(path, overwrite, total, ".safetensors.part") as out:
         out.write(header)
         produced = iter(tensors)
         for spec in specs:

@@ -346,7 +346,8 @@ KILLED_WRITER = textwrap.dedent("""
 
 def test_killed_writer_never_leaves_a_partial_model(tmp_path, tiny_source):
     # SIGKILL (power loss, the OOM killer) runs no cleanup: the temp file stays, but the target
-    # is the old file, never a partial one; the reader refuses the truncated temp file clearly.
+    # is the old file, never a partial one. The temp file's name ends in .part, which ComfyUI does
+    # not list as a model, and the reader refuses it clearly.
     out = tmp_path / "out"
     out.mkdir()
     dst = out / "model.safetensors"
@@ -360,7 +361,7 @@ def test_killed_writer_never_leaves_a_partial_model(tmp_path, tiny_source):
         proc.wait(timeout=30)
     assert dst.read_bytes() == b"previous model"
     temps = [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-    assert len(temps) == 1 and temps[0].name.endswith(".safetensors")
+    assert len(temps) == 1 and temps[0].name.endswith(".safetensors.part")
     with pytest.raises(CheckpointError, match="truncated"):
         SafetensorsFile(temps[0])
 
