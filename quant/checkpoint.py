@@ -103,7 +103,7 @@ def _discover_format(f: SafetensorsFile, layer_key: str, conf: dict | None) -> s
                                   f"cannot read (known: {', '.join(weights.FORMATS)})")
         return fmt
     has_scale = layer_key + ".weight_scale" in f
-    if weight.dtype == torch.float8_e4m3fn:
+    if weight.dtype == torch.float8_e4m3fn and len(weight.shape) == 2:
         if has_scale and f.tensors[layer_key + ".weight_scale"].shape not in ((), (1,)):
             return weights.FP8_ROWWISE
         return weights.FP8_TENSOR  # Lightricks' fp8 (scaled) or an unscaled fp8 cast (scale 1)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from quant import checkpoint, ltx2, runtime, safetensors_io
 from quant.checkpoint import load_converted, nonfinite_count, quantize_file
 from quant.policies import get_policy
-from quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors
+from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
@@ -166,6 +166,18 @@ def test_block_layout_check_agrees_with_the_loader(tmp_path):
         info = checkpoint.inspect_checkpoint(f)
         checkpoint.check_layers(f, info)
     assert sum(bool(ltx2.BLOCK_LINEAR_RE.match(layer)) for layer in info.layers) == 2 * 28
+
+
+def test_model_cast_to_fp8_by_comfyui_quantizes(tmp_path):
+    # ComfyUI's UNETLoader with weight_dtype fp8_e4m3fn casts every weight, norms included; a 1-D
+    # FP8 norm weight is a plain tensor, not an FP8 layer (it crashed the Quantize node before).
+    config, state = tiny()
+    cast = {k: v.to(torch.float8_e4m3fn) if k.endswith(".weight") else v for k, v in state.items()}
+    source = MemoryTensors(cast, ltx2.header_metadata(config), "the input MODEL")
+    loaded = load_converted(source, get_policy("fp8-scaled-mm"))
+    norm = "transformer_blocks.0.attn1.q_norm.weight"
+    assert loaded.state_dict[norm].dtype == torch.float8_e4m3fn and loaded.state_dict[norm].shape == (64,)
+    assert len([d for d in loaded.decisions if d.changed]) == 2 * 28
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,6 +130,16 @@ def test_bad_file_gives_a_clear_error_and_the_server_goes_on(server, base, bad, 
     server.run(sampling_graph(loader_node(GOOD, "nvfp4"), f"after_bad_{index}"))
 
 
+@pytest.mark.parametrize("weight_dtype", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_quantize_node_on_a_model_core_cast_to_fp8(server, base, weight_dtype):
+    # Core's fp8 weight dtypes cast norms too; that crashed the Quantize node with an unpacking error.
+    core = {"class_type": "UNETLoader", "inputs": {"unet_name": GOOD, "weight_dtype": weight_dtype}}
+    quantize = {"9": {"class_type": "LTX2QuantQuantizeModel",
+                      "inputs": {"model": ["1", 0], "policy": "nvfp4", "nvfp4_mode": "fast", "scope": "all block linears"}}}
+    server.run(sampling_graph(core, f"core_{weight_dtype}", extra=quantize, model_ref=["9", 0]))
+    assert all(torch.isfinite(t).all() for t in latent(base, f"core_{weight_dtype}"))
+
+
 def test_cancel_while_loading(server, base):
     graph = sampling_graph(loader_node(GOOD, "nvfp4", scope="keep audio branch"), "cancel_load")
     entry = faults.cancel_at(server, graph, node="1", step=20)
