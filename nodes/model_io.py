@@ -17,7 +17,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..quant import checkpoint, runtime, weights
+from ..quant import checkpoint, memory, runtime, weights
 from ..quant.calibration import input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
@@ -28,6 +28,8 @@ log = logging.getLogger("ltx2_quant")
 
 # Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
 ACTIVATION_HEADROOM = 6 * 2 ** 30
+# Pixels per video latent cell: 32 x 32 spatially, 8 frames (ltx2.md).
+LATENT_PIXELS, LATENT_FRAMES = 32, 8
 
 
 
@@ -52,14 +54,33 @@ def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[
     return runtime.choose_auto_policy(runtime.capability(device), free, policy_sizes(info), ACTIVATION_HEADROOM)
 
 
-def advise_on_oom(stage: str, policy_name: str, sizes: dict[str, int], call):
-    """call(); out of GPU memory, the error says which policy or video size would fit, and the
-    failed call's memory is released first (ComfyUI then unloads its models, as for any OOM)."""
+def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
+                 latent_shapes=None) -> tuple[dict[str, int], str]:
+    """GPU memory a run needs per policy, and how it was reckoned: quant.memory's estimate at the
+    video's size while sampling (`latent_shapes` as ComfyUI passes them), else the weights plus
+    ACTIVATION_HEADROOM."""
+    if latent_shapes and len(latent_shapes[0]) == 5:
+        _, _, frames, height, width = latent_shapes[0]
+        width, height, frames = width * LATENT_PIXELS, height * LATENT_PIXELS, (frames - 1) * LATENT_FRAMES + 1
+        device = compute_device()
+        capability = runtime.capability(device) if device.type == "cuda" else memory.FP8_GPU
+        needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
+                                            config=config, capability=capability).total_bytes for name in POLICIES}
+        return needs, f"estimated for {width}x{height}x{frames}"
+    return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},
+            f"its weights plus {ACTIVATION_HEADROOM / 2 ** 30:.0f} GiB for activations")
+
+
+def advise_on_oom(stage: str, policy_name: str, needs, call):
+    """call(); out of GPU memory, the error says which policy or video size would fit (`needs()`
+    gives memory_needs' answer, reckoned only then), and the failed call's memory is released
+    first (ComfyUI then unloads its models, as for any OOM)."""
     device = compute_device()
 
     def advice() -> str:
         total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
-        return runtime.out_of_memory_advice(stage, policy_name, sizes, total, ACTIVATION_HEADROOM)
+        need_bytes, basis = needs()
+        return runtime.out_of_memory_advice(stage, policy_name, need_bytes, total, basis)
 
     def release() -> None:
         gc.collect()
@@ -67,11 +88,15 @@ def advise_on_oom(stage: str, policy_name: str, sizes: dict[str, int], call):
     return runtime.call_or_advise_on_oom(call, advice, release)
 
 
-def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int]) -> None:
-    """Sampling that runs out of GPU memory inside the model reports what would fit (an APPLY_MODEL
-    wrapper: the model's frames are gone before ComfyUI's OOM handler unloads the models)."""
+def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
+                   nvfp4_mode: str) -> None:
+    """Sampling that runs out of GPU memory inside the model reports what would fit at that video
+    size (an APPLY_MODEL wrapper: the model's frames are gone before ComfyUI's OOM handler unloads
+    the models)."""
     def wrapper(executor, *args, **kwargs):
-        return advise_on_oom("sampling", policy_name, sizes, lambda: executor(*args, **kwargs))
+        def needs():
+            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"))
+        return advise_on_oom("sampling", policy_name, needs, lambda: executor(*args, **kwargs))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)
 
 
@@ -139,8 +164,13 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
             extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
         patcher, paths = build_model(loaded, policy_name, nvfp4_mode)
         return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
-    patcher, text = advise_on_oom("loading and quantizing the model", policy_name, sizes, load_and_build)
-    add_oom_advice(patcher, policy_name, sizes)
+    # quant.memory estimates an LTX-2.3 layout: the file's when its config gives it, else the release's.
+    layout_keys = (*checkpoint.BLOCK_LAYOUT_KEYS, *checkpoint.MODEL_LAYOUT_KEYS)
+    usable = info.family == "ltx2.3" and isinstance(info.config, dict) and all(k in info.config for k in layout_keys)
+    config = info.config if usable else None
+    patcher, text = advise_on_oom("loading and quantizing the model", policy_name,
+                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode), load_and_build)
+    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode)
     return patcher, text
 
 

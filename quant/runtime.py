@@ -209,24 +209,23 @@ def choose_auto_policy(cap: Capability, free_bytes: int | None, weight_bytes: di
                       f"({weight_bytes[smallest] / gib:.1f} GiB), ComfyUI will offload part of it")
 
 
-def out_of_memory_advice(stage: str, policy: str, weight_bytes: dict[str, int], total_bytes: int | None,
-                         headroom_bytes: int) -> str:
+def out_of_memory_advice(stage: str, policy: str, need_bytes: dict[str, int], total_bytes: int | None,
+                         basis: str) -> str:
     """What to do after running out of GPU memory while `stage` with `policy`: the smaller policies
-    whose weights plus `headroom_bytes` (activations) fit a GPU of `total_bytes`, best quality
-    first, else the smallest one with offloading; and a smaller video."""
+    whose need (`need_bytes`, per policy, computed as `basis` says) fits a GPU of `total_bytes`,
+    best quality first, else the smallest one with offloading; and a smaller video."""
     gib = 2 ** 30
-    current = weight_bytes[policy]
-    smaller = sorted((name for name in weight_bytes if weight_bytes[name] < current), key=weight_bytes.get,
-                     reverse=True)
-    fits = [name for name in smaller if total_bytes is None or weight_bytes[name] + headroom_bytes <= total_bytes]
+    current = need_bytes[policy]
+    smaller = sorted((name for name in need_bytes if need_bytes[name] < current), key=need_bytes.get, reverse=True)
+    fits = [name for name in smaller if total_bytes is None or need_bytes[name] <= total_bytes]
     gpu = f" on this {total_bytes / gib:.1f} GiB GPU" if total_bytes else ""
-    lines = [f"LTX-2 Quant: out of GPU memory while {stage} with policy {policy} "
-             f"({current / gib:.1f} GiB of weights{gpu})."]
+    lines = [f"LTX-2 Quant: out of GPU memory while {stage} with policy {policy}: it needs about "
+             f"{current / gib:.1f} GiB ({basis}){gpu}."]
     if fits:
-        lines.append("Policies that leave room for activations: "
-                     + ", ".join(f"{name} ({weight_bytes[name] / gib:.1f} GiB)" for name in fits) + ".")
+        lines.append("Policies that fit: " + ", ".join(f"{name} (about {need_bytes[name] / gib:.1f} GiB)"
+                                                       for name in fits) + ".")
     elif smaller:
-        lines.append(f"{smaller[-1]} is the smallest policy ({weight_bytes[smaller[-1]] / gib:.1f} GiB); with it "
+        lines.append(f"{smaller[-1]} needs the least (about {need_bytes[smaller[-1]] / gib:.1f} GiB); with it "
                      "ComfyUI keeps part of the model in system memory (slower, but it runs).")
     lines.append("A smaller video (fewer frames, lower resolution) needs less memory at any policy. "
                  "The memory of the failed run was released; the next prompt can run.")

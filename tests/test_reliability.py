@@ -409,26 +409,27 @@ def test_oom_on_the_cpu_is_not_retried(tiny_source, monkeypatch):
         load_converted(str(tiny_source), get_policy("nvfp4"))
 
 
-SIZES = {"bf16": int(38.0 * GIB), "fp8-cast": int(19.5 * GIB), "fp8-scaled-mm": int(19.5 * GIB),
-         "mxfp8": int(20.1 * GIB), "nvfp4": int(12.4 * GIB)}
+NEEDS = {"bf16": int(45.1 * GIB), "fp8-cast": int(26.6 * GIB), "fp8-scaled-mm": int(26.0 * GIB),
+         "mxfp8": int(26.7 * GIB), "nvfp4": int(19.3 * GIB)}
+BASIS = "estimated for 768x512x121"
 
 
 def test_oom_advice_names_the_policies_that_fit():
-    advice = runtime.out_of_memory_advice("sampling", "bf16", SIZES, 32 * GIB, 6 * GIB)
-    assert advice.startswith("LTX-2 Quant: out of GPU memory while sampling with policy bf16 (38.0 GiB of weights on "
-                             "this 32.0 GiB GPU).")
-    assert "Policies that leave room for activations: mxfp8 (20.1 GiB), fp8-cast (19.5 GiB), fp8-scaled-mm " \
-           "(19.5 GiB), nvfp4 (12.4 GiB)." in advice
+    advice = runtime.out_of_memory_advice("sampling", "bf16", NEEDS, 32 * GIB, BASIS)
+    assert advice.startswith("LTX-2 Quant: out of GPU memory while sampling with policy bf16: it needs about 45.1 GiB "
+                             "(estimated for 768x512x121) on this 32.0 GiB GPU.")
+    assert "Policies that fit: mxfp8 (about 26.7 GiB), fp8-cast (about 26.6 GiB), fp8-scaled-mm (about 26.0 GiB), " \
+           "nvfp4 (about 19.3 GiB)." in advice
     assert "smaller video" in advice
-    on_24 = runtime.out_of_memory_advice("sampling", "fp8-scaled-mm", SIZES, 24 * GIB, 6 * GIB)
-    assert "Policies that leave room for activations: nvfp4 (12.4 GiB)." in on_24 and "bf16 (" not in on_24
+    on_24 = runtime.out_of_memory_advice("sampling", "fp8-scaled-mm", NEEDS, 24 * GIB, BASIS)
+    assert "Policies that fit: nvfp4 (about 19.3 GiB)." in on_24 and "bf16 (" not in on_24
 
 
 def test_oom_advice_when_no_policy_fits():
-    advice = runtime.out_of_memory_advice("loading and quantizing the model", "fp8-cast", SIZES, 16 * GIB, 6 * GIB)
-    assert "nvfp4 is the smallest policy (12.4 GiB)" in advice and "system memory" in advice
-    smallest = runtime.out_of_memory_advice("sampling", "nvfp4", SIZES, 16 * GIB, 6 * GIB)
-    assert "Policies" not in smallest and "smallest policy" not in smallest and "smaller video" in smallest
+    advice = runtime.out_of_memory_advice("loading and quantizing the model", "fp8-cast", NEEDS, 16 * GIB, BASIS)
+    assert "nvfp4 needs the least (about 19.3 GiB)" in advice and "system memory" in advice
+    smallest = runtime.out_of_memory_advice("sampling", "nvfp4", NEEDS, 16 * GIB, BASIS)
+    assert "Policies" not in smallest and "needs the least" not in smallest and "smaller video" in smallest
 
 
 def test_oom_error_releases_the_failed_calls_tensors_first():
