@@ -411,7 +411,6 @@ class Step:
 
     specs: list[TensorSpec]
     make: Callable[[], list[torch.Tensor]]
-    sources: tuple[str, ...] = ()  # the file tensors `make` reads
 
 
 @dataclass
@@ -462,7 +461,7 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         if entry is None or entry[1].target_format not in weights.FORMATS:
             t = f.tensors[key]
             steps.append(Step([TensorSpec(key, t.dtype, t.shape)],
-                              lambda key=key: [refuse_nonfinite(f.path, key, f.read(key))], (key,)))
+                              lambda key=key: [refuse_nonfinite(f.path, key, f.read(key))]))
             continue
         source, decision = entry
         if key != source.keys["weight"]:
@@ -474,15 +473,12 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         def convert(source=source, decision=decision, specs=specs):
             qw = convert_layer(f, source, decision.target_format, device)
             return [qw.tensors[spec.name.rsplit(".", 1)[1]] for spec in specs]
-        steps.append(Step(specs, convert, tuple(source.keys.values())))
+        steps.append(Step(specs, convert))
     return ConversionPlan(info, decisions, steps, quant_layers)
 
 
-def _run_steps(source: SafetensorsFile | MemoryTensors, steps: list[Step],
-               progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _run_steps(steps: list[Step], progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
     for index, step in enumerate(steps):
-        if index + 1 < len(steps):
-            source.will_need(steps[index + 1].sources)  # the disk reads the next layer while this one converts
         yield from zip((spec.name for spec in step.specs), step.make())
         if progress is not None:
             progress(index + 1, len(steps))
@@ -506,7 +502,7 @@ def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool =
     with SafetensorsFile(in_path) as f:
         conversion = plan_conversion(f, policy, device)
         specs = [spec for step in conversion.steps for spec in step.specs]
-        tensors = (tensor for _, tensor in _run_steps(f, conversion.steps, progress))
+        tensors = (tensor for _, tensor in _run_steps(conversion.steps, progress))
         written = write_streaming(out_path, specs, tensors, conversion.metadata(policy), overwrite=overwrite)
     return QuantizeResult(out_path, conversion.decisions, written)
 
@@ -533,7 +529,7 @@ def load_converted(source: str | SafetensorsFile | MemoryTensors, policy: Policy
             return load_converted(f, policy, progress, device)
     conversion = plan_conversion(source, policy, device, only_prefix=True)
     prefix = conversion.info.prefix
-    state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(source, conversion.steps, progress)}
+    state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
     for layer_key, conf in conversion.quant_layers.items():
         state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
     return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)

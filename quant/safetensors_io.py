@@ -172,16 +172,6 @@ class SafetensorsFile:
             raise self._fail(f"truncated while reading tensor {name!r}: got {got} of {info.nbytes} bytes")
         return raw.view(info.dtype).reshape(info.shape)
 
-    def will_need(self, names) -> None:
-        """Ask the kernel to start reading these tensors into the page cache now (asynchronously), so
-        a later read() overlaps with whatever runs in between (the loader converts the layer before)."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for name in names:
-            info = self.tensors.get(name)
-            if info is not None and info.nbytes:
-                os.posix_fadvise(self._file.fileno(), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
-
     def close(self) -> None:
         self._file.close()
 
@@ -344,9 +334,6 @@ class MemoryTensors:
 
     def read(self, name: str) -> torch.Tensor:
         return self._data[name]
-
-    def will_need(self, names) -> None:
-        pass  # already in memory
 
     def __enter__(self) -> "MemoryTensors":
         return self

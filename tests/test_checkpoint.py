@@ -24,8 +24,8 @@ import safetensors.torch
 import torch
 
 from quant import ltx2, weights
-from quant.checkpoint import (PACK_METADATA_KEY, QUANT_METADATA_KEY, convert_layer, inspect_checkpoint, load_converted,
-                              quantize_file, read_layer)
+from quant.checkpoint import (PACK_METADATA_KEY, QUANT_METADATA_KEY, convert_layer, inspect_checkpoint, quantize_file,
+                              read_layer)
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, SafetensorsFile, TensorSpec, save_tensors, write_streaming
 from quant.weights import FormatError
@@ -1192,20 +1192,3 @@ def test_streaming_memory(big_checkpoint, tmp_path, policy_name):
     assert dst.stat().st_size < file_size
     assert extra < MEMORY_FACTOR * largest, report
     assert extra < file_size / FILE_FRACTION, report
-
-
-def test_loading_asks_the_kernel_for_the_next_layer_first(tmp_path, monkeypatch):
-    """Read-ahead: while one layer converts, the next one's bytes are already requested."""
-    config = ltx2.tiny_config(num_layers=1)
-    path = tmp_path / "tiny.safetensors"
-    save_tensors(path, ltx2.synthetic_state_dict(config, seed=0), ltx2.header_metadata(config))
-    events = []
-    real_read = SafetensorsFile.read
-    monkeypatch.setattr(SafetensorsFile, "will_need", lambda self, names: events.append(("ahead", tuple(names))))
-    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: events.append(("read", name)) or real_read(self, name))
-    load_converted(str(path), get_policy("fp8-scaled-mm"))
-    reads = [name for kind, name in events if kind == "read"]
-    asked = [name for kind, names in events if kind == "ahead" for name in names]
-    assert set(reads) - set(asked) <= {reads[0]}  # everything but the very first read was asked for ahead
-    for name in asked:  # and asked for before it was read
-        assert events.index(next(e for e in events if e[0] == "ahead" and name in e[1])) < events.index(("read", name))
