@@ -322,7 +322,7 @@ def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> No
         extra += [f"transformer_blocks.{n}.{key}" for key in have if key not in per_block]
     if num_blocks > info.num_blocks:
         missing.append(f"all of transformer_blocks.{info.num_blocks} to {num_blocks - 1}")
-    extra += [f"all of transformer_blocks.{n}" for n in sorted(blocks) if n >= num_blocks]
+    extra_blocks = [f"all of transformer_blocks.{n}" for n in sorted(blocks) if n >= num_blocks]
     if info.family == "ltx2.3" and config is not None and all(k in config for k in MODEL_LAYOUT_KEYS):
         for key, shape in ltx2.model_shapes({**config, "num_layers": 0}).items():
             if key not in outside:
@@ -332,8 +332,10 @@ def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> No
     problems = []
     if missing:
         problems.append(f"missing: {_first(missing)} (ComfyUI would leave them uninitialized: noise or a black video)")
-    if extra:
-        problems.append(f"not part of that model: {_first(extra)} (ComfyUI would ignore them)")
+    if extra_blocks:
+        problems.append(f"not part of that model: {_first(extra_blocks)} (ComfyUI would ignore them)")
+    if extra:  # stray tensors are harmless (ComfyUI ignores them): said, not refused
+        log.warning("LTX-2 Quant: %s has tensors the model does not use, ignored: %s", f.path, _first(extra))
     if wrong:
         problems.append(f"wrong shape: {_first(wrong)}")
     if problems:

@@ -124,10 +124,17 @@ def test_extra_block_is_named(tmp_path):
             "not part of that model: all of transformer_blocks.2", "ignore")
 
 
-def test_extra_layer_in_a_block_is_named(tmp_path):
+def test_extra_tensor_in_a_block_is_named_but_not_refused(tmp_path, caplog):
+    """A stray tensor is harmless (ComfyUI ignores it); refusing it could refuse a real release file
+    that carries one, so it is logged instead."""
     config, state = tiny()
     state["transformer_blocks.0.attn1.to_extra.weight"] = torch.zeros(64, 64).bfloat16()
-    refused(tmp_path, state, ltx2.header_metadata(config), "not part of that model: transformer_blocks.0.attn1.to_extra.weight")
+    path = tmp_path / "extra.safetensors"
+    save_tensors(path, state, ltx2.header_metadata(config))
+    with caplog.at_level("WARNING", logger="ltx2_quant"):
+        loaded = load_converted(str(path), get_policy("fp8-scaled-mm"))
+    assert "transformer_blocks.0.attn1.to_extra.weight" in caplog.text
+    assert "transformer_blocks.0.attn1.to_q.comfy_quant" in loaded.state_dict
 
 
 def test_layer_shape_that_contradicts_the_config(tmp_path):
