@@ -31,15 +31,16 @@ PROMPT = ("A red fox trots across a snowy forest clearing at dawn, breath steami
 NEGATIVE = "blurry, low quality, still frame, watermark, text"
 
 
-def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: str, image: bool = False,
-                    lora: str | None = None) -> list[dict]:
+def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: str, compile_mode: str,
+                    image: bool = False, lora: str | None = None) -> list[dict]:
     """Nodes as {id, type, widgets: {input: value}, links: {input: (node id, output slot)}, col, row}."""
     model = (1, 0)
     nodes = [
         {"id": 1, "type": "LTX2QuantLoader", "col": 0, "row": 0,
          "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears",
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
-                     "keep_audio": False, "calibration": "none", "download_missing": False, "attention": "auto"}},
+                     "keep_audio": False, "calibration": "none", "download_missing": False,
+                     "attention": "comfyui default"}},
         {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
          "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
         {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},
@@ -87,6 +88,10 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
         nodes.append({"id": 22, "type": "LoraLoaderModelOnly", "col": 1, "row": 7,
                       "widgets": {"lora_name": lora, "strength_model": 0.5}, "links": {"model": model}})
         nodes[13]["links"]["model"] = (22, 0)
+    # Compile Blocks last, on the model the sampler gets (the measured speed comes with it: BENCHMARKS.md).
+    nodes.append({"id": 23, "type": "LTX2QuantCompile", "col": 1, "row": 8, "widgets": {"mode": compile_mode},
+                  "links": {"model": nodes[13]["links"]["model"]}})
+    nodes[13]["links"]["model"] = (23, 0)
     return nodes
 
 
@@ -94,14 +99,15 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
 WORKFLOWS = {
     "ltx2.3_t2v_two_stage_fp8_scaled_mm": (
         "LTX-2.3 text-to-video, two-stage distilled, fp8-scaled-mm",
-        two_stage_graph(DISTILLED, "fp8-scaled-mm", "euler", "distilled stage 2 (Lightricks)")),
+        two_stage_graph(DISTILLED, "fp8-scaled-mm", "euler", "distilled stage 2 (Lightricks)", "blocks")),
     "ltx2.3_i2v_two_stage_nvfp4": (
         "LTX-2.3 image-to-video, two-stage distilled, nvfp4",
-        two_stage_graph(DISTILLED, "nvfp4", "euler", "distilled stage 2 (Lightricks)", image=True)),
+        two_stage_graph(DISTILLED, "nvfp4", "euler", "distilled stage 2 (Lightricks)", "blocks, cuda graphs",
+                        image=True)),
     "ltx2.3_dev_distilled_lora_fp8_scaled_mm": (
         "LTX-2.3 dev + distilled LoRA 0.5 on fp8-scaled-mm, two-stage",
         two_stage_graph(DEV, "fp8-scaled-mm", "euler_ancestral_cfg_pp / euler_cfg_pp",
-                        "distilled stage 2 (ComfyUI templates)", lora=DISTILLED_LORA)),
+                        "distilled stage 2 (ComfyUI templates)", "blocks", lora=DISTILLED_LORA)),
 }
 
 

@@ -197,3 +197,25 @@ def test_vae_from_checkpoint_decodes(server):
              "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
     entry = server.run(graph)
     assert entry["outputs"]["4"]["images"]
+
+
+def test_a_non_ltx_model_is_refused():
+    """check_ltx_model on a model whose diffusion_model is not LTX (ComfyUI imported in a subprocess,
+    as the server would)."""
+    script = f"""
+import importlib.util, sys, types, torch
+sys.path.insert(0, {os.environ.get('COMFYUI_PATH', '')!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+spec = importlib.util.spec_from_file_location("ltx2q", {os.path.join(HERE, '..', '..', '__init__.py')!r},
+                                              submodule_search_locations=[{os.path.dirname(os.path.dirname(HERE))!r}])
+pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+from ltx2q.nodes import pipeline
+patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
+try:
+    pipeline.check_ltx_model(patcher, "stage-2 model")
+except ValueError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "The stage-2 model is a Linear, not an LTX-2 model" in out.stdout, out.stderr[-2000:]
