@@ -99,10 +99,9 @@ def sample(patcher, latent, positive, sigmas):
 
 def apply_patches(patcher, patches: list[str]):
     for patch in patches:
-        if patch == "compile":
-            patcher = compile_blocks(patcher, "blocks")
-        elif patch == "graphs":
-            patcher = compile_blocks(patcher, "blocks, cuda graphs")
+        if patch in ("compile", "graphs"):
+            patcher, text = compile_blocks(patcher, "blocks" if patch == "compile" else "blocks, cuda graphs")
+            print(f"{patch}: {text}", flush=True)
         elif patch.startswith("attn="):
             patcher, text = patch_attention(patcher, patch[len("attn="):])
             print(f"{patch}: {text}", flush=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from .patches import COMPILE_MODES, compile_blocks
 
@@ -23,4 +23,5 @@ class LTX2QuantCompile(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode) -> io.NodeOutput:
-        return io.NodeOutput(compile_blocks(model, mode))
+        compiled, text = compile_blocks(model, mode)
+        return io.NodeOutput(compiled, ui=ui.PreviewText(text))

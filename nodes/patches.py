@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils._triton import has_triton
 
 from ..quant import runtime
 from ..quant.attention import choose_attention, comfy_override
@@ -31,22 +32,30 @@ def skip_transformer_options_guards(guard_entries):
 
 
 def compile_blocks(patcher, mode: str):
-    """A clone of `patcher` whose transformer blocks run through torch.compile (Inductor) at sampling time."""
+    """(a clone of `patcher` whose transformer blocks run through torch.compile (Inductor) at sampling
+    time, report line). Where Inductor has no fast target (a CPU model, or no Triton for the GPU) the
+    model is returned unchanged and the report says why: compiling there costs minutes and gains nothing."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"Unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
     if COMPILE_MODES[mode] is None:
-        return patcher
+        return patcher, "compile: off"
     blocks = getattr(patcher.model.diffusion_model, "transformer_blocks", None)
     if blocks is None:
         raise ValueError(f"{type(patcher.model.diffusion_model).__name__} has no transformer_blocks to compile")
+    device = torch.device(patcher.load_device)
+    if device.type != "cuda" or not has_triton():
+        why = "the model runs on the CPU" if device.type != "cuda" else "Triton is not installed"
+        log.warning("LTX-2 Quant: Compile Blocks skipped: %s", why)
+        return patcher, f"compile: skipped ({why}); the model runs uncompiled"
     # One cache entry per block instance and input shape would exceed Dynamo's default limit of 8.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
     clone = patcher.clone(disable_dynamic=True)
     set_torch_compile_wrapper(model=clone, backend="inductor", dynamic=False,
                               options={"guard_filter_fn": skip_transformer_options_guards, **COMPILE_MODES[mode]},
                               keys=[f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))])
-    log.info("LTX-2 Quant: torch.compile (%s) over %d transformer blocks; the first step compiles", mode, len(blocks))
-    return clone
+    text = f"compile: {mode}, {len(blocks)} transformer blocks (the first step at each new size compiles)"
+    log.info("LTX-2 Quant: %s", text)
+    return clone, text
 
 
 def patch_attention(model, requested: str):

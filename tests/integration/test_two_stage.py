@@ -4,6 +4,7 @@ Skips when COMFYUI_PATH is unset."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -219,3 +220,11 @@ except ValueError as e:
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "The stage-2 model is a Linear, not an LTX-2 model" in out.stdout, out.stderr[-2000:]
+
+
+def test_compile_node_on_the_cpu_passes_the_model_through_and_says_why(server, base):
+    extra = {"20": {"class_type": "LTX2QuantCompile", "inputs": {"model": ["1", 0], "mode": "blocks"}}}
+    entry = server.run(two_stage_graph("compiled", sampler_inputs={"model": ["20", 0]}, extra=extra))
+    assert "skipped (the model runs on the CPU)" in json.dumps(entry["outputs"]["20"])
+    server.run(two_stage_graph("uncompiled"))
+    assert torch.equal(saved(base, "compiled")["video"], saved(base, "uncompiled")["video"])
