@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import logging
-import os
-import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-
+from bench_model import model_io  # the pack as ComfyUI imports it; puts COMFYUI_PATH on sys.path
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
-
-# The pack as ComfyUI imports it (a package named after its folder), for its nodes' model_io.
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import model_io  # noqa: E402
 from ltx2q.quant import ltx2  # noqa: E402
 from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
 

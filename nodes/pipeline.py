@@ -196,29 +196,28 @@ def two_stage_sample(model, positive, negative, latent: dict, upscale_model, vae
 
     video, audio = split_av(latent["samples"])
     generator = torch.Generator().manual_seed(seed)
-    randn = lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.dtype)  # noqa: E731
     progress = TwoStageProgress(model, (len(sigmas_stage1) - 1) + 1 + (len(sigmas_stage2) - 1))
 
-    stage1_video = torch.nn.functional.avg_pool3d(video.float(), (1, 2, 2)).to(video.dtype)
-    stage1_mask = None
-    if image is not None:
-        stage1_video, stage1_mask = condition_on_image(vae, image, stage1_video, image_strength)
-    noise1 = join_av(randn(stage1_video), None if audio is None else randn(audio))
-    mask1 = None if stage1_mask is None else join_av(stage1_mask, None if audio is None else torch.ones_like(audio))
-    samples = run_stage(model, positive, negative, cfg, sampler1, sigmas_stage1, join_av(stage1_video, audio),
-                        noise1, mask1, seed, progress)
+    def stage(patcher, sampler, sigmas, video, audio, stage_seed):
+        """Sample one stage: noise for video then audio from the shared generator, the image (if any)
+        encoded into the first latent frame(s) at this stage's size."""
+        mask = None
+        if image is not None:
+            video, mask = condition_on_image(vae, image, video, image_strength)
+        randn = lambda t: torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t.dtype)  # noqa: E731
+        noise = join_av(randn(video), None if audio is None else randn(audio))
+        if mask is not None:
+            mask = join_av(mask, None if audio is None else torch.ones_like(audio))
+        return run_stage(patcher, positive, negative, cfg, sampler, sigmas, join_av(video, audio), noise, mask,
+                         stage_seed, progress)
 
+    stage1_video = torch.nn.functional.avg_pool3d(video.float(), (1, 2, 2)).to(video.dtype)
+    samples = stage(model, sampler1, sigmas_stage1, stage1_video, audio, seed)
     stage1 = {"samples": samples}
     stage1_video, audio = split_av(samples)
     video = upsample_video(upscale_model, vae, stage1_video)
     progress.step()
-    stage2_mask = None
-    if image is not None:
-        video, stage2_mask = condition_on_image(vae, image, video, image_strength)
-    noise2 = join_av(randn(video), None if audio is None else randn(audio))
-    mask2 = None if stage2_mask is None else join_av(stage2_mask, None if audio is None else torch.ones_like(audio))
-    samples = run_stage(model_stage2, positive, negative, cfg, sampler2, sigmas_stage2, join_av(video, audio),
-                        noise2, mask2, seed + 1, progress)
+    samples = stage(model_stage2, sampler2, sigmas_stage2, video, audio, seed + 1)
     out = {key: value for key, value in latent.items() if key != "noise_mask"}
     out["samples"] = samples
     return out, stage1

@@ -120,6 +120,18 @@ class ComfyServer:
         self.log.close()
 
 
+def saved_latent(base: str, name: str) -> dict:
+    """A latent the test node LTX2QTestSaveLatent wrote: {"video": ..., "audio": ...} (no audio for a
+    video-only latent)."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(base, "output", "latents", name + ".safetensors"))
+
+
+def rel(a, b) -> float:
+    """Relative L2 difference of a to b."""
+    return float((a - b).norm() / b.norm())
+
+
 def sampling_graph(model_node: dict, name: str, sampler: str = "euler", extra: dict | None = None,
                    model_ref: list | None = None) -> dict:
     """Model -> test inputs -> CFGGuider(cfg 1) + ManualSigmas (distilled stage 1) -> SamplerCustomAdvanced

@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from comfy_server import ComfyServer, loader_node, missing_requirements, sampling_graph
+from comfy_server import ComfyServer, loader_node, missing_requirements, rel, saved_latent, sampling_graph
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 
@@ -59,18 +59,9 @@ def models_folder(base) -> str:
     return os.path.join(str(base), "models", "diffusion_models")
 
 
-def latent(base, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out = load_file(os.path.join(base, "output", "latents", name + ".safetensors"))
-    return out["video"], out["audio"]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def sample(server, base, model_node: dict, name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     server.run(sampling_graph(model_node, name, **kwargs))
-    return latent(base, name)
+    return tuple(saved_latent(base, name).values())
 
 
 def test_object_info_lists_the_nodes(server):
@@ -99,7 +90,7 @@ def test_sigmas_node_gives_the_distilled_schedule(server, base):
     graph["5"] = {"class_type": "LTX2QuantSigmas", "inputs": {"preset": "distilled stage 1", "steps": 30,
                                                              "terminal": 0.1}}
     server.run(graph)
-    node = latent(base, "sigmas_node")
+    node = tuple(saved_latent(base, "sigmas_node").values())
     assert all(torch.equal(a, b) for a, b in zip(node, manual))
     info = server.get("/object_info/LTX2QuantSigmas")["LTX2QuantSigmas"]
     assert info["category"] == "LTX-2 Quant"
@@ -107,7 +98,7 @@ def test_sigmas_node_gives_the_distilled_schedule(server, base):
                                                              "steps": 4, "terminal": 0.1, "latent": ["2", 2]}}
     graph["8"]["inputs"]["name"] = "sigmas_scheduler"
     server.run(graph)
-    scheduled = latent(base, "sigmas_scheduler")
+    scheduled = tuple(saved_latent(base, "sigmas_scheduler").values())
     assert all(torch.isfinite(t).all() for t in scheduled)
     assert not torch.equal(scheduled[0], node[0])
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import faults
-from comfy_server import loader_node, missing_requirements, sampling_graph
+from comfy_server import loader_node, missing_requirements, sampling_graph, saved_latent
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 
@@ -102,11 +102,6 @@ def models_folder(base) -> str:
     return os.path.join(str(base), "models", "diffusion_models")
 
 
-def latent(base, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out = load_file(os.path.join(base, "output", "latents", name + ".safetensors"))
-    return out["video"], out["audio"]
-
-
 def same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -114,10 +109,10 @@ def same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
 def run_twice_from_clean(server, base, graph: dict, name: str) -> tuple[tuple, tuple]:
     """The graph's latent now, and after ComfyUI dropped every model and cached output."""
     server.run(graph)
-    now = latent(base, name)
+    now = tuple(saved_latent(base, name).values())
     faults.free(server)
     server.run(graph)
-    return now, latent(base, name)
+    return now, tuple(saved_latent(base, name).values())
 
 
 @pytest.mark.parametrize("index", range(7))
@@ -137,7 +132,7 @@ def test_quantize_node_on_a_model_core_cast_to_fp8(server, base, weight_dtype):
     quantize = {"9": {"class_type": "LTX2QuantQuantizeModel",
                       "inputs": {"model": ["1", 0], "policy": "nvfp4", "nvfp4_mode": "fast", "scope": "all block linears"}}}
     server.run(sampling_graph(core, f"core_{weight_dtype}", extra=quantize, model_ref=["9", 0]))
-    assert all(torch.isfinite(t).all() for t in latent(base, f"core_{weight_dtype}"))
+    assert all(torch.isfinite(t).all() for t in tuple(saved_latent(base, f"core_{weight_dtype}").values()))
 
 
 def test_cancel_while_loading(server, base):

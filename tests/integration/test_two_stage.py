@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from comfy_server import DISTILLED_STAGE1, HERE, ComfyServer, loader_node, missing_requirements
+from comfy_server import DISTILLED_STAGE1, HERE, ComfyServer, loader_node, missing_requirements, rel, saved_latent
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 
@@ -45,14 +44,6 @@ def server(base):
     s = ComfyServer(str(base), with_pack=True)
     yield s
     s.stop()
-
-
-def saved(base, name: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(base, "output", "latents", name + ".safetensors"))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def two_stage_graph(name: str, policy: str = "bf16", sampler: str = "euler", width: int = 128, height: int = 128,
@@ -120,13 +111,13 @@ def test_object_info_lists_the_pipeline_nodes(server):
 def test_two_stage_runs_each_sampler(server, base, sampler, policy):
     name = f"two_stage_{policy}_{SAMPLERS.index(sampler)}"
     server.run(two_stage_graph(name, policy, sampler))
-    out, stage1 = saved(base, name), saved(base, name + "_stage1")
+    out, stage1 = saved_latent(base, name), saved_latent(base, name + "_stage1")
     assert out["video"].shape == (1, 128, 2, 4, 4) and stage1["video"].shape == (1, 128, 2, 2, 2)
     assert out["audio"].shape == stage1["audio"].shape == (1, 8, 10, 16)
     for tensor in (*out.values(), *stage1.values()):
         assert bool(torch.isfinite(tensor).all()) and float(tensor.abs().max()) > 0
     if policy != "bf16":
-        reference = saved(base, f"two_stage_bf16_{SAMPLERS.index(sampler)}")
+        reference = saved_latent(base, f"two_stage_bf16_{SAMPLERS.index(sampler)}")
         assert rel(out["video"], reference["video"]) < 0.15
         assert rel(out["audio"], reference["audio"]) < 0.15
 
@@ -134,10 +125,10 @@ def test_two_stage_runs_each_sampler(server, base, sampler, policy):
 def test_stage1_and_upsample_equal_core_nodes(server, base):
     server.run(two_stage_graph("ours"))
     server.run(core_stage1_graph("core"))
-    ours, core = saved(base, "ours_stage1"), saved(base, "core_stage1")
+    ours, core = saved_latent(base, "ours_stage1"), saved_latent(base, "core_stage1")
     # Same seed, same half-size latent, same sampler: bit-identical stage 1.
     assert torch.equal(ours["video"], core["video"]) and torch.equal(ours["audio"], core["audio"])
-    core_up, ours_up, fp8_up = (saved(base, f"core_{k}")["video"] for k in ("core_up", "ours_up", "fp8_up"))
+    core_up, ours_up, fp8_up = (saved_latent(base, f"core_{k}")["video"] for k in ("core_up", "ours_up", "fp8_up"))
     assert core_up.shape == (1, 128, 2, 4, 4)
     torch.testing.assert_close(ours_up, core_up, rtol=1e-5, atol=1e-5)
     assert 0 < rel(fp8_up, core_up) < 0.05
@@ -147,8 +138,8 @@ def test_stage2_model_can_differ(server, base):
     extra = {"20": loader_node(CHECKPOINT, "fp8-scaled-mm")}
     server.run(two_stage_graph("mixed", sampler_inputs={"model_stage2": ["20", 0]}, extra=extra))
     server.run(two_stage_graph("plain"))
-    mixed, plain = saved(base, "mixed"), saved(base, "plain")
-    assert torch.equal(saved(base, "mixed_stage1")["video"], saved(base, "plain_stage1")["video"])
+    mixed, plain = saved_latent(base, "mixed"), saved_latent(base, "plain")
+    assert torch.equal(saved_latent(base, "mixed_stage1")["video"], saved_latent(base, "plain_stage1")["video"])
     assert 0 < rel(mixed["video"], plain["video"]) < 0.1
 
 
@@ -158,7 +149,7 @@ def test_image_to_video(server, base):
     server.run(two_stage_graph("i2v", sampler_inputs={"image": ["20", 0], "image_strength": 1.0,
                                                       "upscale_weights": "fp8"}, extra=extra))
     server.run(two_stage_graph("t2v"))
-    i2v, t2v = saved(base, "i2v"), saved(base, "t2v")
+    i2v, t2v = saved_latent(base, "i2v"), saved_latent(base, "t2v")
     assert bool(torch.isfinite(i2v["video"]).all())
     # Strength 1 keeps the encoded image in latent frame 0 through both stages.
     assert rel(i2v["video"][:, :, 0], t2v["video"][:, :, 0]) > 0.1
@@ -227,4 +218,4 @@ def test_compile_node_on_the_cpu_passes_the_model_through_and_says_why(server, b
     entry = server.run(two_stage_graph("compiled", sampler_inputs={"model": ["20", 0]}, extra=extra))
     assert "skipped (the model runs on the CPU)" in json.dumps(entry["outputs"]["20"])
     server.run(two_stage_graph("uncompiled"))
-    assert torch.equal(saved(base, "compiled")["video"], saved(base, "uncompiled")["video"])
+    assert torch.equal(saved_latent(base, "compiled")["video"], saved_latent(base, "uncompiled")["video"])
