@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_server import ComfyServer, loader_node, missing_requirements, sampling_graph
+from comfy_server import ComfyServer, loader_node, missing_requirements, rel, saved_latent, sampling_graph
 from quant import ltx2
 from quant.safetensors_io import save_tensors
-from test_comfyui import latent, rel
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -41,7 +40,7 @@ def attention_node(choice: str) -> dict:
 def run(server, base, name: str, **kwargs) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     graph = sampling_graph(kwargs.pop("model", loader_node(MODEL, "bf16")), name, **kwargs)
     entry = server.run(graph)
-    return entry, latent(base, name)
+    return entry, tuple(saved_latent(base, name).values())
 
 
 def report(entry: dict, node: str) -> str:

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from comfy_server import DISTILLED_STAGE1, ComfyServer, loader_node, missing_requirements
+from comfy_server import DISTILLED_STAGE1, ComfyServer, loader_node, missing_requirements, rel, saved_latent
 from quant import calibration, ltx2
 from quant.safetensors_io import save_tensors
-from test_comfyui import latent, rel, sample
+from test_comfyui import sample
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -107,7 +107,7 @@ def test_calibrated_model_output_matches_loading_its_file(server, base):
     })
     entry = server.run(graph)
     assert "static activation scales on 56 quantized layers" in "\n".join(entry["outputs"]["9"]["text"])
-    patched = latent(base, "q_patched")
+    patched = tuple(saved_latent(base, "q_patched").values())
     from_file = sample(server, base, loader_node(MODEL, "fp8-scaled-mm", calibration=name), "q_from_file")
     dynamic = sample(server, base, loader_node(MODEL, "fp8-scaled-mm"), "q_dynamic_again")
     assert all(torch.equal(a, b) for a, b in zip(patched, from_file))
