@@ -88,7 +88,11 @@ def _kitchen_requires(cap: Capability) -> str | None:
 
 
 def _kitchen_int8(q, k, v, scale, mask):
-    return importlib.import_module("comfy_kitchen").int8_attention(q, k, v, scale=scale, attn_mask=mask)
+    out = importlib.import_module("comfy_kitchen").int8_attention(q, k, v, scale=scale, attn_mask=mask)
+    # comfy-kitchen's INT8 casts turn a NaN input into a finite output (seen on an H200): put the NaN
+    # back, without a host sync, so a broken input never passes silently.
+    broken = q.isnan().any() | k.isnan().any() | v.isnan().any()
+    return torch.where(broken, torch.full_like(out, float("nan")), out)
 
 
 def _triton_requires(major: int, minor: int, what: str) -> Callable[[Capability], str | None]:
