@@ -25,6 +25,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
 
+if not torch.cuda.is_available():  # CPU dry runs of the benches that import this bootstrap
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = True  # ComfyUI otherwise looks for a CUDA device
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
@@ -49,13 +52,14 @@ CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core preq
 OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4"]
 
 
-def random_state(config: dict) -> dict[str, torch.Tensor]:
-    """Random bf16 weights of the real shapes, drawn on the GPU, kept on the CPU (like a loaded file)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def random_state(config: dict, device: str = "cuda") -> dict[str, torch.Tensor]:
+    """Random bf16 weights of the config's shapes (std 1/sqrt(in)), drawn on `device` (fast on a GPU),
+    kept on the CPU like a loaded file."""
+    gen = torch.Generator(device=device).manual_seed(0)
     state = {}
     for key, shape in ltx2.model_shapes(config).items():
         std = shape[1] ** -0.5 if len(shape) == 2 else 0.02
-        state[key] = (torch.randn(shape, generator=gen, device="cuda") * std).to(torch.bfloat16).cpu()
+        state[key] = (torch.randn(shape, generator=gen, device=device) * std).to(torch.bfloat16).cpu()
     return state
 
 
@@ -93,7 +97,8 @@ def sample(patcher, latent, positive, sigmas):
     noise = comfy.sample.prepare_noise(latent, 42)
     out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), torch.tensor(sigmas),
                         disable_pbar=True, seed=42)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out
 
 

@@ -18,30 +18,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
-import os
-import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-
-if not torch.cuda.is_available():
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = True  # ComfyUI otherwise looks for a CUDA device
+from bench_model import model_io, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sd  # noqa: E402
-
-# The pack as ComfyUI imports it (a package named after its folder).
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import evaluation, model_io  # noqa: E402
+from ltx2q.nodes import evaluation  # noqa: E402
 from ltx2q.quant import checkpoint, ltx2, sampling  # noqa: E402
 from ltx2q.quant.calibration import save_amax  # noqa: E402
 from ltx2q.quant.policies import get_policy, summarize  # noqa: E402
@@ -49,16 +34,6 @@ from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 DEFAULT_MODES = ["core prequant fp8", "core prequant nvfp4", "fp8-scaled-mm", "fp8-scaled-mm+static",
                  "nvfp4", "nvfp4:first=1,last=1", "nvfp4:audio", "nvfp4:first=2,last=2,audio"]
-
-
-def random_state(config: dict, device: str) -> dict[str, torch.Tensor]:
-    """Random bf16 weights of the config's shapes (std 1/sqrt(in)), drawn on `device`, kept on the CPU."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    state = {}
-    for key, shape in ltx2.model_shapes(config).items():
-        std = shape[1] ** -0.5 if len(shape) == 2 else 0.02
-        state[key] = (torch.randn(shape, generator=gen, device=device) * std).to(torch.bfloat16).cpu()
-    return state
 
 
 def inputs(config: dict, width: int, height: int, frames: int, seed: int, context_tokens: int):

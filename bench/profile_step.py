@@ -88,7 +88,7 @@ def main() -> None:
     width, height, frames = (int(v) for v in args.size.split("x"))
     config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)
     metadata = ltx2.header_metadata(config)
-    state = bench_model.random_state(config) if args.device == "cuda" else ltx2.synthetic_state_dict(config)
+    state = bench_model.random_state(config, args.device)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.blocks} blocks, {width}x{height}x{frames} "
           f"({(frames - 1) // 8 + 1} x {height // 32} x {width // 32} video tokens)", flush=True)
