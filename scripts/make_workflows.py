@@ -111,26 +111,32 @@ WORKFLOWS = {
 }
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def is_widget(spec: list) -> bool:
+    """Whether the UI shows an input of this /object_info spec as a widget (not a link slot)."""
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
 def widget_inputs(schema: dict) -> list[tuple[str, list]]:
     """(name, spec) of the inputs the UI shows as widgets, in the order the UI serializes them."""
     out = []
     for section in ("required", "optional"):
         inputs = schema["input"].get(section, {})
         for name in schema.get("input_order", {}).get(section, list(inputs)):
-            spec = inputs[name]
-            if isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                out.append((name, spec))
+            if is_widget(inputs[name]):
+                out.append((name, inputs[name]))
     return out
 
 
 def link_inputs(schema: dict) -> list[tuple[str, str, bool]]:
     """(name, type, optional) of the inputs that take a link (not widgets)."""
-    widgets = {name for name, _ in widget_inputs(schema)}
     out = []
     for section in ("required", "optional"):
         inputs = schema["input"].get(section, {})
         for name in schema.get("input_order", {}).get(section, list(inputs)):
-            if name not in widgets:
+            if not is_widget(inputs[name]):
                 out.append((name, inputs[name][0], section == "optional"))
     return out
 

@@ -8,23 +8,12 @@ from __future__ import annotations
 import json
 
 from quant import hub
+from scripts.make_workflows import is_widget, widget_inputs
 
 # Widget inputs whose options are the user's files: (node input name) -> model folder it lists.
 FILE_INPUTS = {"ckpt_name": "checkpoints", "model_name": "latent_upscale_models", "lora_name": "loras"}
 USER_FILE_INPUTS = (*FILE_INPUTS, "text_encoder", "image", "calibration")
 TEXT_ENCODERS = {"gemma_3_12B_it_fp4_mixed.safetensors"}  # ComfyUI's LTX-2.3 text encoder file (ltx2.md)
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-
-
-def widget_specs(schema: dict) -> list[tuple[str, list]]:
-    out = []
-    for section in ("required", "optional"):
-        inputs = schema["input"].get(section, {})
-        for name in schema.get("input_order", {}).get(section, list(inputs)):
-            spec = inputs[name]
-            if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES:
-                out.append((name, spec))
-    return out
 
 
 def check_value(node_type: str, name: str, spec: list, value) -> str | None:
@@ -67,7 +56,7 @@ def check_workflow(workflow: dict, schemas: dict) -> list[str]:
             problems.append(f"node {node['id']}: unknown node type {node['type']}")
             continue
         values = list(node.get("widgets_values", []))
-        for name, spec in widget_specs(schema):
+        for name, spec in widget_inputs(schema):
             if not values:
                 problems.append(f"{node['type']}.{name}: no widget value")
                 break
@@ -84,7 +73,7 @@ def check_workflow(workflow: dict, schemas: dict) -> list[str]:
             if slot["name"] not in declared:
                 problems.append(f"{node['type']}: no input named {slot['name']}")
         required_links = [name for name, spec in schema["input"].get("required", {}).items()
-                          if not (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES)]
+                          if not is_widget(spec)]
         linked = {slot["name"] for slot in node.get("inputs", []) if slot.get("link") is not None}
         for name in required_links:
             if name not in linked:

@@ -16,6 +16,33 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DISTILLED_STAGE1 = "1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0"
+# The tiny random LTX-2.3 transformer the integration tests load (2 blocks, narrow widths).
+TINY_CONFIG = {"num_layers": 2, "heads": 4, "head_dim": 16, "audio_heads": 4, "audio_head_dim": 8}
+
+
+def write_tiny_model(path, seed: int, config: dict | None = None) -> None:
+    """A random LTX-2.3-layout checkpoint with its header config (ltx2.tiny_config(**TINY_CONFIG) by default)."""
+    from quant import ltx2
+    from quant.safetensors_io import save_tensors
+    config = config or ltx2.tiny_config(**TINY_CONFIG)
+    save_tensors(path, ltx2.synthetic_state_dict(config, seed=seed), ltx2.header_metadata(config))
+
+
+def write_lora(path, config: dict, layers: list[str], seed: int, b_scale: float, a_scale: float | None = None) -> None:
+    """A rank-4 LoRA (ComfyUI's `diffusion_model.<layer>.lora_A/B` keys) on `layers` of a `config` model;
+    A defaults to 1/sqrt(in_features) so the update is O(b_scale)."""
+    import torch
+    from safetensors.torch import save_file
+    from quant import ltx2
+    shapes = ltx2.model_shapes(config)
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for layer in layers:
+        out_features, in_features = shapes[layer + ".weight"]
+        a = in_features ** -0.5 if a_scale is None else a_scale
+        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * a
+        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * b_scale
+    save_file(lora, str(path))
 
 
 def missing_requirements() -> str | None:

@@ -22,10 +22,11 @@ import torch  # noqa: E402
 from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler  # noqa: E402
 from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE  # noqa: E402
 
+from comfy_server import TINY_CONFIG  # noqa: E402
 from quant import ltx2  # noqa: E402
 from quant.safetensors_io import save_tensors  # noqa: E402
 
-TRANSFORMER = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
+TRANSFORMER = ltx2.tiny_config(**TINY_CONFIG)
 # 32x spatial and 8x temporal compression like the real VAE (patch 4, three compress_all), tiny widths.
 VAE = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
        "encoder_blocks": [["compress_all", 1], ["compress_all", 1], ["compress_all", 1], ["res_x", 1]],

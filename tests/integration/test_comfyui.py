@@ -9,11 +9,9 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from comfy_server import ComfyServer, loader_node, missing_requirements, rel, saved_latent, sampling_graph
+from comfy_server import (TINY_CONFIG, ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
+                          write_lora, write_tiny_model)
 from quant import ltx2
-from quant.safetensors_io import save_tensors
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -30,16 +28,10 @@ def base(tmp_path_factory):
     loras = root / "models" / "loras"
     models.mkdir(parents=True)
     loras.mkdir(parents=True)
-    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
-    save_tensors(models / "ltx2q_test_tiny.safetensors", ltx2.synthetic_state_dict(config, seed=3), ltx2.header_metadata(config))
+    config = ltx2.tiny_config(**TINY_CONFIG)
+    write_tiny_model(models / "ltx2q_test_tiny.safetensors", seed=3)
+    write_lora(loras / "ltx2q_test_lora.safetensors", config, LORA_LAYERS, seed=5, b_scale=0.6)
     shapes = ltx2.model_shapes(config)
-    g = torch.Generator().manual_seed(5)
-    lora = {}
-    for layer in LORA_LAYERS:
-        out_features, in_features = shapes[layer + ".weight"]
-        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * in_features ** -0.5
-        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.6
-    save_file(lora, str(loras / "ltx2q_test_lora.safetensors"))
     calibration_dir = root / "models" / "ltx2_calibration"
     calibration_dir.mkdir()
     amax = {f"{layer[: -len('.weight')]}.input_quantizer": 64.0 for layer in shapes

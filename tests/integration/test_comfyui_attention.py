@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_server import ComfyServer, loader_node, missing_requirements, rel, saved_latent, sampling_graph
-from quant import ltx2
-from quant.safetensors_io import save_tensors
+from comfy_server import (ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
+                          write_tiny_model)
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -21,8 +20,7 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy_attention")
     models = root / "models" / "diffusion_models"
     models.mkdir(parents=True)
-    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
-    save_tensors(models / MODEL, ltx2.synthetic_state_dict(config, seed=13), ltx2.header_metadata(config))
+    write_tiny_model(models / MODEL, seed=13)
     return root
 
 

@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from comfy_server import DISTILLED_STAGE1, ComfyServer, loader_node, missing_requirements, rel, saved_latent
+from comfy_server import (DISTILLED_STAGE1, ComfyServer, loader_node, missing_requirements, rel, saved_latent,
+                          write_tiny_model)
 from quant import calibration, ltx2
-from quant.safetensors_io import save_tensors
 from test_comfyui import sample
 
 REASON = missing_requirements()
@@ -26,8 +26,7 @@ def base(tmp_path_factory):
     models = root / "models" / "diffusion_models"
     models.mkdir(parents=True)
     (root / "models" / "ltx2_calibration").mkdir()
-    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
-    save_tensors(models / MODEL, ltx2.synthetic_state_dict(config, seed=11), ltx2.header_metadata(config))
+    write_tiny_model(models / MODEL, seed=11)
     return root
 
 

@@ -14,10 +14,11 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import faults
-from comfy_server import loader_node, missing_requirements, sampling_graph, saved_latent
+from comfy_server import (TINY_CONFIG, loader_node, missing_requirements, sampling_graph, saved_latent, write_lora,
+                          write_tiny_model)
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 
@@ -25,7 +26,7 @@ REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 GOOD = "ltx2q_test_reliable.safetensors"
-CONFIG = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
+CONFIG = ltx2.tiny_config(**TINY_CONFIG)
 LORA_LAYERS = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.1.ff.net.2"]
 
 
@@ -73,15 +74,8 @@ def base(tmp_path_factory):
     loras = root / "models" / "loras"
     models.mkdir(parents=True)
     loras.mkdir(parents=True)
-    save_tensors(models / GOOD, ltx2.synthetic_state_dict(CONFIG, seed=3), ltx2.header_metadata(CONFIG))
-    shapes = ltx2.model_shapes(CONFIG)
-    g = torch.Generator().manual_seed(5)
-    lora = {}
-    for layer in LORA_LAYERS:
-        out_features, in_features = shapes[layer + ".weight"]
-        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * in_features ** -0.5
-        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.5
-    save_file(lora, str(loras / "ltx2q_test_reliable_lora.safetensors"))
+    write_tiny_model(models / GOOD, seed=3, config=CONFIG)
+    write_lora(loras / "ltx2q_test_reliable_lora.safetensors", CONFIG, LORA_LAYERS, seed=5, b_scale=0.5)
     return root
 
 

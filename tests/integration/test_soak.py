@@ -9,13 +9,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import faults
-from comfy_server import loader_node, missing_requirements, sampling_graph
+from comfy_server import loader_node, missing_requirements, sampling_graph, write_lora, write_tiny_model
 from quant import ltx2
-from quant.safetensors_io import save_tensors
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -36,13 +33,8 @@ def base(tmp_path_factory):
     loras = root / "models" / "loras"
     models.mkdir(parents=True)
     loras.mkdir(parents=True)
-    save_tensors(models / MODEL, ltx2.synthetic_state_dict(CONFIG, seed=11), ltx2.header_metadata(CONFIG))
-    g = torch.Generator().manual_seed(12)
-    layer = "transformer_blocks.1.attn1.to_v"
-    out_features, in_features = ltx2.model_shapes(CONFIG)[layer + ".weight"]
-    save_file({f"diffusion_model.{layer}.lora_A.weight": torch.randn(4, in_features, generator=g) * 0.05,
-               f"diffusion_model.{layer}.lora_B.weight": torch.randn(out_features, 4, generator=g) * 0.05},
-              str(loras / LORA))
+    write_tiny_model(models / MODEL, seed=11, config=CONFIG)
+    write_lora(loras / LORA, CONFIG, ["transformer_blocks.1.attn1.to_v"], seed=12, b_scale=0.05, a_scale=0.05)
     return root
 
 

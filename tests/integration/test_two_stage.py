@@ -12,9 +12,8 @@ import sys
 import pytest
 import torch
 
-from comfy_server import DISTILLED_STAGE1, HERE, ComfyServer, loader_node, missing_requirements, rel, saved_latent
-from quant import ltx2
-from quant.safetensors_io import save_tensors
+from comfy_server import (DISTILLED_STAGE1, HERE, ComfyServer, loader_node, missing_requirements, rel, saved_latent,
+                          write_tiny_model)
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -33,9 +32,7 @@ def base(tmp_path_factory):
     upsamplers.mkdir(parents=True)
     subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_models.py"), str(checkpoints / CHECKPOINT),
                     str(upsamplers / UPSAMPLER)], check=True)
-    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
-    save_tensors(checkpoints / "ltx2q_test_transformer_only.safetensors", ltx2.synthetic_state_dict(config, seed=3),
-                 ltx2.header_metadata(config))
+    write_tiny_model(checkpoints / "ltx2q_test_transformer_only.safetensors", seed=3)
     return root
 
 
