@@ -119,8 +119,10 @@ def upsample_video(upscale_model: torch.nn.Module, vae, video: torch.Tensor) -> 
         patcher = comfy.model_patcher.ModelPatcher(upscale_model, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         _UPSAMPLER_PATCHERS[upscale_model] = patcher
-    # The upsampler's activations: mid channels (1024) at the upsampled size, a few buffers live at once.
-    activations = video.shape[0] * video.shape[2] * video.shape[3] * video.shape[4] * 4 * 1024 * 4 * 4
+    # The upsampler's activations: its mid channels (1024 in the release) at the x2 size (4x the cells),
+    # fp32, about four such buffers live at once.
+    mid = getattr(upscale_model, "mid_channels", 1024)
+    activations = video.shape[0] * video.shape[2] * video.shape[3] * video.shape[4] * 4 * mid * 4 * 4
     comfy.model_management.load_models_gpu([patcher], memory_required=activations)
     device = patcher.load_device
     dtype = getattr(upscale_model, "ltx2q_compute_dtype", None) or next(upscale_model.parameters()).dtype
