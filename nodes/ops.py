@@ -25,7 +25,7 @@ import comfy.model_management
 import comfy.ops
 
 from ..quant import runtime
-from ..quant.weights import QuantizedWeight, requantize_like
+from ..quant.weights import MXFP8, QuantizedWeight, requantize_like
 
 log = logging.getLogger("ltx2_quant")
 
@@ -64,10 +64,11 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                         stored[suffix] = tensor
                 qw = QuantizedWeight.from_tensors(conf["format"], shape, stored)
                 activation = runtime.layer_activation(conf)
-                path, reason = runtime.choose_path(qw.format, activation, capability, shape, nvfp4_mode)
+                path, reason = runtime.choose_path(qw.format, activation, capability, shape,
+                                                   runtime.layer_nvfp4_mode(conf, nvfp4_mode))
                 LTX2QuantOps.paths[(qw.format, path)] = reason
                 # Re-blocking MXFP8 is real work: do it on the GPU, keep the result where the weight was.
-                prepare_on = compute_device if path == "mxfp8-as-fp8" else qw.data.device
+                prepare_on = compute_device if qw.format == MXFP8 else qw.data.device
                 prepared = runtime.prepare(qw, path, prepare_on)
                 for name, tensor in prepared.items():
                     setattr(self, name, torch.nn.Parameter(tensor.to(qw.data.device), requires_grad=False))

@@ -397,12 +397,12 @@ def _first(names: list[str], count: int = 5) -> str:
     return shown + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
-def layer_conf(decision: LayerDecision, policy: Policy | None) -> dict:
-    """ComfyUI per-layer config. Weight-only FP8 asks stock ComfyUI for its dequantize path, which
-    is what `fp8-cast` means; `shape` lets readers recover the logical shape of padded formats."""
+def layer_conf(decision: LayerDecision) -> dict:
+    """ComfyUI per-layer config. A weight-only layer asks stock ComfyUI for its dequantize path
+    (`full_precision_matrix_mult`), as our ops read it too; `shape` lets readers recover the
+    logical shape of padded formats."""
     conf: dict = {"format": decision.target_format, "shape": list(decision.shape)}
-    if (policy is not None and policy.activation == "none"
-            and decision.target_format in (weights.FP8_TENSOR, weights.FP8_ROWWISE)):
+    if decision.weight_only:
         conf["full_precision_matrix_mult"] = True
     return conf
 
@@ -469,7 +469,7 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         if key != source.keys["weight"]:
             continue  # scales are written with their weight
         layer_key = info.prefix + source.layer
-        quant_layers[layer_key] = layer_conf(decision, policy)
+        quant_layers[layer_key] = layer_conf(decision)
         specs = layer_specs(layer_key, decision.target_format, source.shape, "input_scale" in source.keys)
 
         def convert(source=source, decision=decision, specs=specs):

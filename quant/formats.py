@@ -272,20 +272,69 @@ def nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:
     return w.abs().amax().float() / NVFP4_GLOBAL_DIVISOR
 
 
-def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None
+def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None, search_scales: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, K) -> (packed uint8 (roundup(rows,16), roundup(K,16)/2), swizzled e4m3 block scales,
-    fp32 global scale). Byte-identical to comfy-kitchen quantize_nvfp4(pad_16x=True, hi_first=True)."""
+    fp32 global scale). Byte-identical to comfy-kitchen quantize_nvfp4(pad_16x=True, hi_first=True)
+    unless `search_scales` (see quantize_nvfp4_rows)."""
     if global_scale is None:
         global_scale = nvfp4_global_scale(w)
-    packed, block_scales = quantize_nvfp4_rows(w, global_scale)
+    packed, block_scales = quantize_nvfp4_rows(w, global_scale, search_scales)
     return packed, swizzle_scales(block_scales), global_scale.float()
 
 
-def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Block-scale search window, in E4M3 codes around the amax/6 scale: measured on Gaussian 4096x4096
+# weights, codes -2..+6 give 0.0812 relative error vs 0.0951 for amax/6 alone (wider windows: no gain).
+# Below amax/6 the block's largest element clips to 6 but the rest land on a finer grid; above,
+# fewer elements round down to 0.
+NVFP4_SEARCH_CODES = range(-2, 7)
+
+
+def _nvfp4_codes(blocks: torch.Tensor, total_scale: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of fp32 blocks (rows, nblocks, 16) under per-block decode scales (rows, nblocks)."""
+    zero_block = total_scale == 0
+    divisor = torch.where(zero_block, torch.ones_like(total_scale), total_scale)
+    scaled = blocks.float() / divisor.unsqueeze(-1)
+    scaled = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(scaled), scaled)
+    return e2m1_encode(scaled.clamp(-E2M1_MAX, E2M1_MAX))
+
+
+def _e2m1_round(y: torch.Tensor) -> torch.Tensor:
+    """y rounded to the nearest E2M1 value (ties to even, saturating at 6): decode(encode(y)) in a
+    third of the time, for the scale search's inner loop."""
+    magnitude = y.abs().clamp(max=E2M1_MAX)
+    rounded = torch.where(magnitude < 2, torch.round(magnitude * 2) * 0.5,
+                          torch.where(magnitude < 4, torch.round(magnitude), torch.round(magnitude * 0.5) * 2))
+    return rounded.copysign(y)
+
+
+def _search_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor, block_scale_fp8: torch.Tensor
+                         ) -> torch.Tensor:
+    """Per block, the E4M3 scale near amax/6 whose decoded block is closest to the weights (least
+    squared error). Any E4M3 scale is valid NVFP4, so every reader decodes it unchanged."""
+    base = block_scale_fp8.view(torch.uint8).to(torch.int32)
+    best_code, best_err = base, None
+    for step in NVFP4_SEARCH_CODES:
+        code = (base + step).clamp(0, 0x7E) if step else base  # 0x7E = 448; 0x7F is NaN
+        total = (code.to(torch.uint8).view(FP8_DTYPE).float() * global_scale).unsqueeze(-1)
+        divisor = torch.where(total == 0, torch.ones_like(total), total)
+        err = (_e2m1_round(blocks / divisor) * total - blocks).square().sum(-1)
+        if best_err is None:
+            best_code, best_err = code, err
+        else:
+            better = err < best_err  # NaN never wins: such a block keeps amax/6
+            best_code = torch.where(better, code, best_code)
+            best_err = torch.where(better, err, best_err)
+    return best_code.to(torch.uint8).view(FP8_DTYPE)
+
+
+def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor, search_scales: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 of w with a given global scale and the block scales not yet swizzled:
     (packed uint8, (rows, K/16) e4m3). Rows are independent given the global scale.
 
+    The block scale is amax/6 rounded to E4M3 (comfy-kitchen's, byte for byte), or with
+    `search_scales` the least-squares E4M3 scale near it (weights: 15% less error, same format).
     An all-zero tensor has global scale 0: its block scales become 0/0 = NaN in the formula, so
     they are forced to zero (decode 0 * anything = 0). Zero blocks get zero data, not 0/0."""
     if w.dim() != 2:
@@ -300,13 +349,11 @@ def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[to
     block_scale = (block_amax / E2M1_MAX / global_scale).clamp(max=FP8_MAX)
     block_scale = torch.where(global_scale == 0, torch.zeros_like(block_scale), block_scale)
     block_scale_fp8 = block_scale.to(FP8_DTYPE)
-    total_scale = global_scale * block_scale_fp8.float()
-    zero_block = total_scale == 0
-    divisor = torch.where(zero_block, torch.ones_like(total_scale), total_scale)
-    scaled = blocks.float() / divisor.unsqueeze(-1)
-    scaled = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(scaled), scaled)
-    codes = e2m1_encode(scaled.clamp(-E2M1_MAX, E2M1_MAX).reshape(padded_rows, padded_cols))
-    return pack_nibbles(codes), block_scale_fp8
+    if search_scales:
+        blocks = blocks.float()
+        block_scale_fp8 = _search_block_scales(blocks, global_scale, block_scale_fp8)
+    codes = _nvfp4_codes(blocks, global_scale * block_scale_fp8.float())
+    return pack_nibbles(codes.reshape(padded_rows, padded_cols)), block_scale_fp8
 
 
 def dequantize_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,

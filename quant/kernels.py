@@ -189,16 +189,20 @@ def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None
     return out.view(torch.float8_e4m3fn), scale
 
 
-def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output row, the FP8 decode scale the converted weight uses and the factor that takes
-    an NVFP4 element (e2m1 * block scale) to it. Computed once at load: (row_scale (N,), ratio (N,))."""
+def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Per output row, the factor that takes an NVFP4 element (e2m1 * block scale) onto E4M3; the
+    row's FP8 decode scale is global_scale / ratio. Computed once at load, (N,) fp32.
+
+    The ratio is a power of two (the largest that keeps 6 * the row's largest block scale within
+    448), so an element whose product has E4M3's 4 significant bits converts exactly; an arbitrary
+    ratio re-rounds every element (measured: 0.021 vs 0.029 extra relative weight error)."""
     from .formats import E2M1_MAX, unswizzle_scales
     rows, cols = shape
     scales = unswizzle_scales(block_scales.view(torch.float8_e4m3fn), round_up(rows, NVFP4_BLOCK),
                               round_up(cols, NVFP4_BLOCK) // NVFP4_BLOCK)[:rows].float()
     row_max_block = scales.amax(dim=1)
-    ratio = torch.where(row_max_block > 0, FP8_MAX / (E2M1_MAX * row_max_block), torch.ones_like(row_max_block))
-    return ratio, row_max_block
+    exponent = torch.floor(torch.log2(FP8_MAX / (E2M1_MAX * row_max_block.clamp(min=2.0 ** -126))))
+    return torch.where(row_max_block > 0, torch.exp2(exponent), torch.ones_like(row_max_block))
 
 
 def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,

@@ -48,6 +48,17 @@ def is_audio_side(layer: str) -> bool:
     return _AUDIO_SIDE.search("." + layer) is not None
 
 
+_TEXT_CONTEXT_SIDE = re.compile(r"\.(attn2|audio_attn2)\.(to_k|to_v)$")
+
+
+def reads_few_tokens(layer: str) -> bool:
+    """A block Linear whose input is the audio tokens (~126 for 121 frames) or the text context
+    (1,024 tokens), not the video tokens (6k-100k): its GEMM is too small for 8-bit activations to
+    buy time, so W8A8 policies run it weight-only, without the activation rounding error."""
+    return BLOCK_LINEAR_RE.match(layer) is not None and (
+        is_audio_side(layer) or _TEXT_CONTEXT_SIDE.search("." + layer) is not None)
+
+
 def strip_prefix(key: str, prefix: str) -> str:
     return key[len(prefix):] if prefix and key.startswith(prefix) else key
 

@@ -51,7 +51,7 @@ PATH_PER_CALL = {
     "mxfp8-native": (0, True), "nvfp4-native": (0, True),
 }
 # Ada/Hopper re-block MXFP8 at load to per-row FP8 (runtime.prepare), 3% smaller than MXFP8 storage.
-RESIDENT_FORMAT = {"mxfp8-as-fp8": weights.FP8_ROWWISE}
+MXFP8_AS_ROWWISE_PATHS = ("mxfp8-as-fp8", "bf16-dequant")
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,12 @@ def _runtime_layers(policy, decisions, capability: runtime.Capability, nvfp4_mod
     for d in decisions:
         if not d.changed:
             continue
-        path, _ = runtime.choose_path(d.target_format, policy.activation, capability, d.shape, nvfp4_mode)
+        path, _ = runtime.choose_path(d.target_format, "none" if d.weight_only else policy.activation, capability,
+                                      d.shape, "exact" if d.weight_only else nvfp4_mode)
         per_element, quantizes_input = PATH_PER_CALL[path]
-        held += weights.storage_nbytes(RESIDENT_FORMAT.get(path, d.target_format), d.shape)
+        resident = (weights.FP8_ROWWISE if d.target_format == weights.MXFP8 and path in MXFP8_AS_ROWWISE_PATHS
+                    else d.target_format)
+        held += weights.storage_nbytes(resident, d.shape)
         expanded = max(expanded, per_element * math.prod(d.shape))
         w8a8 = w8a8 or quantizes_input
     return held, expanded, w8a8

@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 
 from . import weights
-from .ltx2 import BLOCK_LINEAR_RE, is_audio_side
+from .ltx2 import BLOCK_LINEAR_RE, is_audio_side, reads_few_tokens
 
 # Activation handling at run time: "none" = weight-only (dequantize, matmul in bf16);
 # "fp8" = W8A8: dynamic per-token FP8 activations, or the static `input_scale` when a layer has one.
@@ -92,6 +92,10 @@ class LayerDecision:
     target_format: str  # same as source_format when the layer is left as it is
     bytes_before: int
     bytes_after: int
+    # Runs dequantize + high-precision matmul, never 8-bit activations (ComfyUI's
+    # `full_precision_matrix_mult`): every layer of a weight-only policy, and the few-token layers of
+    # the others (ltx2.reads_few_tokens).
+    weight_only: bool = False
 
     @property
     def changed(self) -> bool:
@@ -109,7 +113,9 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
             target = policy.weight_format
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
-        decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after))
+        weight_only = target in weights.FORMATS and (reads_few_tokens(layer) or (
+            policy.activation == "none" and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
+        decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
     return decisions
 
 

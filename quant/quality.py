@@ -108,10 +108,11 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
             qw = quantize_weight(weight.float(), decision.target_format)
-            if amax and decision.layer in amax and (policy.activation == "fp8" or qw.format == NVFP4):
+            activation = "none" if decision.weight_only else policy.activation
+            if amax and decision.layer in amax and (activation == "fp8" or qw.format == NVFP4):
                 qw.tensors["input_scale"] = input_scale(amax[decision.layer], qw.format)
             x = evaluation_inputs(weight.shape[1], tokens, seed, (channel_amax or {}).get(decision.layer))
-            rows.append(layer_quality(decision.layer, weight, qw, bias, x, policy.activation))
+            rows.append(layer_quality(decision.layer, weight, qw, bias, x, activation))
     return rows
 
 

@@ -86,6 +86,8 @@ def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, in
             return "bf16-dequant", f"shape {n}x{k} not a multiple of 16 for _scaled_mm"
         return "fp8-rowwise", _act_quant_reason(cap, "W8A8 _scaled_mm rowwise")
     if fmt == MXFP8:
+        if activation == "none":
+            return "bf16-dequant", "weight-only MXFP8: re-blocked to per-row FP8 at load, dequantized to bf16 per call"
         if cap.native_block_scaled and gemm_ok and k % 32 == 0:
             return "mxfp8-native", f"{cap.describe()}: native MXFP8 block-scaled GEMM"
         if not gemm_ok:
@@ -115,7 +117,9 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
     n, k = qw.shape
     if path == "reference":
         return dict(qw.tensors)
-    if path in ("bf16-dequant", "fp8-rowwise"):
+    if path == "bf16-dequant" and qw.format == MXFP8:
+        tensors = _reblock_mxfp8(qw)
+    elif path in ("bf16-dequant", "fp8-rowwise"):
         scale = qw.scale.float()
         tensors = {"weight": qw.data[:n, :k].contiguous(),
                    "weight_scale": (scale.reshape(1, 1).expand(1, n) if scale.numel() == 1
@@ -123,11 +127,10 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
     elif path == "mxfp8-as-fp8":
         tensors = _reblock_mxfp8(qw)
     elif path in ("nvfp4-jit-fp8", "nvfp4-jit-bf16", "nvfp4-native"):
-        ratio, row_max_block = kernels.nvfp4_row_ratio(qw.scale, qw.shape)
+        ratio = kernels.nvfp4_row_ratio(qw.scale, qw.shape)
         tensors = {"weight": qw.data, "weight_scale": qw.scale, "weight_scale_2": qw.tensors["weight_scale_2"],
                    "row_ratio": ratio.contiguous(),
-                   "row_scale": (qw.tensors["weight_scale_2"].float() * row_max_block
-                                 * (formats.E2M1_MAX / formats.FP8_MAX)).reshape(1, n).contiguous()}
+                   "row_scale": (qw.tensors["weight_scale_2"].float() / ratio).reshape(1, n).contiguous()}
     elif path == "mxfp8-native":
         tensors = {"weight": qw.data, "weight_scale": qw.scale}
     else:
@@ -180,10 +183,15 @@ def to_file_format(qw: QuantizedWeight, fmt: str) -> QuantizedWeight:
 
 def layer_activation(conf: dict) -> str:
     """A ComfyUI per-layer config's activation handling: weight-only where the file asks for full
-    precision matmuls (fp8-cast) and for NVFP4 (its policy reference); W8A8 FP8 otherwise."""
+    precision matmuls and for NVFP4 (its policy reference); W8A8 FP8 otherwise."""
     if conf.get("format") == NVFP4 or conf.get("full_precision_matrix_mult"):
         return "none"
     return "fp8"
+
+
+def layer_nvfp4_mode(conf: dict, nvfp4_mode: str) -> str:
+    """A weight-only NVFP4 layer (full precision matmuls asked) runs exact, whatever the model's mode."""
+    return "exact" if conf.get("full_precision_matrix_mult") else nvfp4_mode
 
 
 # Preference order per device class: fastest first, then smaller.

@@ -79,7 +79,9 @@ def test_weight_expanded_per_call_adds_at_small_sizes():
     ffn_weight = 16384 * 4096
     assert small["fp8-cast"] - small["bf16"] > 0.9 * 2 * ffn_weight  # a bf16 copy of the FFN weight
     assert exact - small["bf16"] > 0.9 * 2 * ffn_weight
-    assert 0.9 * ffn_weight < fast - small["fp8-scaled-mm"] < 1.1 * ffn_weight  # an FP8 copy
+    # fp8-scaled-mm runs its few-token layers weight-only: its largest temporary is the audio FFN in bf16.
+    audio_ffn_weight = 8192 * 2048
+    assert 0.9 * ffn_weight < fast - (small["fp8-scaled-mm"] - 2 * audio_ffn_weight) < 1.1 * ffn_weight  # FP8 copy
 
 
 def test_two_stage_adds_the_upsampler_phase():

@@ -400,7 +400,7 @@ def test_row_chunked_quantize_weight_matches_one_pass(fmt, shape):
     w[shape[0] - 1, 3] = 0.9  # the amax sits in the last chunk
     qw = weights.quantize_weight(w, fmt)
     if fmt == weights.NVFP4:
-        ref = dict(zip(("weight", "weight_scale", "weight_scale_2"), formats.quantize_nvfp4(w)))
+        ref = dict(zip(("weight", "weight_scale", "weight_scale_2"), formats.quantize_nvfp4(w, search_scales=True)))
     elif fmt == weights.MXFP8:
         ref = dict(zip(("weight", "weight_scale"), formats.quantize_mxfp8(w)))
     else:
@@ -411,3 +411,28 @@ def test_row_chunked_quantize_weight_matches_one_pass(fmt, shape):
         got = qw.tensors[k]
         assert got.dtype == t.dtype and got.shape == t.shape, k
         assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("name", ["fp8-scaled-mm", "mxfp8", "nvfp4"])
+def test_few_token_layers_run_weight_only(name, table4):
+    """Audio-token and text-context inputs are too few rows for 8-bit activations to pay: those
+    layers are weight-only (ComfyUI's full_precision_matrix_mult), the video-token ones are not."""
+    from quant.checkpoint import layer_conf
+    decisions = {d.layer: d for d in plan(get_policy(name), table4, 4) if d.changed}
+    weight_only = {layer for layer, d in decisions.items() if d.weight_only}
+    expected = {layer for layer in decisions if ltx2.is_audio_side(layer)
+                or re.search(r"\.attn2\.to_[kv]$", layer)}
+    assert weight_only == expected
+    assert "transformer_blocks.0.attn2.to_k" in weight_only and "transformer_blocks.0.audio_attn1.to_q" in weight_only
+    for layer in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_q",
+                  "transformer_blocks.0.ff.net.2", "transformer_blocks.0.video_to_audio_attn.to_k",
+                  "transformer_blocks.0.audio_to_video_attn.to_q"):
+        assert layer in decisions and layer not in weight_only
+    for layer, d in decisions.items():
+        assert layer_conf(d).get("full_precision_matrix_mult", False) == (layer in weight_only)
+
+
+def test_fp8_cast_is_weight_only_everywhere(table4):
+    decisions = [d for d in plan(get_policy("fp8-cast"), table4, 4) if d.changed]
+    assert decisions and all(d.weight_only for d in decisions)
+    assert not any(d.weight_only for d in plan(get_policy("bf16"), table4, 4))

@@ -20,6 +20,7 @@ HOPPER_NO_TRITON = runtime.Capability("cuda", (9, 0), False)
     (FP8_TENSOR, "fp8", ADA, "fast", "fp8-rowwise"),
     (FP8_ROWWISE, "none", HOPPER, "fast", "bf16-dequant"),
     (MXFP8, "fp8", HOPPER, "fast", "mxfp8-as-fp8"),
+    (MXFP8, "none", HOPPER, "fast", "bf16-dequant"),  # a weight-only (few-token) MXFP8 layer
     (NVFP4, "none", HOPPER, "fast", "nvfp4-jit-fp8"),
     (NVFP4, "none", HOPPER, "exact", "nvfp4-jit-bf16"),
     (NVFP4, "none", HOPPER_NO_TRITON, "fast", "reference"),
@@ -42,6 +43,31 @@ def test_blackwell_uses_native_block_scaled_paths():
         pytest.skip("this torch has no torch.nn.functional.scaled_mm")
     blackwell = runtime.Capability("cuda", (10, 0), True)
     assert runtime.choose_path(MXFP8, "fp8", blackwell, (4096, 4096))[0] == "mxfp8-native"
+
+
+def test_weight_only_layers_choose_exact_paths():
+    """A layer whose config asks for full-precision matmuls never quantizes its input: NVFP4 goes
+    exact whatever the model's mode; FP8 and MXFP8 dequantize to bf16."""
+    conf = {"full_precision_matrix_mult": True}
+    assert runtime.layer_nvfp4_mode(conf, "fast") == "exact"
+    assert runtime.layer_nvfp4_mode({}, "fast") == "fast"
+    for fmt, expected in ((NVFP4, "nvfp4-jit-bf16"), (MXFP8, "bf16-dequant"), (FP8_ROWWISE, "bf16-dequant")):
+        path, _ = runtime.choose_path(fmt, runtime.layer_activation({"format": fmt, **conf}), HOPPER, (4096, 4096),
+                                      runtime.layer_nvfp4_mode(conf, "fast"))
+        assert path == expected, fmt
+
+
+def test_weight_only_mxfp8_runs_the_reblocked_weight_in_bf16():
+    """bf16-dequant of an MXFP8 layer: prepare() re-blocks to per-row FP8 and run() dequantizes it;
+    the result is the exact MXFP8 weight times a bf16 input."""
+    torch.manual_seed(4)
+    w, bias, x = torch.randn(64, 256) * 0.05, torch.randn(64), torch.randn(3, 256).bfloat16()
+    qw = quantize_weight(w, MXFP8)
+    tensors = runtime.prepare(qw, "bf16-dequant", "cpu")
+    assert tensors["weight"].dtype == torch.float8_e4m3fn and tensors["weight_scale"].shape == (1, 64)
+    y = runtime.run(x, "bf16-dequant", tensors, (64, 256), bias, MXFP8, "none")
+    assert relative_error(y.float(), reference_linear(x, qw, bias, "none")) < 8e-3  # bf16 weight and output
+    assert runtime.stored_form("bf16-dequant", tensors, MXFP8, (64, 256)).format == FP8_ROWWISE
 
 
 def test_unknown_nvfp4_mode():
