@@ -7,7 +7,10 @@ run. The transformer has the real LTX-2.3 widths and random weights (`--blocks 4
 A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile Blocks node; `+graphs`:
 its CUDA-graph mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
-full warm-up run, so compile time is reported apart (`warm s`), not in s/step.
+full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A policy may carry a
+scope after ':' (see parse_mode): `fp8-cast:outer+compile`, `nvfp4:first=1,last=1`.
+`--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
+so they only matter for memory).
 """
 
 from __future__ import annotations
@@ -63,6 +66,28 @@ def random_state(config: dict, device: str = "cuda") -> dict[str, torch.Tensor]:
     return state
 
 
+def parse_mode(mode: str) -> tuple[str, bool, dict]:
+    """'nvfp4+static:first=1,last=1,audio' -> ('nvfp4', True, scope options)."""
+    head, _, scope_text = mode.partition(":")
+    policy, static = head.removesuffix("+static"), head.endswith("+static")
+    scope: dict = {}
+    for item in filter(None, scope_text.split(",")):
+        key, _, value = item.partition("=")
+        if key == "first":
+            scope["keep_first_blocks"] = int(value)
+        elif key == "last":
+            scope["keep_last_blocks"] = int(value)
+        elif key == "audio":
+            scope["keep_audio"] = True
+        elif key == "outer":
+            scope["outer"] = True
+        elif key == "exclude":
+            scope.setdefault("exclude", []).append(value)
+        else:
+            raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
+    return policy, static, scope
+
+
 def build(mode: str, state: dict, metadata: dict):
     source = MemoryTensors(state, metadata)
     if mode == "core bf16":
@@ -76,8 +101,11 @@ def build(mode: str, state: dict, metadata: dict):
         policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[mode.split()[-1]]
         loaded = checkpoint.load_converted(source, get_policy(policy, fp8_per_tensor=True), device="cuda")
         return comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
-    loaded = checkpoint.load_converted(source, get_policy(mode), device="cuda")
-    return model_io.build_model(loaded, mode, "fast")[0]
+    policy_name, static, scope = parse_mode(mode)
+    if static:
+        raise ValueError(f"{mode!r}: calibrated static scales are measured by bench_quality.py")
+    loaded = checkpoint.load_converted(source, get_policy(policy_name, **scope), device="cuda")
+    return model_io.build_model(loaded, policy_name, "fast")[0]
 
 
 def inputs(patcher, width: int, height: int, frames: int):
@@ -149,17 +177,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--sizes", default="768x512x121,1536x1024x121")
-    parser.add_argument("--modes", default=",".join(CORE_MODES + OUR_MODES))
+    parser.add_argument("--modes", default=",".join(CORE_MODES + OUR_MODES),
+                        help="separated by ',' (or by ';' when a scope has commas)")
+    parser.add_argument("--connector-layers", type=int, default=1)
     parser.add_argument("--out")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)
+    config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=args.connector_layers)
     metadata = ltx2.header_metadata(config)
     state = random_state(config)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.blocks} blocks, "
           f"{sum(t.numel() for t in state.values()) / 1e9:.2f} B params", flush=True)
     rows = []
-    for mode in args.modes.split(","):
+    for mode in args.modes.split(";" if ";" in args.modes else ","):
         try:
             rows.append(run_mode(mode, state, metadata, sizes))
         except Exception as e:  # a mode that fails is reported, the others still run
@@ -168,7 +198,14 @@ def main() -> None:
             gc.collect()
             continue
         print(f"{mode}: done", flush=True)
-    reference = next((r for r in rows if r["mode"] == "core bf16"), None)
+        print_table(rows[-1:], next((r for r in rows if r["mode"] == "core bf16"), None))  # kept if the run dies later
+    table = print_table(rows, next((r for r in rows if r["mode"] == "core bf16"), None))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)
+
+
+def print_table(rows: list[dict], reference: dict | None) -> list[dict]:
     table = []
     for r in rows:
         for size, m in r["sizes"].items():
@@ -183,10 +220,8 @@ def main() -> None:
           f"{'err v':>8}{'err a':>8}")
     for t in table:
         print(f"{t['mode']:<40}{t['size']:<16}{t['s_per_step']:>8.3f}{t['vs_core_bf16']:>8.2f}x{t['peak_gib']:>10.1f}"
-              f"{t['load_s']:>8.1f}{t['warm_s']:>8.1f}{t['err_video']:>8.4f}{t['err_audio']:>8.4f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)
+              f"{t['load_s']:>8.1f}{t['warm_s']:>8.1f}{t['err_video']:>8.4f}{t['err_audio']:>8.4f}", flush=True)
+    return table
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports
 
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
 FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, where scope items are
-first=N, last=N, audio (keep the audio branch), exclude=PATTERN; `+static` loads with the calibrated amax.
+first=N, last=N, audio (keep the audio branch), outer (also the connectors and AdaLN in 8 bits),
+exclude=PATTERN; `+static` loads with the calibrated amax.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 
 import torch
 
-from bench_model import model_io, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
+from bench_model import model_io, parse_mode, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -44,26 +45,6 @@ def inputs(config: dict, width: int, height: int, frames: int, seed: int, contex
     video = torch.zeros(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
     audio = torch.zeros(1, 8, max(1, round(frames / 24 * 25)), 16)
     return positive, {"samples": comfy.nested_tensor.NestedTensor((video, audio))}
-
-
-def parse_mode(mode: str) -> tuple[str, bool, dict]:
-    """'nvfp4+static:first=1,last=1,audio' -> ('nvfp4', True, scope options)."""
-    head, _, scope_text = mode.partition(":")
-    policy, static = head.removesuffix("+static"), head.endswith("+static")
-    scope: dict = {}
-    for item in filter(None, scope_text.split(",")):
-        key, _, value = item.partition("=")
-        if key == "first":
-            scope["keep_first_blocks"] = int(value)
-        elif key == "last":
-            scope["keep_last_blocks"] = int(value)
-        elif key == "audio":
-            scope["keep_audio"] = True
-        elif key == "exclude":
-            scope.setdefault("exclude", []).append(value)
-        else:
-            raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
-    return policy, static, scope
 
 
 def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str):

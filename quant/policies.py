@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 
 from . import weights
-from .ltx2 import BLOCK_LINEAR_RE, is_audio_side, reads_few_tokens
+from .ltx2 import BLOCK_LINEAR_RE, OUTER_LINEAR_RE, is_audio_side, reads_few_tokens
 
 # Activation handling at run time: "none" = weight-only (dequantize, matmul in bf16);
 # "fp8" = W8A8: dynamic per-token FP8 activations, or the static `input_scale` when a layer has one.
@@ -23,8 +23,10 @@ class Scope:
 
     Default: the block Linears of the LTX-2/2.3 transformer (`transformer_blocks.N.{attn1,attn2,
     audio_attn1,audio_attn2,audio_to_video_attn,video_to_audio_attn}.{to_q,to_k,to_v,to_out.0}`,
-    `ff`/`audio_ff` `net.0.proj`/`net.2`). AdaLN, scale-shift tables, norms, `to_gate_logits`,
-    patchify/proj_out and the text connectors stay in high precision.
+    `ff`/`audio_ff` `net.0.proj`/`net.2`); with `outer` also the text connectors' and AdaLN MLPs'
+    Linears (ltx2.OUTER_LINEAR_RE; always 8-bit and weight-only, see Policy.outer_format), which
+    are otherwise kept in high precision like the scale-shift tables, norms, `to_gate_logits` and
+    patchify/proj_out.
     `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins)."""
 
     include: tuple[str, ...] = ()
@@ -32,13 +34,15 @@ class Scope:
     keep_first_blocks: int = 0
     keep_last_blocks: int = 0
     keep_audio: bool = False
+    outer: bool = False
 
     def selects(self, layer: str, num_blocks: int) -> bool:
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
             return False
         match = BLOCK_LINEAR_RE.match(layer)
         if match is None:
-            return any(fnmatch.fnmatchcase(layer, p) for p in self.include)
+            return (self.outer and OUTER_LINEAR_RE.match(layer) is not None) or any(
+                fnmatch.fnmatchcase(layer, p) for p in self.include)
         block = int(match.group("block"))
         if block < self.keep_first_blocks or block >= num_blocks - self.keep_last_blocks:
             return False
@@ -53,15 +57,24 @@ class Policy:
     weight_format: str | None
     activation: str = "none"
     scope: Scope = field(default_factory=Scope)
+    fp8_per_tensor: bool = False  # FP8 layers with one scale per tensor (stock ComfyUI's layout)
 
     def with_scope(self, **changes) -> "Policy":
         return replace(self, scope=replace(self.scope, **changes))
 
+    @property
+    def outer_format(self) -> str | None:
+        """The format of in-scope Linears outside the blocks (text connectors, AdaLN): the policy's
+        own, except that 4-bit NVFP4 becomes FP8 there: the prompt's path through the connectors
+        and every block's modulation are too sensitive for 4 bits, and they are 11% of the weights."""
+        if self.weight_format != weights.NVFP4:
+            return self.weight_format
+        return weights.FP8_TENSOR if self.fp8_per_tensor else weights.FP8_ROWWISE
+
     def with_fp8_per_tensor(self) -> "Policy":
         """Per-tensor FP8 scales: the only FP8 layout stock ComfyUI reads."""
-        if self.weight_format == weights.FP8_ROWWISE:
-            return replace(self, weight_format=weights.FP8_TENSOR)
-        return self
+        fmt = weights.FP8_TENSOR if self.weight_format == weights.FP8_ROWWISE else self.weight_format
+        return replace(self, weight_format=fmt, fp8_per_tensor=True)
 
 
 POLICIES: dict[str, Policy] = {
@@ -111,7 +124,7 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
     for layer, shape, source, nbytes in layers:
         target = source
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
-            target = policy.weight_format
+            target = policy.weight_format if BLOCK_LINEAR_RE.match(layer) else policy.outer_format
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         weight_only = target in weights.FORMATS and (reads_few_tokens(layer) or (
             policy.activation == "none" and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))

@@ -115,7 +115,10 @@ def test_fp8_per_channel_by_default_and_per_tensor_on_request():
         assert per_tensor.activation == get_policy(name).activation
         assert per_tensor.name == name
     for name in ("mxfp8", "nvfp4", "bf16"):
-        assert get_policy(name, fp8_per_tensor=True) == get_policy(name)
+        assert get_policy(name, fp8_per_tensor=True).weight_format == get_policy(name).weight_format
+    # NVFP4's FP8 outer layers follow the request too.
+    assert get_policy("nvfp4").outer_format == weights.FP8_ROWWISE
+    assert get_policy("nvfp4", fp8_per_tensor=True).outer_format == weights.FP8_TENSOR
     # The registry itself is not mutated.
     assert POLICIES["fp8-cast"].weight_format == weights.FP8_ROWWISE
 
@@ -436,3 +439,25 @@ def test_fp8_cast_is_weight_only_everywhere(table4):
     decisions = [d for d in plan(get_policy("fp8-cast"), table4, 4) if d.changed]
     assert decisions and all(d.weight_only for d in decisions)
     assert not any(d.weight_only for d in plan(get_policy("bf16"), table4, 4))
+
+
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_outer_scope_adds_connectors_and_adaln_in_8_bits_weight_only(name, table4):
+    """`outer` quantizes the text connectors' and AdaLN MLPs' Linears: 8-bit (NVFP4 policies use FP8
+    there), always weight-only; gate logits, patchify/proj_out and the timestep input layer stay."""
+    policy = get_policy(name, outer=True)
+    decisions = {d.layer: d for d in plan(policy, table4, 4)}
+    outer = {layer for layer, d in decisions.items() if d.changed and not ltx2.BLOCK_LINEAR_RE.match(layer)}
+    assert outer == {layer for layer in decisions if ltx2.OUTER_LINEAR_RE.match(layer)}
+    for layer in ("adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_2",
+                  "av_ca_a2v_gate_adaln_single.linear", "video_embeddings_connector.transformer_1d_blocks.0.ff.net.2",
+                  "audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_out.0"):
+        assert layer in outer, layer
+        assert decisions[layer].target_format == policy.outer_format and decisions[layer].weight_only
+    for layer in ("patchify_proj", "proj_out", "adaln_single.emb.timestep_embedder.linear_1",
+                  "video_embeddings_connector.transformer_1d_blocks.0.attn1.to_gate_logits"):
+        assert not decisions[layer].changed, layer
+    expected_format = weights.FP8_ROWWISE if name == "nvfp4" else get_policy(name).weight_format
+    assert policy.outer_format == expected_format
+    block = {layer for layer, d in decisions.items() if d.changed} - outer
+    assert block == quantized(plan(get_policy(name), table4, 4))  # the blocks are decided as without it
