@@ -8,7 +8,7 @@ A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile B
 its CUDA-graph mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
 full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A policy may carry a
-scope after ':' (see parse_mode): `fp8-cast:outer+compile`, `nvfp4:first=1,last=1`.
+scope after ':' (see parse_mode): `fp8-cast:connectors+compile`, `nvfp4:first=1,last=1`.
 `--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
 so they only matter for memory).
 """
@@ -79,8 +79,8 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope["keep_last_blocks"] = int(value)
         elif key == "audio":
             scope["keep_audio"] = True
-        elif key == "outer":
-            scope["outer"] = True
+        elif key == "connectors":
+            scope["connectors"] = True
         elif key == "exclude":
             scope.setdefault("exclude", []).append(value)
         else:

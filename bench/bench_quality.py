@@ -11,7 +11,7 @@ CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports
 
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
 FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, where scope items are
-first=N, last=N, audio (keep the audio branch), outer (also the connectors and AdaLN in 8 bits),
+first=N, last=N, audio (keep the audio branch), connectors (also the text connectors, 8-bit),
 exclude=PATTERN; `+static` loads with the calibrated amax.
 """
 

@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 
 from . import weights
-from .ltx2 import BLOCK_LINEAR_RE, OUTER_LINEAR_RE, is_audio_side, reads_few_tokens
+from .ltx2 import BLOCK_LINEAR_RE, CONNECTOR_LINEAR_RE, is_audio_side, reads_few_tokens
 
 # Activation handling at run time: "none" = weight-only (dequantize, matmul in bf16);
 # "fp8" = W8A8: dynamic per-token FP8 activations, or the static `input_scale` when a layer has one.
@@ -23,10 +23,9 @@ class Scope:
 
     Default: the block Linears of the LTX-2/2.3 transformer (`transformer_blocks.N.{attn1,attn2,
     audio_attn1,audio_attn2,audio_to_video_attn,video_to_audio_attn}.{to_q,to_k,to_v,to_out.0}`,
-    `ff`/`audio_ff` `net.0.proj`/`net.2`); with `outer` also the text connectors' and AdaLN MLPs'
-    Linears (ltx2.OUTER_LINEAR_RE; always 8-bit and weight-only, see Policy.outer_format), which
-    are otherwise kept in high precision like the scale-shift tables, norms, `to_gate_logits` and
-    patchify/proj_out.
+    `ff`/`audio_ff` `net.0.proj`/`net.2`); with `connectors` also the text connectors' Linears
+    (ltx2.CONNECTOR_LINEAR_RE; always 8-bit and weight-only, see Policy.outer_format), otherwise kept
+    in high precision like AdaLN, the scale-shift tables, norms, `to_gate_logits` and patchify/proj_out.
     `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins)."""
 
     include: tuple[str, ...] = ()
@@ -34,14 +33,14 @@ class Scope:
     keep_first_blocks: int = 0
     keep_last_blocks: int = 0
     keep_audio: bool = False
-    outer: bool = False
+    connectors: bool = False
 
     def selects(self, layer: str, num_blocks: int) -> bool:
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
             return False
         match = BLOCK_LINEAR_RE.match(layer)
         if match is None:
-            return (self.outer and OUTER_LINEAR_RE.match(layer) is not None) or any(
+            return (self.connectors and CONNECTOR_LINEAR_RE.match(layer) is not None) or any(
                 fnmatch.fnmatchcase(layer, p) for p in self.include)
         block = int(match.group("block"))
         if block < self.keep_first_blocks or block >= num_blocks - self.keep_last_blocks:
@@ -64,9 +63,9 @@ class Policy:
 
     @property
     def outer_format(self) -> str | None:
-        """The format of in-scope Linears outside the blocks (text connectors, AdaLN): the policy's
-        own, except that 4-bit NVFP4 becomes FP8 there: the prompt's path through the connectors
-        and every block's modulation are too sensitive for 4 bits, and they are 11% of the weights."""
+        """The format of in-scope Linears outside the blocks (the text connectors): the policy's own,
+        except that 4-bit NVFP4 becomes FP8 there: every prompt token passes all 8 connector layers
+        before any block sees it."""
         if self.weight_format != weights.NVFP4:
             return self.weight_format
         return weights.FP8_TENSOR if self.fp8_per_tensor else weights.FP8_ROWWISE

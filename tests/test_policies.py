@@ -442,19 +442,19 @@ def test_fp8_cast_is_weight_only_everywhere(table4):
 
 
 @pytest.mark.parametrize("name", QUANTIZING)
-def test_outer_scope_adds_connectors_and_adaln_in_8_bits_weight_only(name, table4):
-    """`outer` quantizes the text connectors' and AdaLN MLPs' Linears: 8-bit (NVFP4 policies use FP8
-    there), always weight-only; gate logits, patchify/proj_out and the timestep input layer stay."""
-    policy = get_policy(name, outer=True)
+def test_connectors_scope_adds_the_text_connectors_in_8_bits_weight_only(name, table4):
+    """`connectors` quantizes the text connectors' Linears: 8-bit (NVFP4 policies use FP8 there),
+    always weight-only; their gate logits and everything else outside the blocks stay."""
+    policy = get_policy(name, connectors=True)
     decisions = {d.layer: d for d in plan(policy, table4, 4)}
     outer = {layer for layer, d in decisions.items() if d.changed and not ltx2.BLOCK_LINEAR_RE.match(layer)}
-    assert outer == {layer for layer in decisions if ltx2.OUTER_LINEAR_RE.match(layer)}
-    for layer in ("adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_2",
-                  "av_ca_a2v_gate_adaln_single.linear", "video_embeddings_connector.transformer_1d_blocks.0.ff.net.2",
+    assert outer == {layer for layer in decisions if ltx2.CONNECTOR_LINEAR_RE.match(layer)}
+    for layer in ("video_embeddings_connector.transformer_1d_blocks.0.ff.net.2",
+                  "video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q",
                   "audio_embeddings_connector.transformer_1d_blocks.0.attn1.to_out.0"):
         assert layer in outer, layer
         assert decisions[layer].target_format == policy.outer_format and decisions[layer].weight_only
-    for layer in ("patchify_proj", "proj_out", "adaln_single.emb.timestep_embedder.linear_1",
+    for layer in ("patchify_proj", "proj_out", "adaln_single.linear", "adaln_single.emb.timestep_embedder.linear_2",
                   "video_embeddings_connector.transformer_1d_blocks.0.attn1.to_gate_logits"):
         assert not decisions[layer].changed, layer
     expected_format = weights.FP8_ROWWISE if name == "nvfp4" else get_policy(name).weight_format
