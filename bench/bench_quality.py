@@ -113,7 +113,7 @@ def main() -> None:
                      "err_audio": r["final_error"][1], "cos_video": r["final_cosine"][0],
                      "velocity_mean": sum(r["velocity_error"]) / len(r["velocity_error"]),
                      "min_layer_snr_db": min((x.output_snr_db for x in r["layers"]), default=float("nan"))})
-        print(f"{mode}: done", flush=True)
+        print(f"{mode}: done, err video {rows[-1]['err_video']:.4f} audio {rows[-1]['err_audio']:.4f}", flush=True)
         del candidate
         release()
     print(f"{'mode':<34}{'weights GiB':>12}{'err video':>11}{'err audio':>11}{'cos video':>11}{'v err':>9}"
