@@ -181,7 +181,7 @@ class SafetensorsFile:
         if not hasattr(os, "preadv"):
             with self._seek_lock:
                 self._file.seek(offset)
-                return self._file.readinto(buffer) or 0
+                return self._file.readinto(buffer)
         fd, got = self._file.fileno(), 0
         while got < len(buffer):
             n = os.preadv(fd, [buffer[got:]], offset + got)  # a large read may come back short
