@@ -957,6 +957,6 @@ def test_property_nvfp4_matches_comfy_kitchen(x, global_factor):
 def test_e2m1_round_equals_encode_decode():
     """The scale search's fast rounding is the codec's rounding, ties and saturation included."""
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 0.0])
-    y = torch.cat([randn(1 << 16, seed=9, scale=3.0), torch.arange(-700, 701) / 100, ties, -ties])
+    y = torch.cat([randn(256, 256, seed=9, scale=3.0).reshape(-1), torch.arange(-700, 701) / 100, ties, -ties])
     assert torch.equal(F._e2m1_round(y).abs(), F.e2m1_decode(F.e2m1_encode(y)).abs())
     assert torch.equal(torch.signbit(F._e2m1_round(y)), torch.signbit(y))
