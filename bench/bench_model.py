@@ -45,7 +45,8 @@ sys.modules["ltx2q"] = _pack
 _spec.loader.exec_module(_pack)
 from ltx2q.nodes import model_io  # noqa: E402
 from ltx2q.nodes.patches import compile_blocks, patch_attention  # noqa: E402
-from ltx2q.quant import checkpoint, ltx2  # noqa: E402
+from ltx2q.quant import checkpoint, formats, ltx2  # noqa: E402
+from ltx2q.quant.weights import NVFP4  # noqa: E402
 from ltx2q.quant.policies import get_policy  # noqa: E402
 from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
 
@@ -83,9 +84,26 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope["connectors"] = True
         elif key == "exclude":
             scope.setdefault("exclude", []).append(value)
+        elif key == "wo":  # run these (quantized) layers weight-only
+            scope.setdefault("weight_only", []).append(value)
         else:
             raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
     return policy, static, scope
+
+
+def prequantized_file(mode: str, state: dict, metadata: dict, device: str):
+    """The pre-quantized file a 'core prequant X' mode loads, as other tools write it: per-tensor FP8,
+    and NVFP4 with amax/6 block scales (comfy-kitchen's quantizer; this pack's scale search is not in
+    the files users have)."""
+    policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[mode.split()[-1]]
+    loaded = checkpoint.load_converted(MemoryTensors(state, metadata), get_policy(policy, fp8_per_tensor=True),
+                                       device=device)
+    for d in loaded.decisions:
+        if d.changed and d.target_format == NVFP4:
+            tensors = formats.quantize_nvfp4(state[d.layer + ".weight"].to(device).float())
+            for suffix, tensor in zip(("weight", "weight_scale", "weight_scale_2"), tensors):
+                loaded.state_dict[f"{d.layer}.{suffix}"] = tensor.cpu()
+    return loaded
 
 
 def build(mode: str, state: dict, metadata: dict):
@@ -98,8 +116,7 @@ def build(mode: str, state: dict, metadata: dict):
         return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.float8_e4m3fn,
                                                                       "fp8_optimizations": True}, metadata=metadata)
     if mode.startswith("core prequant"):
-        policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[mode.split()[-1]]
-        loaded = checkpoint.load_converted(source, get_policy(policy, fp8_per_tensor=True), device="cuda")
+        loaded = prequantized_file(mode, state, metadata, "cuda")
         return comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
     policy_name, static, scope = parse_mode(mode)
     if static:

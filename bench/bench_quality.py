@@ -23,7 +23,7 @@ import json
 
 import torch
 
-from bench_model import model_io, parse_mode, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
+from bench_model import model_io, parse_mode, prequantized_file, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -54,8 +54,7 @@ def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str
         patcher = comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.bfloat16}, metadata=metadata)
         return patcher, sum(t.numel() * 2 for k, t in state.items() if k.endswith(".weight"))
     if mode.startswith("core prequant"):
-        policy = get_policy({"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4"}[mode.split()[-1]], fp8_per_tensor=True)
-        loaded = checkpoint.load_converted(source, policy, device=device)
+        loaded = prequantized_file(mode, state, metadata, device)
         patcher = comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
         return patcher, summarize(loaded.decisions)["bytes_after"]
     policy_name, static, scope = parse_mode(mode)

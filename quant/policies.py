@@ -26,7 +26,8 @@ class Scope:
     `ff`/`audio_ff` `net.0.proj`/`net.2`); with `connectors` also the text connectors' Linears
     (ltx2.CONNECTOR_LINEAR_RE; always 8-bit and weight-only, see Policy.outer_format), otherwise kept
     in high precision like AdaLN, the scale-shift tables, norms, `to_gate_logits` and patchify/proj_out.
-    `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins)."""
+    `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins);
+    `weight_only` patterns make quantized layers run without 8-bit activations (see plan())."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -34,6 +35,7 @@ class Scope:
     keep_last_blocks: int = 0
     keep_audio: bool = False
     connectors: bool = False
+    weight_only: tuple[str, ...] = ()
 
     def selects(self, layer: str, num_blocks: int) -> bool:
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
@@ -125,8 +127,9 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
             target = policy.weight_format if BLOCK_LINEAR_RE.match(layer) else policy.outer_format
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
-        weight_only = target in weights.FORMATS and (reads_few_tokens(layer) or (
-            policy.activation == "none" and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
+        weight_only = target in weights.FORMATS and (
+            reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
+            or (policy.activation == "none" and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
         decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
     return decisions
 

@@ -461,3 +461,15 @@ def test_connectors_scope_adds_the_text_connectors_in_8_bits_weight_only(name, t
     assert policy.outer_format == expected_format
     block = {layer for layer, d in decisions.items() if d.changed} - outer
     assert block == quantized(plan(get_policy(name), table4, 4))  # the blocks are decided as without it
+
+
+def test_weight_only_patterns(table4):
+    """Scope.weight_only patterns take quantized layers off 8-bit activations; unquantized layers
+    stay unflagged, and the few-token rule still applies."""
+    policy = get_policy("fp8-scaled-mm", weight_only=["*.audio_to_video_attn.*"], exclude=["*.ff.*"])
+    decisions = {d.layer: d for d in plan(policy, table4, 4)}
+    assert decisions["transformer_blocks.1.audio_to_video_attn.to_q"].weight_only
+    assert decisions["transformer_blocks.1.audio_to_video_attn.to_out.0"].weight_only
+    assert not decisions["transformer_blocks.1.attn1.to_q"].weight_only
+    assert decisions["transformer_blocks.1.audio_attn1.to_q"].weight_only
+    assert not decisions["transformer_blocks.1.ff.net.2"].changed and not decisions["transformer_blocks.1.ff.net.2"].weight_only
