@@ -25,6 +25,8 @@ SCOPE_PRESETS = {
     "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
     "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
     "keep audio branch": {"keep_audio": True},
+    # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
+    "all block linears + text connectors": {"connectors": True},
 }
 DOWNLOAD_MARK = " [download]"
 

@@ -22,6 +22,13 @@ def _add_scope_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-first", type=int, default=0, metavar="N", help="keep the first N blocks unquantized")
     p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the last N blocks unquantized")
     p.add_argument("--keep-audio", action="store_true", help="keep the audio-side linears unquantized")
+    p.add_argument("--connectors", action="store_true",
+                   help="also quantize the text connectors (8-bit, weight-only; 1.9 GiB less for LTX-2.3)")
+
+
+def _scope(args: argparse.Namespace) -> dict:
+    return {"include": args.include, "exclude": args.exclude, "keep_first_blocks": args.keep_first,
+            "keep_last_blocks": args.keep_last, "keep_audio": args.keep_audio, "connectors": args.connectors}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +93,7 @@ def quality_layers(args: argparse.Namespace) -> str:
     channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
     report, lines = {}, []
     for name in args.policy or [p for p in POLICIES if POLICIES[p].weight_format]:
-        policy = get_policy(name, include=args.include, exclude=args.exclude, keep_first_blocks=args.keep_first,
-                            keep_last_blocks=args.keep_last, keep_audio=args.keep_audio)
+        policy = get_policy(name, **_scope(args))
         rows = quality.file_layer_quality(args.file, policy, amax, channels, tokens=args.tokens)
         summary = quality.group_summary(rows)
         report[name] = {"layers": rows, "groups": summary}
@@ -108,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_demo(run_demo(num_layers=args.blocks)))
             print(f"({time.perf_counter() - start:.1f} s)")
         elif args.command == "quantize":
-            policy = get_policy(args.policy, fp8_per_tensor=args.comfy_compatible, include=args.include,
-                                exclude=args.exclude, keep_first_blocks=args.keep_first,
-                                keep_last_blocks=args.keep_last, keep_audio=args.keep_audio)
+            policy = get_policy(args.policy, fp8_per_tensor=args.comfy_compatible, **_scope(args))
             start = time.perf_counter()
             result = quantize_file(args.input, args.output, policy, overwrite=args.overwrite)
             elapsed = time.perf_counter() - start

@@ -279,3 +279,12 @@ def test_quantize_without_config(tmp_path, capsys):
     save_tensors(path, ltx2.synthetic_state_dict(config))
     code, _, err = run_cli(capsys, "quantize", path, tmp_path / "out.safetensors", "--policy", "nvfp4")
     assert code == 1 and "config" in err and str(path) in err
+
+
+def test_connectors_flag_reaches_the_scope():
+    from quant.cli import _scope, build_parser
+    args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--policy", "nvfp4",
+                                      "--connectors"])
+    assert _scope(args)["connectors"] is True
+    args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--policy", "nvfp4"])
+    assert _scope(args)["connectors"] is False

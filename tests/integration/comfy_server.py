@@ -160,15 +160,15 @@ def rel(a, b) -> float:
 
 
 def sampling_graph(model_node: dict, name: str, sampler: str = "euler", extra: dict | None = None,
-                   model_ref: list | None = None) -> dict:
+                   model_ref: list | None = None, unprocessed: bool = False) -> dict:
     """Model -> test inputs -> CFGGuider(cfg 1) + ManualSigmas (distilled stage 1) -> SamplerCustomAdvanced
-    -> latent saved as `name`."""
+    -> latent saved as `name`. `unprocessed`: raw text-encoder context, so the text connectors run."""
     graph = {"1": model_node}
     graph.update(extra or {})
     model = model_ref or ["1", 0]
     graph.update({
         "2": {"class_type": "LTX2QTestInputs", "inputs": {"model": model, "seed": 1, "frames": 9, "height": 64,
-                                                          "width": 96}},
+                                                          "width": 96, "unprocessed": unprocessed}},
         "3": {"class_type": "CFGGuider", "inputs": {"model": model, "positive": ["2", 0], "negative": ["2", 1],
                                                     "cfg": 1.0}},
         "4": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},

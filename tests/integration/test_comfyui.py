@@ -76,6 +76,21 @@ def test_every_policy_samples_close_to_bf16(server, base, policy):
         assert rel(v, ref_v) > 0  # the quantized path really ran
 
 
+@pytest.mark.parametrize("policy", ["fp8-scaled-mm", "nvfp4"])
+def test_text_connectors_scope_quantizes_the_connectors_that_run(server, base, policy):
+    """The 'text connectors' scope preset: on raw text-encoder output (the connectors run) the output
+    stays close to bf16 and differs from the same policy with bf16 connectors."""
+    def run(policy_name, scope, name):
+        return sample(server, base, loader_node("ltx2q_test_tiny.safetensors", policy_name, scope=scope), name,
+                      unprocessed=True)
+    ref = run("bf16", "all block linears", "connectors_ref")
+    blocks_only = run(policy, "all block linears", f"connectors_off_{policy}")
+    with_connectors = run(policy, "all block linears + text connectors", f"connectors_on_{policy}")
+    for got, want in zip(with_connectors, ref):
+        assert torch.isfinite(got).all() and rel(got, want) < POLICY_BOUNDS[policy], rel(got, want)
+    assert rel(with_connectors[0], blocks_only[0]) > 0
+
+
 def test_sigmas_node_gives_the_distilled_schedule(server, base):
     manual = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_manual")
     graph = sampling_graph(loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_node")
@@ -140,21 +155,24 @@ def test_quantize_model_node_matches_the_loader(server, base):
     assert rel(v, loader_v) < 0.01
 
 
-@pytest.mark.parametrize("policy", ["fp8-cast", "nvfp4", "mxfp8"])
-def test_saved_file_loads_without_the_pack(server, base, policy):
+@pytest.mark.parametrize("policy,scope", [("fp8-cast", "all block linears"), ("nvfp4", "all block linears"),
+                                          ("mxfp8", "all block linears"),
+                                          ("nvfp4", "all block linears + text connectors")])
+def test_saved_file_loads_without_the_pack(server, base, policy, scope):
     # A name no ComfyUI checkout has: its own model folders come first in the search order.
-    name = f"ltx2q_test_saved_{policy}_{os.getpid()}.safetensors"
-    graph = {"1": loader_node("ltx2q_test_tiny.safetensors", policy),
+    name = f"ltx2q_test_saved_{policy}_{len(scope)}_{os.getpid()}.safetensors"
+    graph = {"1": loader_node("ltx2q_test_tiny.safetensors", policy, scope=scope),
              "2": {"class_type": "LTX2QuantSave", "inputs": {"model": ["1", 0], "folder": models_folder(base), "filename": name,
                                                              "comfy_compatible": True, "overwrite": True}}}
     server.run(graph)
     assert os.path.exists(os.path.join(base, "models", "diffusion_models", name))
-    with_pack = sample(server, base, loader_node(name, "bf16"), f"reload_pack_{policy}")
+    connectors = "connectors" in scope  # then let them run: raw text-encoder context
+    with_pack = sample(server, base, loader_node(name, "bf16"), f"reload_pack_{policy}", unprocessed=connectors)
     plain = ComfyServer(str(base), with_pack=False)
     try:
         assert "LTX2QuantLoader" not in plain.get("/object_info")
         core = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
-        without_pack = sample(plain, base, core, f"reload_core_{policy}")
+        without_pack = sample(plain, base, core, f"reload_core_{policy}", unprocessed=connectors)
     finally:
         plain.stop()
     # Same stored weights; weight-only policies compute the same function in both. mxfp8 runs

@@ -16,18 +16,21 @@ class LTX2QTestInputs:
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL",), "seed": ("INT", {"default": 1}),
                              "frames": ("INT", {"default": 9}), "height": ("INT", {"default": 64}),
-                             "width": ("INT", {"default": 96})}}
+                             "width": ("INT", {"default": 96})},
+                "optional": {"unprocessed": ("BOOLEAN", {"default": False})}}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, model, seed, frames, height, width):
+    def make(self, model, seed, frames, height, width, unprocessed=False):
         dm = model.model.diffusion_model
         width_ctx = dm.cross_attention_dim + dm.audio_cross_attention_dim
         g = torch.Generator().manual_seed(seed)
-        positive = [[torch.randn(1, 16, width_ctx, generator=g), {"frame_rate": 24.0}]]
-        negative = [[torch.randn(1, 16, width_ctx, generator=g), {"frame_rate": 24.0}]]
+        # unprocessed: the text encoder's raw output, so the model's text connectors run on it.
+        extra = {"unprocessed_ltxav_embeds": True} if unprocessed else {}
+        positive = [[torch.randn(1, 16, width_ctx, generator=g), {"frame_rate": 24.0, **extra}]]
+        negative = [[torch.randn(1, 16, width_ctx, generator=g), {"frame_rate": 24.0, **extra}]]
         video = torch.zeros(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
         audio = torch.zeros(1, 8, 10, 16)
         return positive, negative, {"samples": comfy.nested_tensor.NestedTensor((video, audio))}
