@@ -37,11 +37,14 @@ DEFAULT_MODES = ["core prequant fp8", "core prequant nvfp4", "fp8-scaled-mm", "f
                  "nvfp4", "nvfp4:first=1,last=1", "nvfp4:audio", "nvfp4:first=2,last=2,audio"]
 
 
-def inputs(config: dict, width: int, height: int, frames: int, seed: int, context_tokens: int):
-    """Conditioning (random text context, as a text encoder would give) and an empty AV latent."""
+def inputs(config: dict, width: int, height: int, frames: int, seed: int, context_tokens: int,
+           unprocessed: bool = False):
+    """Conditioning (random text context, as a text encoder would give; `unprocessed`: marked raw, so
+    the model's text connectors run on it) and an empty AV latent."""
     g = torch.Generator().manual_seed(seed)
     context = config["cross_attention_dim"] + config["audio_cross_attention_dim"]
-    positive = [[torch.randn(1, context_tokens, context, generator=g) * 0.5, {"frame_rate": 24.0}]]
+    extra = {"unprocessed_ltxav_embeds": True} if unprocessed else {}
+    positive = [[torch.randn(1, context_tokens, context, generator=g) * 0.5, {"frame_rate": 24.0, **extra}]]
     video = torch.zeros(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
     audio = torch.zeros(1, 8, max(1, round(frames / 24 * 25)), 16)
     return positive, {"samples": comfy.nested_tensor.NestedTensor((video, audio))}
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--modes", default=";".join(DEFAULT_MODES), help="separated by ';'")
     parser.add_argument("--sigmas", default="distilled stage 1", choices=list(sampling.SIGMA_PRESETS))
     parser.add_argument("--context-tokens", type=int, default=256)
+    parser.add_argument("--unprocessed", action="store_true",
+                        help="feed raw text-encoder context so the text connectors run (and their quantization counts)")
     parser.add_argument("--per-layer", action="store_true", help="also per-layer SNR (copies bf16 weights to CPU)")
     parser.add_argument("--save-amax", metavar="JSON", help="write the calibration (amax per tensor and channel)")
     parser.add_argument("--out", metavar="JSON")
@@ -92,8 +97,10 @@ def main() -> None:
     state = random_state(config, device)
     width, height, frames = (int(v) for v in args.size.split("x"))
     sigmas = torch.tensor(sampling.SIGMA_PRESETS[args.sigmas])
-    positive, latent = inputs(config, width, height, frames, seed=1, context_tokens=args.context_tokens)
-    calib_positive, calib_latent = inputs(config, width, height, frames, seed=7, context_tokens=args.context_tokens)
+    positive, latent = inputs(config, width, height, frames, seed=1, context_tokens=args.context_tokens,
+                              unprocessed=args.unprocessed)
+    calib_positive, calib_latent = inputs(config, width, height, frames, seed=7, context_tokens=args.context_tokens,
+                                          unprocessed=args.unprocessed)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{args.blocks} blocks, {sum(t.numel() for t in state.values()) / 1e9:.3f} B params, {args.size}", flush=True)
 
