@@ -15,22 +15,28 @@ VIDEO_STACK = ("attn1.to_v", "attn1.to_out.0", "attn2.to_v", "attn2.to_out.0", "
 AUDIO_STACK = tuple("audio_" + name for name in VIDEO_STACK)
 
 
-def run_stack(layers: dict, names: tuple[str, ...], x: torch.Tensor, activation: str) -> torch.Tensor:
+def run_stack(layers: dict, names: tuple[str, ...], x: torch.Tensor, activations: dict[str, str]) -> torch.Tensor:
+    """The stack in fp32 reference math; `activations` gives each layer's handling ("none" when absent)."""
     h = x
     for name in names:
         weight, bias = layers[name + ".weight"], layers[name + ".bias"]
-        h = reference_linear(h, weight, bias, activation)
+        h = reference_linear(h, weight, bias, activations.get(name, "none"))
         if name.endswith("net.0.proj"):
             h = torch.nn.functional.gelu(h, approximate="tanh")
     return h
 
 
-def quantize_block(state: dict[str, torch.Tensor], policy: Policy, block: int, num_blocks: int) -> dict:
-    """Block `block`'s tensors under `policy`: quantized weights as QuantizedWeight, the rest as is."""
+def quantize_block(state: dict[str, torch.Tensor], policy: Policy, block: int, num_blocks: int
+                   ) -> tuple[dict, dict[str, str]]:
+    """Block `block`'s tensors under `policy` (quantized weights as QuantizedWeight, the rest as is)
+    and each quantized layer's activation handling (weight-only layers: "none")."""
     prefix = f"transformer_blocks.{block}."
     table = [(k[: -len(".weight")], tuple(v.shape), "BF16", v.numel() * 2)
              for k, v in state.items() if k.startswith(prefix) and k.endswith(".weight")]
-    targets = {d.layer: d.target_format for d in plan(policy, table, num_blocks)}
+    decisions = plan(policy, table, num_blocks)
+    targets = {d.layer: d.target_format for d in decisions}
+    activations = {d.layer[len(prefix):]: "none" if d.weight_only else policy.activation
+                   for d in decisions if d.changed}
     out = {}
     for key, value in state.items():
         if not key.startswith(prefix):
@@ -41,7 +47,7 @@ def quantize_block(state: dict[str, torch.Tensor], policy: Policy, block: int, n
             out[name] = quantize_weight(value, targets[layer])
         else:
             out[name] = value
-    return out
+    return out, activations
 
 
 def run_demo(num_layers: int = 4, tokens: int = 256, seed: int = 0) -> list[dict]:
@@ -54,20 +60,20 @@ def run_demo(num_layers: int = 4, tokens: int = 256, seed: int = 0) -> list[dict
     block = num_layers // 2  # a middle block: in scope for every policy
     table = [(k[: -len(".weight")], tuple(v.shape), "BF16", v.numel() * v.element_size())
              for k, v in state.items() if k.endswith(".weight")]
-    exact = quantize_block(state, POLICIES["bf16"], block, num_layers)
-    video_ref = run_stack(exact, VIDEO_STACK, video_x, "none")
-    audio_ref = run_stack(exact, AUDIO_STACK, audio_x, "none")
+    exact, _ = quantize_block(state, POLICIES["bf16"], block, num_layers)
+    video_ref = run_stack(exact, VIDEO_STACK, video_x, {})
+    audio_ref = run_stack(exact, AUDIO_STACK, audio_x, {})
     rows = []
     for policy in POLICIES.values():
         summary = summarize(plan(policy, table, num_layers))
-        layers = quantize_block(state, policy, block, num_layers)
+        layers, activations = quantize_block(state, policy, block, num_layers)
         quantized = sum(isinstance(v, QuantizedWeight) for v in layers.values())
         rows.append({
             "policy": policy.name,
             "bytes": summary["bytes_after"],
             "ratio": summary["ratio"],
-            "video_error": relative_error(run_stack(layers, VIDEO_STACK, video_x, policy.activation), video_ref),
-            "audio_error": relative_error(run_stack(layers, AUDIO_STACK, audio_x, policy.activation), audio_ref),
+            "video_error": relative_error(run_stack(layers, VIDEO_STACK, video_x, activations), video_ref),
+            "audio_error": relative_error(run_stack(layers, AUDIO_STACK, audio_x, activations), audio_ref),
             "quantized_in_block": quantized,
         })
     return rows
