@@ -9,11 +9,9 @@ metadata) and official NVFP4 files (U8 weight, e4m3 swizzled `weight_scale`, fp3
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -39,7 +37,6 @@ BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # FP8 codes that are NaN or Inf (no isfinite kernel for these dtypes): (mask, value) of the bits.
 NONFINITE_FP8_BITS = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C),
                       torch.float8_e8m0fnu: (0xFF, 0xFF)}
-READER_THREAD = "ltx2q-read-ahead"  # name of the thread that reads the next layer while one converts
 
 log = logging.getLogger("ltx2_quant")
 
@@ -212,22 +209,16 @@ def read_layer(f: SafetensorsFile, source: LayerSource) -> weights.QuantizedWeig
     return weights.QuantizedWeight.from_tensors(source.format, tuple(source.shape), tensors)
 
 
-def _sum_not_finite(tensor: torch.Tensor) -> torch.Tensor:
-    """A bool scalar on the tensor's device, False when every value of a non-FP8 float tensor is
-    finite: a float32 sum is finite unless some value is NaN/Inf (or the sum overflows), and it runs
-    about twice as fast as isfinite on bf16. Reading it waits for the device; not reading it doesn't."""
-    return ~torch.isfinite(tensor.sum(dtype=torch.float32))
-
-
 def nonfinite_count(tensor: torch.Tensor) -> int:
-    """How many NaN/Inf values a tensor holds (0 for integer tensors); values are counted only
-    when the sum says there is something to count."""
+    """How many NaN/Inf values a tensor holds (0 for integer tensors). A float32 sum is finite
+    unless some value is NaN/Inf (or the sum overflows), and it runs about twice as fast as
+    isfinite on bf16, so values are counted only when the sum says there is something to count."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return 0
     if tensor.dtype in NONFINITE_FP8_BITS:
         mask, value = NONFINITE_FP8_BITS[tensor.dtype]
         return int(((tensor.view(torch.uint8) & mask) == value).sum())
-    if not _sum_not_finite(tensor):
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
         return 0
     return int((~torch.isfinite(tensor)).sum())
 
@@ -250,26 +241,8 @@ def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.Quanti
         full = stored.to(device)
         if full.dtype not in PLAIN_DTYPES:  # e.g. an fp8_e5m2 cast: no reductions in that dtype
             full = full.float()
-    # Looked at once the result is back on the CPU, which waits for the GPU anyway: one host sync
-    # per layer, not a second one that would leave the GPU idle while the quantizer is launched.
-    suspect = _sum_not_finite(full)
-    out = weights.quantize_weight(full, target).to("cpu")
-    if suspect:
-        refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
-    return out
-
-
-@dataclass
-class StoredLayer:
-    """What converting a layer reads from the file: the layer as stored and its raw input_scale."""
-
-    weight: weights.QuantizedWeight | torch.Tensor
-    input_scale: torch.Tensor | None
-
-
-def read_stored_layer(f: SafetensorsFile, source: LayerSource) -> StoredLayer:
-    key = source.keys.get("input_scale")
-    return StoredLayer(read_layer(f, source), f.read(key) if key is not None else None)
+    refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
+    return weights.quantize_weight(full, target).to("cpu")
 
 
 def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
@@ -277,13 +250,7 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
     """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights or scales by name.
     The math runs on `device` (a GPU makes load-time quantization fast); the result comes back to
     the CPU. A layer that does not fit the GPU's free memory is quantized on the CPU instead."""
-    return convert_stored_layer(f, source, read_stored_layer(f, source), target, device)
-
-
-def convert_stored_layer(f: SafetensorsFile, source: LayerSource, read: StoredLayer, target: str,
-                         device: torch.device | str) -> weights.QuantizedWeight:
-    """convert_layer's work after the file reads (`read` from read_stored_layer); reads nothing."""
-    stored = read.weight
+    stored = read_layer(f, source)
     if isinstance(stored, weights.QuantizedWeight):
         for suffix, key in source.keys.items():  # scales are tiny; FP8 codes are checked bitwise
             tensor = stored.tensors[suffix]
@@ -303,9 +270,9 @@ def convert_stored_layer(f: SafetensorsFile, source: LayerSource, read: StoredLa
         log.warning("LTX-2 Quant: out of GPU memory quantizing %s; quantizing it on the CPU instead", source.layer)
         torch.cuda.empty_cache()
         out = _quantize_on(f, source, stored, target, "cpu")
-    if read.input_scale is not None:  # a static activation scale travels with its layer
+    if "input_scale" in source.keys:  # a static activation scale travels with its layer
         key = source.keys["input_scale"]
-        out.tensors["input_scale"] = refuse_nonfinite(f.path, key, read.input_scale, source.layer).float().reshape(())
+        out.tensors["input_scale"] = refuse_nonfinite(f.path, key, f.read(key), source.layer).float().reshape(())
     return out
 
 
@@ -442,12 +409,10 @@ def layer_conf(decision: LayerDecision) -> dict:
 
 @dataclass
 class Step:
-    """Writes one plain tensor, or all tensors of one quantized layer, in file order: `read()` takes
-    what the step needs from the file (run ahead, on a reader thread), `make(read())` converts it."""
+    """Writes one plain tensor, or all tensors of one quantized layer, in file order."""
 
     specs: list[TensorSpec]
-    read: Callable[[], object]
-    make: Callable[[object], list[torch.Tensor]]
+    make: Callable[[], list[torch.Tensor]]
 
 
 @dataclass
@@ -497,8 +462,8 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         entry = layer_of_key.get(key)
         if entry is None or entry[1].target_format not in weights.FORMATS:
             t = f.tensors[key]
-            steps.append(Step([TensorSpec(key, t.dtype, t.shape)], lambda key=key: f.read(key),
-                              lambda tensor, key=key: [refuse_nonfinite(f.path, key, tensor)]))
+            steps.append(Step([TensorSpec(key, t.dtype, t.shape)],
+                              lambda key=key: [refuse_nonfinite(f.path, key, f.read(key))]))
             continue
         source, decision = entry
         if key != source.keys["weight"]:
@@ -507,37 +472,18 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         quant_layers[layer_key] = layer_conf(decision)
         specs = layer_specs(layer_key, decision.target_format, source.shape, "input_scale" in source.keys)
 
-        def convert(read, source=source, decision=decision, specs=specs):
-            qw = convert_stored_layer(f, source, read, decision.target_format, device)
+        def convert(source=source, decision=decision, specs=specs):
+            qw = convert_layer(f, source, decision.target_format, device)
             return [qw.tensors[spec.name.rsplit(".", 1)[1]] for spec in specs]
-        steps.append(Step(specs, lambda source=source: read_stored_layer(f, source), convert))
+        steps.append(Step(specs, convert))
     return ConversionPlan(info, decisions, steps, quant_layers)
 
 
 def _run_steps(steps: list[Step], progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The steps' tensors in order. A reader thread reads step i+1 while step i converts, so the
-    disk and the GPU work at once; one step at most is read ahead (the largest is 128 MiB). A read
-    error is raised at its own step. Ending early (an error, `progress` raising to cancel, the
-    consumer closing the generator) waits for the read in flight, starts none, and ends the thread."""
-    inference = torch.is_inference_mode_enabled()  # thread-local: read tensors of the kind make() gets
-
-    def read(step: Step):
-        with torch.inference_mode(inference):
-            return step.read()
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=READER_THREAD)
-    try:
-        ahead = reader.submit(read, steps[0]) if steps else None
-        for index, step in enumerate(steps):
-            stored = ahead.result()
-            ahead = reader.submit(read, steps[index + 1]) if index + 1 < len(steps) else None
-            tensors = step.make(stored)
-            del stored  # the next step's bytes are arriving meanwhile: hold only those
-            yield from zip((spec.name for spec in step.specs), tensors)
-            del tensors  # the consumer has them; not held through the next step
-            if progress is not None:
-                progress(index + 1, len(steps))
-    finally:
-        reader.shutdown(wait=True, cancel_futures=True)
+    for index, step in enumerate(steps):
+        yield from zip((spec.name for spec in step.specs), step.make())
+        if progress is not None:
+            progress(index + 1, len(steps))
 
 
 @dataclass
@@ -558,10 +504,8 @@ def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool =
     with SafetensorsFile(in_path) as f:
         conversion = plan_conversion(f, policy, device)
         specs = [spec for step in conversion.steps for spec in step.specs]
-        # Closed before the file: a writer error stops the reader thread, not just the write.
-        with contextlib.closing(_run_steps(conversion.steps, progress)) as produced:
-            tensors = (tensor for _, tensor in produced)
-            written = write_streaming(out_path, specs, tensors, conversion.metadata(policy), overwrite=overwrite)
+        tensors = (tensor for _, tensor in _run_steps(conversion.steps, progress))
+        written = write_streaming(out_path, specs, tensors, conversion.metadata(policy), overwrite=overwrite)
     return QuantizeResult(out_path, conversion.decisions, written)
 
 
@@ -587,8 +531,7 @@ def load_converted(source: str | SafetensorsFile | MemoryTensors, policy: Policy
             return load_converted(f, policy, progress, device)
     conversion = plan_conversion(source, policy, device, only_prefix=True)
     prefix = conversion.info.prefix
-    with contextlib.closing(_run_steps(conversion.steps, progress)) as produced:
-        state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in produced}
+    state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
     for layer_key, conf in conversion.quant_layers.items():
         state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
     return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)

@@ -14,7 +14,6 @@ import json
 import os
 import struct
 import tempfile
-import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
@@ -65,7 +64,6 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._seek_lock = threading.Lock()
         try:
             self._file: BinaryIO = open(self.path, "rb")
         except OSError as e:
@@ -168,27 +166,11 @@ class SafetensorsFile:
         if info is None:
             raise self._fail(f"no tensor {name!r}")
         raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch-owned memory, read into in place
-        got = self._read_at(memoryview(raw.numpy()), info.start) if info.nbytes else 0
+        self._file.seek(info.start)
+        got = self._file.readinto(memoryview(raw.numpy())) if info.nbytes else 0
         if got != info.nbytes:
             raise self._fail(f"truncated while reading tensor {name!r}: got {got} of {info.nbytes} bytes")
         return raw.view(info.dtype).reshape(info.shape)
-
-    def _read_at(self, buffer: memoryview, offset: int) -> int:
-        """Fill `buffer` from file `offset`; returns the bytes got (fewer only at the end of the file).
-        Positional reads leave the file position alone, so threads may read one file at once (the
-        loader reads the next layer while the current one converts); where the OS has none
-        (Windows), a lock keeps each seek with its read."""
-        if not hasattr(os, "preadv"):
-            with self._seek_lock:
-                self._file.seek(offset)
-                return self._file.readinto(buffer)
-        fd, got = self._file.fileno(), 0
-        while got < len(buffer):
-            n = os.preadv(fd, [buffer[got:]], offset + got)  # a large read may come back short
-            if n == 0:
-                break
-            got += n
-        return got
 
     def close(self) -> None:
         self._file.close()
