@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from . import ltx2, runtime, sampling, weights
+from .checkpoint import layer_conf
 from .policies import POLICIES, get_policy, plan, summarize
 from .safetensors_io import DTYPE_NAMES
 
@@ -103,15 +104,16 @@ def planned_bytes(policy_name: str, scope: dict | None = None, config: dict | No
     return summarize(decisions)["bytes_after"] + other
 
 
-def _runtime_layers(policy, decisions, capability: runtime.Capability, nvfp4_mode: str) -> tuple[int, int, bool]:
+def _runtime_layers(decisions, capability: runtime.Capability, nvfp4_mode: str) -> tuple[int, int, bool]:
     """(bytes the quantized layers hold on the GPU, the largest per-call weight temporary, whether
     any layer quantizes its input to FP8), from the execution path each layer takes."""
     held, expanded, w8a8 = 0, 0, False
     for d in decisions:
         if not d.changed:
             continue
-        path, _ = runtime.choose_path(d.target_format, "none" if d.weight_only else policy.activation, capability,
-                                      d.shape, "exact" if d.weight_only else nvfp4_mode)
+        conf = layer_conf(d)  # the path our ops choose when they load this layer
+        path, _ = runtime.choose_path(d.target_format, runtime.layer_activation(conf), capability, d.shape,
+                                      runtime.layer_nvfp4_mode(conf, nvfp4_mode))
         per_element, quantizes_input = PATH_PER_CALL[path]
         resident = (weights.FP8_ROWWISE if d.target_format == weights.MXFP8 and path in MXFP8_AS_ROWWISE_PATHS
                     else d.target_format)
@@ -138,7 +140,7 @@ def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: 
     sampling.check_video_shape(width, height, frames, two_stage)
     config = config or ltx2.LTX23_CONFIG
     policy_obj, decisions, other = weight_plan(policy, scope, config)
-    quantized, expanded, w8a8 = _runtime_layers(policy_obj, decisions, capability, nvfp4_mode)
+    quantized, expanded, w8a8 = _runtime_layers(decisions, capability, nvfp4_mode)
     model = quantized + sum(d.bytes_after for d in decisions if not d.changed) + other
     v, a = _stream_widths(config)
     ffn = ltx2.block_shapes(config)["ff.net.0.proj.weight"][0]

@@ -58,7 +58,7 @@ class Policy:
     weight_format: str | None
     activation: str = "none"
     scope: Scope = field(default_factory=Scope)
-    fp8_per_tensor: bool = False  # FP8 layers with one scale per tensor (stock ComfyUI's layout)
+    outer_fp8_per_tensor: bool = False  # NVFP4 policies: their FP8 outer layers with one scale per tensor
 
     def with_scope(self, **changes) -> "Policy":
         return replace(self, scope=replace(self.scope, **changes))
@@ -70,12 +70,15 @@ class Policy:
         before any block sees it."""
         if self.weight_format != weights.NVFP4:
             return self.weight_format
-        return weights.FP8_TENSOR if self.fp8_per_tensor else weights.FP8_ROWWISE
+        return weights.FP8_TENSOR if self.outer_fp8_per_tensor else weights.FP8_ROWWISE
 
     def with_fp8_per_tensor(self) -> "Policy":
         """Per-tensor FP8 scales: the only FP8 layout stock ComfyUI reads."""
-        fmt = weights.FP8_TENSOR if self.weight_format == weights.FP8_ROWWISE else self.weight_format
-        return replace(self, weight_format=fmt, fp8_per_tensor=True)
+        if self.weight_format == weights.FP8_ROWWISE:
+            return replace(self, weight_format=weights.FP8_TENSOR)
+        if self.weight_format == weights.NVFP4:
+            return replace(self, outer_fp8_per_tensor=True)
+        return self
 
 
 POLICIES: dict[str, Policy] = {

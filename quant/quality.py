@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .calibration import input_scale
-from .checkpoint import inspect_checkpoint, read_layer
+from .checkpoint import inspect_checkpoint, layer_conf, read_layer
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error
+from .runtime import layer_activation
 from .safetensors_io import SafetensorsFile, write_text
 from .weights import NVFP4, QuantizedWeight, quantize_weight
 
@@ -108,7 +109,7 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
             qw = quantize_weight(weight.float(), decision.target_format)
-            activation = "none" if decision.weight_only else policy.activation
+            activation = layer_activation(layer_conf(decision))
             if amax and decision.layer in amax and (activation == "fp8" or qw.format == NVFP4):
                 qw.tensors["input_scale"] = input_scale(amax[decision.layer], qw.format)
             x = evaluation_inputs(weight.shape[1], tokens, seed, (channel_amax or {}).get(decision.layer))
