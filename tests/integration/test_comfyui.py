@@ -40,13 +40,6 @@ def base(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(base):
-    s = ComfyServer(str(base), with_pack=True)
-    yield s
-    s.stop()
-
-
 def models_folder(base) -> str:
     return os.path.join(str(base), "models", "diffusion_models")
 

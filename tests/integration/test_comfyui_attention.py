@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_server import (ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
+from comfy_server import (loader_node, missing_requirements, rel, sampling_graph, saved_latent,
                           write_tiny_model)
 
 REASON = missing_requirements()
@@ -22,13 +22,6 @@ def base(tmp_path_factory):
     models.mkdir(parents=True)
     write_tiny_model(models / MODEL, seed=13)
     return root
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = ComfyServer(str(base), with_pack=True)
-    yield s
-    s.stop()
 
 
 def attention_node(choice: str) -> dict:

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from comfy_server import (DISTILLED_STAGE1, ComfyServer, loader_node, missing_requirements, rel, saved_latent,
+from comfy_server import (DISTILLED_STAGE1, loader_node, missing_requirements, rel, saved_latent,
                           write_tiny_model)
 from quant import calibration, ltx2
 from test_comfyui import sample
@@ -28,13 +28,6 @@ def base(tmp_path_factory):
     (root / "models" / "ltx2_calibration").mkdir()
     write_tiny_model(models / MODEL, seed=11)
     return root
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = ComfyServer(str(base), with_pack=True)
-    yield s
-    s.stop()
 
 
 def calibration_folder(base) -> str:

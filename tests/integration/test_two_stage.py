@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from comfy_server import (DISTILLED_STAGE1, HERE, ComfyServer, loader_node, missing_requirements, rel, saved_latent,
+from comfy_server import (DISTILLED_STAGE1, HERE, loader_node, missing_requirements, rel, saved_latent,
                           write_tiny_model)
 
 REASON = missing_requirements()
@@ -34,13 +34,6 @@ def base(tmp_path_factory):
                     str(upsamplers / UPSAMPLER)], check=True)
     write_tiny_model(checkpoints / "ltx2q_test_transformer_only.safetensors", seed=3)
     return root
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    s = ComfyServer(str(base), with_pack=True)
-    yield s
-    s.stop()
 
 
 def two_stage_graph(name: str, policy: str = "bf16", sampler: str = "euler", width: int = 128, height: int = 128,
