@@ -8,9 +8,6 @@ logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
 (`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
 mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
 
-  fa3-fp8         FlashAttention-3 (the optional `fa3-fwd` wheel, Hopper) with E4M3 Q/K/V, one scale per
-                  (batch, head), K centred on its mean over tokens (which softmax ignores) first.
-  fa3             FlashAttention-3 in bf16 (exact): Hopper's warp-specialised kernel, faster than SDPA's.
   kitchen-int8    comfy-kitchen's INT8 attention (INT8 Q/K/V, unsigned INT8 P).
   triton-int8     Triton flash attention (the design of Triton's fused-attention tutorial): Q and K
                   INT8 with one scale per token (K smoothed by its mean over tokens, which softmax
@@ -29,7 +26,6 @@ error. "auto" takes the first exact (16-bit) one that works; "auto-8bit" also th
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -105,48 +101,6 @@ def _triton_requires(major: int, minor: int, what: str) -> Callable[[Capability]
             return "triton is not installed"
         return _cuda_at_least(major, minor, what)(cap)
     return requires
-
-
-# ---------------------------------------------------------------------------------------------
-# FlashAttention-3 (optional wheel `fa3-fwd`: forward-only FA3 built on torch's stable ABI)
-
-FA3_MODULE = "fa3_fwd_interface"
-
-
-def _fa3_requires(cap: Capability) -> str | None:
-    if importlib.util.find_spec(FA3_MODULE) is None:
-        return "fa3-fwd is not installed (optional, Hopper: pip install fa3-fwd)"
-    return _cuda_at_least(9, 0, "FlashAttention-3")(cap)
-
-
-def fp8_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, S, H, D) -> E4M3 copies (B, S, H, D) and their descales (B, H) fp32, one per
-    (batch, head), as FA3 takes them. K is centred on its mean over tokens first: q.(k - m) differs
-    from q.k by a constant per query, which softmax ignores, and the centred K spans a narrower range."""
-    k = k.float() - k.float().mean(dim=1, keepdim=True)
-    out = []
-    for t in (q, k, v):
-        amax = t.abs().amax(dim=(1, 3)).float()  # a NaN anywhere makes its head's scale NaN: NaN reaches the output
-        scale = torch.where(amax == 0, 1.0, amax / FP8_MAX)
-        out.append(((t.float() / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale.contiguous()))
-    (q8, q_scale), (k8, k_scale), (v8, v_scale) = out
-    return q8, k8, v8, q_scale, k_scale, v_scale
-
-
-def _fa3(fp8: bool):
-    def run(q, k, v, scale, mask):
-        fa3 = importlib.import_module(FA3_MODULE)
-        # (B, H, S, D) views of ComfyUI's (B, S, H*D) tensors: FA3's (B, S, H, D) is their natural layout.
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if fp8:
-            q8, k8, v8, qs, ks, vs = fp8_attention_operands(q, k, v)
-            out = fa3.flash_attn_func(q8, k8, v8, softmax_scale=scale, q_descale=qs, k_descale=ks, v_descale=vs)
-            out = out.to(q.dtype)
-        else:
-            out = fa3.flash_attn_func(q, k, v, softmax_scale=scale)
-        return out.transpose(1, 2)
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,14 +363,9 @@ def _triton_8bit(qk_int8: bool, fp8_v: bool):
 
 _HALF = (torch.bfloat16, torch.float16)
 _ANY = (torch.bfloat16, torch.float16, torch.float32)
-_HALF_BF16 = (torch.bfloat16,)  # the fa3-fwd wheel is built without fp16 kernels
 _TRITON_DTYPES = (torch.bfloat16, torch.float32)
 _FP8_TRITON = _triton_requires(8, 9, "Triton FP8 attention (FP8 tensor cores)")
 IMPLEMENTATIONS = {a.name: a for a in [
-    Attention("fa3-fp8", "FlashAttention-3, E4M3 Q/K/V with a scale per head (lossy)", exact=False, masks=False,
-              dtypes=_HALF_BF16, head_dims=(64, 128), requires=_fa3_requires, run=_fa3(fp8=True)),
-    Attention("fa3", "FlashAttention-3, bf16", exact=True, masks=False, dtypes=_HALF_BF16, head_dims=(64, 128),
-              requires=_fa3_requires, run=_fa3(fp8=False)),
     Attention("kitchen-int8", "comfy-kitchen INT8 attention (8-bit Q/K/V/P, lossy)", exact=False, masks=True,
               dtypes=_ANY, head_dims=None, requires=_kitchen_requires, run=_kitchen_int8),
     Attention("triton-int8", "Triton attention, INT8 Q/K per token, E4M3 P and V, fp32 softmax and accumulation "
