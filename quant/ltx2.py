@@ -56,6 +56,30 @@ CONNECTOR_LINEAR_RE = re.compile(
     r"(?:attn1\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2))$"
 )
 
+# The modules that run only while the conditioning is encoded (ComfyUI's
+# LTXAVModel.preprocess_text_embeds, from extra_conds: once per sampling run), never in a denoising
+# step: every layer of the two text connectors, and the caption projections where they run before the
+# connectors (LTX-2.3; otherwise the model projects the context inside every step). Not the
+# connectors' learnable registers: a raw parameter of the connector module itself, 1 MB.
+_TEXT_CONNECTOR_MODULE_RE = re.compile(r"^(?:audio|video)_embeddings_connector\.")
+_CAPTION_PROJECTION_MODULE_RE = re.compile(r"^(?:audio_)?caption_projection\.")
+
+
+def runs_once_per_prompt(module: str, caption_proj_before_connector: bool) -> bool:
+    """Whether a submodule of the transformer (its name under the diffusion model, e.g.
+    `video_embeddings_connector.transformer_1d_blocks.0.ff.net.2`) runs only when the text
+    conditioning is encoded: the weights the loader keeps in host memory and streams to the GPU when
+    `text_connectors_on_cpu` is on, and that quant.memory leaves out of the resident weights."""
+    return (_TEXT_CONNECTOR_MODULE_RE.match(module) is not None
+            or (caption_proj_before_connector and _CAPTION_PROJECTION_MODULE_RE.match(module) is not None))
+
+
+def tensor_runs_once_per_prompt(key: str, config: dict) -> bool:
+    """runs_once_per_prompt for a tensor key of a `config` transformer (the module is the key's prefix)."""
+    module = key.rsplit(".", 1)[0] if "." in key else ""
+    return runs_once_per_prompt(module, bool(config.get("caption_proj_before_connector", False)))
+
+
 _TEXT_CONTEXT_SIDE = re.compile(r"\.(attn2|audio_attn2)\.(to_k|to_v)$")
 
 

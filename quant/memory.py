@@ -3,8 +3,10 @@ policy's plan over the real shapes), the activation peak of one transformer bloc
 size, and fixed overheads. tests/test_memory.py checks it against the peaks bench/bench_model.py
 measured through ComfyUI (docs/BENCHMARKS.md).
 
-Scope: the sampling phase (and, two-stage, the latent upsampler) with the transformer resident;
-ComfyUI runs the text encoder and the VAE when the transformer can be offloaded. Batch size 1,
+Scope: the sampling phase (and, two-stage, the latent upsampler) with the transformer resident
+(by default without its text connectors, which the loader keeps in host memory: they run once per
+prompt; ltx2.runs_once_per_prompt); ComfyUI runs the text encoder and the VAE when the transformer
+can be offloaded. Batch size 1,
 text-to-video (image conditioning adds a per-token AdaLN embedding before the blocks, smaller than
 the feed-forward peak below)."""
 
@@ -84,12 +86,17 @@ def _stream_widths(config: dict) -> tuple[int, int]:
             config["audio_num_attention_heads"] * config["audio_attention_head_dim"])
 
 
-def weight_plan(policy_name: str, scope: dict | None = None, config: dict | None = None):
+def weight_plan(policy_name: str, scope: dict | None = None, config: dict | None = None,
+                text_connectors_on_cpu: bool = False):
     """(policy, decisions, bytes of the tensors the plan does not cover) for a bf16 transformer of
-    `config` (default: the LTX-2.3 release) as the loader would convert it."""
+    `config` (default: the LTX-2.3 release) as the loader would convert it; with
+    `text_connectors_on_cpu`, only the tensors that stay on the GPU (ltx2.tensor_runs_once_per_prompt
+    are streamed from host memory when they run)."""
     config = config or ltx2.LTX23_CONFIG
     policy = get_policy(policy_name, **(scope or {}))
     shapes = ltx2.model_shapes(config)
+    if text_connectors_on_cpu:
+        shapes = {key: shape for key, shape in shapes.items() if not ltx2.tensor_runs_once_per_prompt(key, config)}
     source = DTYPE_NAMES[torch.bfloat16]
     layers = [(key[: -len(".weight")], shape, source, math.prod(shape) * BF16)
               for key, shape in shapes.items() if key.endswith(".weight")]
@@ -97,10 +104,11 @@ def weight_plan(policy_name: str, scope: dict | None = None, config: dict | None
     return policy, plan(policy, layers, config["num_layers"]), other
 
 
-def planned_bytes(policy_name: str, scope: dict | None = None, config: dict | None = None) -> int:
+def planned_bytes(policy_name: str, scope: dict | None = None, config: dict | None = None,
+                  text_connectors_on_cpu: bool = False) -> int:
     """The converted transformer's size as the loader's `auto` weighs it: the plan's stored sizes
-    plus biases, tables and registers in bf16."""
-    _, decisions, other = weight_plan(policy_name, scope, config)
+    plus biases, tables and registers in bf16 (`text_connectors_on_cpu`: the part kept on the GPU)."""
+    _, decisions, other = weight_plan(policy_name, scope, config, text_connectors_on_cpu)
     return summarize(decisions)["bytes_after"] + other
 
 
@@ -134,12 +142,15 @@ def upsampler_bytes() -> int:
 
 def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: bool = False,
                   scope: dict | None = None, nvfp4_mode: str = "fast", config: dict | None = None,
-                  capability: runtime.Capability = FP8_GPU, frame_rate: float = 24.0) -> VramEstimate:
+                  capability: runtime.Capability = FP8_GPU, frame_rate: float = 24.0,
+                  text_connectors_on_cpu: bool = True) -> VramEstimate:
     """Peak VRAM of sampling `width` x `height` x `frames` (two-stage: stage 2 at that size after
-    stage 1 at half size, and the upsampler between them) with the transformer resident."""
+    stage 1 at half size, and the upsampler between them) with the transformer resident, except,
+    with `text_connectors_on_cpu` (the loader's default), the text connectors: they stay in host
+    memory and run once per prompt, before the first step, one layer on the GPU at a time."""
     sampling.check_video_shape(width, height, frames, two_stage)
     config = config or ltx2.LTX23_CONFIG
-    policy_obj, decisions, other = weight_plan(policy, scope, config)
+    policy_obj, decisions, other = weight_plan(policy, scope, config, text_connectors_on_cpu)
     quantized, expanded, w8a8 = _runtime_layers(decisions, capability, nvfp4_mode)
     model = quantized + sum(d.bytes_after for d in decisions if not d.changed) + other
     v, a = _stream_widths(config)
@@ -174,7 +185,7 @@ def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: 
 def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: runtime.Capability,
                     free_bytes: int | None, auto_headroom_bytes: int) -> dict:
     """The JSON the web widget shows for a query (policy, width, height, frames, two_stage,
-    nvfp4_mode): the estimate in GiB, or `errors` naming each bad value. `auto` is resolved the way
+    nvfp4_mode, text_connectors_on_cpu: default true): the estimate in GiB, or `errors` naming each bad value. `auto` is resolved the way
     the loader resolves it on this server's device; the estimate assumes an FP8 GPU when the server
     has none."""
     answer: dict = {"policy": query.get("policy", "auto"), "auto_reason": None, "errors": [],
@@ -192,6 +203,7 @@ def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: ru
                                                         two_stage)
     if answer["policy"] not in ("auto", *POLICIES):
         answer["errors"].append(f"unknown policy {answer['policy']!r}; choose one of: auto, {', '.join(POLICIES)}")
+    text_connectors_on_cpu = query.get("text_connectors_on_cpu", "true").lower() in ("1", "true", "yes", "on")
     nvfp4_mode = query.get("nvfp4_mode", "fast")
     if nvfp4_mode not in runtime.NVFP4_MODES:
         answer["errors"].append(f"unknown nvfp4_mode {nvfp4_mode!r}; choose one of: {', '.join(runtime.NVFP4_MODES)}")
@@ -203,6 +215,7 @@ def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: ru
                                                                              auto_headroom_bytes)
     target = capability if capability.fp8_tensor_cores else FP8_GPU
     estimate = estimate_vram(answer["policy"], numbers["width"], numbers["height"], numbers["frames"], two_stage,
-                             scope=scope, nvfp4_mode=nvfp4_mode, capability=target)
+                             scope=scope, nvfp4_mode=nvfp4_mode, capability=target,
+                             text_connectors_on_cpu=text_connectors_on_cpu)
     answer.update(estimate.as_gib(), phase=estimate.phase, video_tokens=estimate.video_tokens)
     return answer

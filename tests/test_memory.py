@@ -31,10 +31,15 @@ def bench_config(blocks: int) -> dict:
     return dict(ltx2.LTX23_CONFIG, num_layers=blocks, connector_num_layers=1)  # as bench_model.py builds it
 
 
+# The peaks above were measured with the text connectors resident (before text_connectors_on_cpu).
+MEASURED_WITH_CONNECTORS_ON_GPU = {"text_connectors_on_cpu": False}
+
+
 @pytest.mark.parametrize("blocks,policy,width,height", sorted(MEASURED_PEAK_GIB))
 def test_estimate_within_15_percent_of_measured_peak(blocks, policy, width, height):
     measured = MEASURED_PEAK_GIB[(blocks, policy, width, height)]
-    estimate = memory.estimate_vram(policy, width, height, FRAMES, config=bench_config(blocks))
+    estimate = memory.estimate_vram(policy, width, height, FRAMES, config=bench_config(blocks),
+                                    **MEASURED_WITH_CONNECTORS_ON_GPU)
     assert estimate.phase == "sampling"
     assert abs(estimate.total_bytes / GIB / measured - 1) <= 0.15, (estimate.as_gib(), measured)
 
@@ -43,7 +48,8 @@ def test_estimate_within_15_percent_of_measured_peak(blocks, policy, width, heig
 def test_activation_growth_within_15_percent_of_measured(blocks, policy):
     """Weights dominate the peak; the difference between the two sizes isolates the activation term."""
     measured = MEASURED_PEAK_GIB[(blocks, policy, 1536, 1024)] - MEASURED_PEAK_GIB[(blocks, policy, 768, 512)]
-    small, large = (memory.estimate_vram(policy, w, h, FRAMES, config=bench_config(blocks))
+    small, large = (memory.estimate_vram(policy, w, h, FRAMES, config=bench_config(blocks),
+                                         **MEASURED_WITH_CONNECTORS_ON_GPU)
                     for w, h in ((768, 512), (1536, 1024)))
     estimated = (large.total_bytes - small.total_bytes) / GIB
     assert abs(estimated / measured - 1) <= 0.15, (estimated, measured)
@@ -58,14 +64,18 @@ def test_tokens_follow_the_latent_shapes():
 
 def test_weights_come_from_the_policy_plan():
     for name in ("bf16", "fp8-cast", "fp8-scaled-mm", "nvfp4"):
-        assert memory.estimate_vram(name, 768, 512, 121).weight_bytes == memory.planned_bytes(name)
+        assert memory.estimate_vram(name, 768, 512, 121, text_connectors_on_cpu=False).weight_bytes == \
+            memory.planned_bytes(name)
+        assert memory.estimate_vram(name, 768, 512, 121).weight_bytes == \
+            memory.planned_bytes(name, text_connectors_on_cpu=True)
     bf16 = memory.planned_bytes("bf16")
     assert bf16 == 2 * sum(math.prod(s) for s in ltx2.model_shapes(ltx2.LTX23_CONFIG).values())
     # Ada/Hopper hold MXFP8 re-blocked to per-row FP8: the size of fp8-scaled-mm, less than its file.
-    mxfp8 = memory.estimate_vram("mxfp8", 768, 512, 121).weight_bytes
+    mxfp8 = memory.estimate_vram("mxfp8", 768, 512, 121, text_connectors_on_cpu=False).weight_bytes
     assert mxfp8 == memory.planned_bytes("fp8-scaled-mm") < memory.planned_bytes("mxfp8")
     # Keeping blocks in bf16 costs memory; the scope reaches the plan.
-    kept = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2, "keep_last_blocks": 2})
+    kept = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2, "keep_last_blocks": 2},
+                                text_connectors_on_cpu=False)
     assert kept.weight_bytes == memory.planned_bytes("nvfp4", {"keep_first_blocks": 2, "keep_last_blocks": 2})
     assert memory.planned_bytes("nvfp4") < kept.weight_bytes < bf16
 
@@ -150,3 +160,48 @@ def test_auto_resolves_like_the_loader():
     assert tight["total_gib"] == memory.estimate_vram("nvfp4", 768, 512, 121).as_gib()["total_gib"]
     on_cpu = memory.estimate_answer(query, None, CPU, None, 6 * GIB)
     assert on_cpu["policy"] == "bf16" and on_cpu["auto_reason"].startswith("cpu")
+
+
+def test_text_connectors_on_cpu_leave_the_resident_weights():
+    """The release's connectors (8 layers each, bf16 unless the scope quantizes them) are ~3.7 GiB of
+    the resident weights; kept in host memory (the loader's default) they leave the estimate, and
+    nothing else changes (they never run during a denoising step)."""
+    config = ltx2.LTX23_CONFIG
+    shapes = ltx2.model_shapes(config)
+    streamed = [k for k in shapes if ltx2.tensor_runs_once_per_prompt(k, config)]
+    assert streamed and all(k.startswith(("video_embeddings_connector.transformer_1d_blocks.",
+                                          "audio_embeddings_connector.transformer_1d_blocks.")) for k in streamed)
+    assert not ltx2.tensor_runs_once_per_prompt("video_embeddings_connector.learnable_registers", config)
+    connector_bytes = 2 * sum(math.prod(shapes[k]) for k in streamed)
+    assert 3.5 * GIB < connector_bytes < 4 * GIB
+    for policy in ("bf16", "fp8-cast", "nvfp4"):
+        on_gpu = memory.estimate_vram(policy, 768, 512, 121, text_connectors_on_cpu=False)
+        on_cpu = memory.estimate_vram(policy, 768, 512, 121)
+        assert on_gpu.weight_bytes - on_cpu.weight_bytes == connector_bytes
+        assert (on_cpu.activation_bytes, on_cpu.overhead_bytes) == (on_gpu.activation_bytes, on_gpu.overhead_bytes)
+    # Quantized by the scope, they still leave the estimate: their 8-bit size.
+    scope = {"connectors": True}
+    quantized = (memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, scope=scope, text_connectors_on_cpu=False)
+                 .weight_bytes - memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, scope=scope).weight_bytes)
+    assert connector_bytes / 2.1 < quantized < connector_bytes / 1.9
+    # The web widget's query carries the option (default on).
+    off = answer(policy="nvfp4", width=768, height=512, frames=121, text_connectors_on_cpu="false")
+    assert off["weights_gib"] == on_gpu_gib("nvfp4")
+    assert answer(policy="nvfp4", width=768, height=512, frames=121)["weights_gib"] == \
+        memory.estimate_vram("nvfp4", 768, 512, 121).weight_bytes / GIB
+
+
+def on_gpu_gib(policy: str) -> float:
+    return memory.estimate_vram(policy, 768, 512, 121, text_connectors_on_cpu=False).weight_bytes / GIB
+
+
+def test_caption_projection_streams_only_where_it_runs_before_the_connectors():
+    """LTX-2.3 projects the caption before the connectors (once per prompt); LTX-2.0 projects the
+    context inside every step, so its projection stays resident."""
+    assert ltx2.runs_once_per_prompt("caption_projection.linear_1", caption_proj_before_connector=True)
+    assert ltx2.runs_once_per_prompt("audio_caption_projection.linear_1", caption_proj_before_connector=True)
+    assert not ltx2.runs_once_per_prompt("caption_projection.linear_1", caption_proj_before_connector=False)
+    assert ltx2.runs_once_per_prompt("audio_embeddings_connector.transformer_1d_blocks.7.attn1.k_norm", False)
+    for module in ("video_embeddings_connector", "transformer_blocks.0.attn2.to_k", "adaln_single.linear",
+                   "my_video_embeddings_connector.x"):
+        assert not ltx2.runs_once_per_prompt(module, True)
