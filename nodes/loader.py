@@ -29,6 +29,14 @@ SCOPE_PRESETS = {
     "all block linears + text connectors": {"connectors": True},
 }
 DOWNLOAD_MARK = " [download]"
+CONNECTORS_ON_CPU_TOOLTIP = ("Keep the text connectors (~3.7 GiB in bf16) in host memory and stream them to the GPU "
+                             "when they run: once per prompt, when the conditioning is encoded, never in a denoising "
+                             "step. Peak VRAM drops by their size; streaming them costs well under a second per "
+                             "sampling run. No effect when the model loads where it is offloaded (CPU, --gpu-only)")
+
+
+def connectors_on_cpu_input():
+    return io.Boolean.Input("text_connectors_on_cpu", default=True, optional=True, tooltip=CONNECTORS_ON_CPU_TOOLTIP)
 
 
 def register_folders() -> None:
@@ -96,6 +104,7 @@ class LTX2QuantLoader(io.ComfyNode):
                                  tooltip="Fetch a missing official file from Hugging Face into its model folder"),
                 io.Combo.Input("attention", options=LOADER_CHOICES, default=KEEP, optional=True,
                                tooltip="Attention kernel for this model, as the LTX-2 Quant Attention node sets it"),
+                connectors_on_cpu_input(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -103,13 +112,13 @@ class LTX2QuantLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
                 keep_last_blocks=0, keep_audio=False, calibration="none", download_missing=False,
-                attention=KEEP) -> io.NodeOutput:
+                attention=KEEP, text_connectors_on_cpu=True) -> io.NodeOutput:
         path = resolve_checkpoint(ckpt_name, download_missing)
         amax = None
         if calibration != "none":
             amax = load_amax(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration))
         options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
-        model, text = model_io.load_and_quantize(path, policy, nvfp4_mode, options, amax)
+        model, text = model_io.load_and_quantize(path, policy, nvfp4_mode, options, amax, text_connectors_on_cpu)
         if attention != KEEP:
             model, attention_text = patch_attention(model, attention)
             text += "\n" + attention_text
@@ -141,15 +150,16 @@ class LTX2QuantQuantizeModel(io.ComfyNode):
                 io.Combo.Input("policy", options=POLICY_CHOICES, default="auto"),
                 io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast"),
                 *scope_inputs(),
+                connectors_on_cpu_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
-                keep_last_blocks=0, keep_audio=False) -> io.NodeOutput:
+                keep_last_blocks=0, keep_audio=False, text_connectors_on_cpu=True) -> io.NodeOutput:
         options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
-        new, text = model_io.quantize_model(model, policy, nvfp4_mode, options)
+        new, text = model_io.quantize_model(model, policy, nvfp4_mode, options, text_connectors_on_cpu)
         return io.NodeOutput(new, ui=ui.PreviewText(text))
 
 

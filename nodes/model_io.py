@@ -22,6 +22,7 @@ from ..quant.calibration import input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
+from . import streaming
 from .ops import compute_device, describe_paths, make_ops, quantized_layers
 
 log = logging.getLogger("ltx2_quant")
@@ -55,7 +56,7 @@ def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[
 
 
 def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
-                 latent_shapes=None) -> tuple[dict[str, int], str]:
+                 latent_shapes=None, text_connectors_on_cpu: bool = True) -> tuple[dict[str, int], str]:
     """GPU memory a run needs per policy, and how it was reckoned: quant.memory's estimate at the
     video's size while sampling (`latent_shapes` as ComfyUI passes them), else the weights plus
     ACTIVATION_HEADROOM."""
@@ -65,7 +66,9 @@ def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_
         device = compute_device()
         capability = runtime.capability(device) if device.type == "cuda" else memory.FP8_GPU
         needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
-                                            config=config, capability=capability).total_bytes for name in POLICIES}
+                                            config=config, capability=capability,
+                                            text_connectors_on_cpu=text_connectors_on_cpu).total_bytes
+                 for name in POLICIES}
         return needs, f"estimated for {width}x{height}x{frames}"
     return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},
             f"its weights plus {ACTIVATION_HEADROOM / 2 ** 30:.0f} GiB for activations")
@@ -89,13 +92,13 @@ def advise_on_oom(stage: str, policy_name: str, needs, call):
 
 
 def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
-                   nvfp4_mode: str) -> None:
+                   nvfp4_mode: str, text_connectors_on_cpu: bool = True) -> None:
     """Sampling that runs out of GPU memory inside the model reports what would fit at that video
     size (an APPLY_MODEL wrapper: the model's frames are gone before ComfyUI's OOM handler unloads
     the models)."""
     def wrapper(executor, *args, **kwargs):
         def needs():
-            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"))
+            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"), text_connectors_on_cpu)
         return advise_on_oom("sampling", policy_name, needs, lambda: executor(*args, **kwargs))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)
 
@@ -115,8 +118,10 @@ def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
     return count
 
 
-def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str):
-    """A ComfyUI ModelPatcher over the converted state dict, built with our ops."""
+def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, text_connectors_on_cpu: bool = True):
+    """A ComfyUI ModelPatcher over the converted state dict, built with our ops; with
+    `text_connectors_on_cpu` its text connectors stay in host memory and stream to the GPU when
+    they run (nodes/streaming.py)."""
     device = compute_device()
     ops = make_ops(device, nvfp4_mode)
     options = {"custom_operations": ops, "dtype": torch.bfloat16}
@@ -126,6 +131,12 @@ def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str):
                                                        metadata=loaded.metadata, disable_dynamic=True)
     if patcher is None:
         raise ValueError("ComfyUI did not recognise the converted model as LTX-2")
+    # The classic patcher plus the streamed layers' rule; it holds no state of its own, and clones
+    # (LoRA loaders, the Compile and Attention nodes) keep the class and the ON_LOAD callback.
+    if type(patcher) is comfy.model_patcher.ModelPatcher:
+        patcher.__class__ = streaming.StreamingModelPatcher
+        if text_connectors_on_cpu:
+            streaming.enable(patcher)
     patcher.model.ltx2q_metadata = loaded.metadata
     patcher.model.ltx2q_policy = policy_name
     return patcher, describe_paths(ops)
@@ -144,9 +155,10 @@ def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, secon
 
 
 def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str, nvfp4_mode: str, scope: dict,
-                      amax: dict[str, float] | None = None):
+                      amax: dict[str, float] | None = None, text_connectors_on_cpu: bool = True):
     """Pick the policy (`auto` sized against free VRAM), quantize `source` tensor by tensor (on the GPU
-    when there is one) and build the MODEL; returns it with the node's report text."""
+    when there is one) and build the MODEL (text connectors streamed from host memory when
+    `text_connectors_on_cpu`); returns it with the node's report text."""
     start = time.perf_counter()
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
@@ -162,22 +174,25 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
         extra = ""
         if amax:
             extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
-        patcher, paths = build_model(loaded, policy_name, nvfp4_mode)
+        patcher, paths = build_model(loaded, policy_name, nvfp4_mode, text_connectors_on_cpu)
+        extra = "\n".join(filter(None, (extra, streaming.describe(patcher, text_connectors_on_cpu))))
         return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
     # quant.memory estimates an LTX-2.3 layout: the file's when its config gives it, else the release's.
     layout_keys = (*checkpoint.BLOCK_LAYOUT_KEYS, *checkpoint.MODEL_LAYOUT_KEYS)
     usable = info.family == "ltx2.3" and isinstance(info.config, dict) and all(k in info.config for k in layout_keys)
     config = info.config if usable else None
     patcher, text = advise_on_oom("loading and quantizing the model", policy_name,
-                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode), load_and_build)
-    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode)
+                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode,
+                                                       text_connectors_on_cpu=text_connectors_on_cpu),
+                                  load_and_build)
+    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode, bool(streaming.streamed_modules(patcher)))
     return patcher, text
 
 
 def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
-                      amax: dict[str, float] | None = None):
+                      amax: dict[str, float] | None = None, text_connectors_on_cpu: bool = True):
     with SafetensorsFile(path) as f:
-        return convert_and_build(f, policy_name, nvfp4_mode, scope, amax)
+        return convert_and_build(f, policy_name, nvfp4_mode, scope, amax, text_connectors_on_cpu)
 
 
 def model_metadata(patcher) -> dict[str, str]:
@@ -191,14 +206,14 @@ def model_metadata(patcher) -> dict[str, str]:
     return {"config": json.dumps({"transformer": config})}
 
 
-def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict):
+def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict, text_connectors_on_cpu: bool = True):
     """A new MODEL with `patcher`'s diffusion model converted to a policy; its LoRA patches and model
     options carry over."""
     diffusion_model = patcher.model.diffusion_model
     if quantized_layers(diffusion_model):
         raise ValueError("this model was already quantized by LTX-2 Quant; quantize the original model instead")
     source = MemoryTensors(diffusion_model.state_dict(), model_metadata(patcher), "the input MODEL")
-    new, text = convert_and_build(source, policy_name, nvfp4_mode, scope)
+    new, text = convert_and_build(source, policy_name, nvfp4_mode, scope, text_connectors_on_cpu=text_connectors_on_cpu)
     new.patches = {k: list(v) for k, v in patcher.patches.items()}
     new.patches_uuid = patcher.patches_uuid
     new.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
@@ -226,7 +241,9 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
     path = safe_output_path(folder, filename)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; enable overwrite to replace it")
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # applies LoRA patches
+    # Applies LoRA patches; those of streamed layers are merged into their host copy only when forced.
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True,
+                                           force_patch_weights=streaming.patches_streamed_layers(patcher))
     model = patcher.model.diffusion_model
     layers = quantized_layers(model)
     metadata = model_metadata(patcher)

@@ -40,7 +40,7 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
          "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears",
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
                      "keep_audio": False, "calibration": "none", "download_missing": False,
-                     "attention": "comfyui default"}},
+                     "attention": "comfyui default", "text_connectors_on_cpu": True}},
         {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
          "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
         {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},

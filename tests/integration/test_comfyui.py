@@ -193,3 +193,18 @@ def test_save_refuses_to_overwrite_and_bad_names(server, base):
     with pytest.raises(RuntimeError, match="plain name"):
         server.run(escape)
     assert not os.path.exists(os.path.join(base, "models", "escape.safetensors"))
+
+
+@pytest.mark.parametrize("policy", ["nvfp4", "fp8-scaled-mm"])
+def test_text_connectors_on_cpu_option_keeps_the_output(server, base, policy):
+    """The loader's text_connectors_on_cpu, on and off, on raw text context (the connectors run). On this
+    CPU-only server the model loads where it is offloaded, so the report says the connectors stay there;
+    tests/integration/test_text_connectors.py streams them through ComfyUI's low-VRAM path."""
+    outputs = {}
+    for on in (True, False):
+        node = loader_node("ltx2q_test_tiny.safetensors", policy, text_connectors_on_cpu=on)
+        entry = server.run(sampling_graph(node, f"connectors_cpu_{policy}_{on}", unprocessed=True))
+        outputs[on] = saved_latent(base, f"connectors_cpu_{policy}_{on}")
+        report = json.dumps(entry["outputs"].get("1", {}))
+        assert ("text connectors: on the model's device" in report) == on, report
+    assert all(torch.equal(outputs[True][k], outputs[False][k]) for k in outputs[False])
