@@ -8,9 +8,11 @@ A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile B
 its CUDA-graph mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
 full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A policy may carry a
-scope after ':' (see parse_mode): `fp8-cast:connectors+compile`, `nvfp4:first=1,last=1`.
+scope after ':' (see parse_mode): `fp8-cast:connectors+compile`, `nvfp4:first=1,last=1`,
+`nvfp4:audio8,8bit=*.attn1.*` (those layers FP8, the rest NVFP4).
 `--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
-so they only matter for memory).
+so they only matter for memory); the pack's modes stream them from host memory unless the scope says
+`gpu-connectors`; `--unprocessed` makes them run in each sampling run.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope.setdefault("exclude", []).append(value)
         elif key == "wo":  # run these (quantized) layers weight-only
             scope.setdefault("weight_only", []).append(value)
+        elif key == "gpu-connectors":  # keep the text connectors resident (text_connectors_on_cpu off)
+            scope["gpu_connectors"] = True
+        elif key == "audio8":  # NVFP4 policies: the audio-side Linears in FP8
+            scope["audio_8bit"] = True
+        elif key == "8bit":  # NVFP4 policies: these block Linears in FP8
+            scope.setdefault("eight_bit", []).append(value)
         else:
             raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
     return policy, static, scope
@@ -121,15 +129,19 @@ def build(mode: str, state: dict, metadata: dict):
     policy_name, static, scope = parse_mode(mode)
     if static:
         raise ValueError(f"{mode!r}: calibrated static scales are measured by bench_quality.py")
+    on_cpu = not scope.pop("gpu_connectors", False)
     loaded = checkpoint.load_converted(source, get_policy(policy_name, **scope), device="cuda")
-    return model_io.build_model(loaded, policy_name, "fast")[0]
+    return model_io.build_model(loaded, policy_name, "fast", text_connectors_on_cpu=on_cpu)[0]
 
 
-def inputs(patcher, width: int, height: int, frames: int):
+def inputs(patcher, width: int, height: int, frames: int, unprocessed: bool = False):
+    """Conditioning and an empty AV latent; `unprocessed` marks the context raw, so the text
+    connectors run in every sampling run (their cost lands in s/step)."""
     dm = patcher.model.diffusion_model
     context = dm.cross_attention_dim + dm.audio_cross_attention_dim
     g = torch.Generator().manual_seed(1)
-    positive = [[torch.randn(1, 1024, context, generator=g) * 0.5, {"frame_rate": 24.0}]]
+    extra = {"unprocessed_ltxav_embeds": True} if unprocessed else {}
+    positive = [[torch.randn(1, 1024, context, generator=g) * 0.5, {"frame_rate": 24.0, **extra}]]
     video = torch.zeros(1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
     audio = torch.zeros(1, 8, round(frames / 24 * 25), 16)
     return comfy.nested_tensor.NestedTensor((video, audio)), positive
@@ -160,7 +172,8 @@ def apply_patches(patcher, patches: list[str]):
     return patcher
 
 
-def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int, int]]) -> dict:
+def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int, int]],
+             unprocessed: bool = False) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     base, *patches = mode.split("+")
@@ -169,7 +182,7 @@ def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int,
     torch.cuda.synchronize()
     row = {"mode": mode, "load_s": time.perf_counter() - start, "sizes": {}}
     for width, height, frames in sizes:
-        latent, positive = inputs(patcher, width, height, frames)
+        latent, positive = inputs(patcher, width, height, frames, unprocessed)
         start = time.perf_counter()
         # Warm-up: two steps, or the whole run when compiling (each sigma must not trigger a recompile).
         sample(patcher, latent, positive, STAGE1 if patches else STAGE1[:2])
@@ -197,6 +210,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(CORE_MODES + OUR_MODES),
                         help="separated by ',' (or by ';' when a scope has commas)")
     parser.add_argument("--connector-layers", type=int, default=1)
+    parser.add_argument("--unprocessed", action="store_true",
+                        help="raw text context: the text connectors run in every sampling run")
     parser.add_argument("--out")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -208,7 +223,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(";" if ";" in args.modes else ","):
         try:
-            rows.append(run_mode(mode, state, metadata, sizes))
+            rows.append(run_mode(mode, state, metadata, sizes, args.unprocessed))
         except Exception as e:  # a mode that fails is reported, the others still run
             print(f"{mode}: FAILED {type(e).__name__}: {e}", flush=True)
             comfy.model_management.unload_all_models()

@@ -27,7 +27,10 @@ class Scope:
     (ltx2.CONNECTOR_LINEAR_RE; always 8-bit and weight-only, see Policy.outer_format), otherwise kept
     in high precision like AdaLN, the scale-shift tables, norms, `to_gate_logits` and patchify/proj_out.
     `include`/`exclude` are fnmatch patterns on the unprefixed layer name (exclude wins);
-    `weight_only` patterns make quantized layers run without 8-bit activations (see plan())."""
+    `weight_only` patterns make quantized layers run without 8-bit activations (see plan()).
+    `audio_8bit` and `eight_bit` (patterns) put selected block Linears in the policy's 8-bit format
+    (Policy.outer_format) instead of 4-bit NVFP4: a mixed NVFP4/FP8 model; other policies are 8-bit
+    already."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -36,6 +39,8 @@ class Scope:
     keep_audio: bool = False
     connectors: bool = False
     weight_only: tuple[str, ...] = ()
+    audio_8bit: bool = False
+    eight_bit: tuple[str, ...] = ()
 
     def selects(self, layer: str, num_blocks: int) -> bool:
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
@@ -51,6 +56,9 @@ class Scope:
             return False
         return True
 
+    def wants_8bit(self, layer: str) -> bool:
+        return (self.audio_8bit and is_audio_side(layer)) or any(fnmatch.fnmatchcase(layer, p) for p in self.eight_bit)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -65,9 +73,9 @@ class Policy:
 
     @property
     def outer_format(self) -> str | None:
-        """The format of in-scope Linears outside the blocks (the text connectors): the policy's own,
-        except that 4-bit NVFP4 becomes FP8 there: every prompt token passes all 8 connector layers
-        before any block sees it."""
+        """The format of in-scope Linears outside the blocks (the text connectors) and of the block
+        Linears the scope wants 8-bit: the policy's own, except that 4-bit NVFP4 becomes FP8 there
+        (every prompt token passes all 8 connector layers before any block sees it)."""
         if self.weight_format != weights.NVFP4:
             return self.weight_format
         return weights.FP8_TENSOR if self.outer_fp8_per_tensor else weights.FP8_ROWWISE
@@ -110,8 +118,9 @@ class LayerDecision:
     bytes_before: int
     bytes_after: int
     # Runs dequantize + high-precision matmul, never 8-bit activations (ComfyUI's
-    # `full_precision_matrix_mult`): every layer of a weight-only policy, and the few-token layers of
-    # the others (ltx2.reads_few_tokens).
+    # `full_precision_matrix_mult`): every layer of fp8-cast, and the few-token layers of the others
+    # (ltx2.reads_few_tokens). The FP8 layers of an NVFP4 model that read video tokens run W8A8, as
+    # its NVFP4 layers do on the fast path.
     weight_only: bool = False
 
     @property
@@ -128,11 +137,12 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
     for layer, shape, source, nbytes in layers:
         target = source
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
-            target = policy.weight_format if BLOCK_LINEAR_RE.match(layer) else policy.outer_format
+            in_block = BLOCK_LINEAR_RE.match(layer) is not None
+            target = policy.weight_format if in_block and not policy.scope.wants_8bit(layer) else policy.outer_format
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         weight_only = target in weights.FORMATS and (
             reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
-            or (policy.activation == "none" and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
+            or (policy.activation == "none" and policy.weight_format in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
         decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
     return decisions
 

@@ -474,3 +474,28 @@ def test_weight_only_patterns(table4):
     assert not decisions["transformer_blocks.1.attn1.to_q"].weight_only
     assert decisions["transformer_blocks.1.audio_attn1.to_q"].weight_only
     assert not decisions["transformer_blocks.1.ff.net.2"].changed and not decisions["transformer_blocks.1.ff.net.2"].weight_only
+
+
+def test_audio_8bit_and_8bit_patterns_make_a_mixed_nvfp4_model(table4):
+    """nvfp4 with `audio_8bit` / `eight_bit`: the chosen block Linears in FP8, the rest NVFP4, the same
+    layers quantized as without them; 8-bit policies are unchanged by either."""
+    policy = get_policy("nvfp4", audio_8bit=True, eight_bit=["*.attn1.to_q"])
+    decisions = {d.layer: d for d in plan(policy, table4, 4)}
+    fp8 = {layer for layer, d in decisions.items() if d.target_format == weights.FP8_ROWWISE}
+    expected = {n for b in range(4) for n in block_linears(b)
+                if n.split(".", 2)[2] in AUDIO_SIDE or n.endswith(".attn1.to_q")}
+    assert fp8 == expected
+    assert {layer for layer, d in decisions.items() if d.target_format == weights.NVFP4} == \
+        {n for b in range(4) for n in block_linears(b)} - expected
+    # Audio-side layers read few tokens: weight-only; the video-token FP8 layers run W8A8.
+    assert {layer for layer in fp8 if decisions[layer].weight_only} == {n for n in fp8 if not n.endswith(".attn1.to_q")}
+    assert get_policy("nvfp4", audio_8bit=True, fp8_per_tensor=True).outer_format == weights.FP8_TENSOR
+    for name in ("fp8-scaled-mm", "mxfp8"):
+        assert plan(get_policy(name, audio_8bit=True, eight_bit=["*"]), table4, 4) == plan(get_policy(name), table4, 4)
+
+
+def test_8bit_flags_reach_the_scope():
+    from quant.cli import _scope, build_parser
+    args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--policy", "nvfp4",
+                                      "--audio-8bit", "--8bit", "*.attn1.*"])
+    assert _scope(args)["audio_8bit"] is True and _scope(args)["eight_bit"] == ["*.attn1.*"]
