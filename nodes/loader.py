@@ -27,6 +27,9 @@ SCOPE_PRESETS = {
     "keep audio branch": {"keep_audio": True},
     # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
     "all block linears + text connectors": {"connectors": True},
+    # nvfp4 only (8-bit policies are 8-bit already): the audio-side Linears in FP8. Measured on the
+    # H200 (docs/QUALITY.md): error vs bf16 24% (video) and 40% (audio) below core's nvfp4, 13.2 GiB.
+    "audio branch 8-bit (nvfp4)": {"audio_8bit": True},
 }
 DOWNLOAD_MARK = " [download]"
 CONNECTORS_ON_CPU_TOOLTIP = ("Keep the text connectors (~3.7 GiB in bf16) in host memory and stream them to the GPU "

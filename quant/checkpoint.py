@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -50,6 +50,7 @@ class LayerSource:
     shape: tuple[int, ...]  # logical shape
     keys: dict[str, str] = field(default_factory=dict)  # suffix (weight, weight_scale, ...) -> file key
     nbytes: int = 0
+    weight_only: bool = False  # the file's config asks for full precision matmuls
 
     @property
     def quantized(self) -> bool:
@@ -177,7 +178,8 @@ def inspect_checkpoint(f: SafetensorsFile, require_ltx: bool = True) -> Checkpoi
         layer_key = key[: -len(".weight")]
         conf = confs.get(layer_key)
         fmt = _discover_format(f, layer_key, conf)
-        source = LayerSource(ltx2.strip_prefix(layer_key, prefix), fmt, _logical_shape(f, layer_key, fmt, conf))
+        source = LayerSource(ltx2.strip_prefix(layer_key, prefix), fmt, _logical_shape(f, layer_key, fmt, conf),
+                             weight_only=bool((conf or {}).get("full_precision_matrix_mult")))
         source.keys["weight"] = key
         for suffix in SCALE_SUFFIXES:
             if f"{layer_key}.{suffix}" in f:
@@ -448,7 +450,9 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
     info = inspect_checkpoint(f)
     require_config(info)
     check_layers(f, info)
-    decisions = plan(policy, info.layer_table(), info.num_blocks)
+    # A layer kept as the file has it keeps the file's full-precision flag too.
+    decisions = [replace(d, weight_only=True) if not d.changed and info.layers[d.layer].weight_only else d
+                 for d in plan(policy, info.layer_table(), info.num_blocks)]
     layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
     for decision in decisions:
         source = info.layers[decision.layer]

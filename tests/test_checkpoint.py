@@ -1018,6 +1018,22 @@ def test_fp8_cast_layers_carry_full_precision_flag(tmp_path, per_tensor):
             assert json.loads(f.metadata[PACK_METADATA_KEY])["activation"] == ("none" if flag else "fp8")
 
 
+def test_kept_layers_keep_the_files_full_precision_flag(tmp_path):
+    """A quantized file read under a policy that keeps its layers (bf16) keeps each layer's
+    full-precision flag as the file has it: fp8-cast layers stay weight-only, fp8-scaled-mm's
+    video-token layers stay W8A8 (stock ComfyUI runs the file the same way)."""
+    src = tmp_path / "in.safetensors"
+    write_synthetic(src, num_layers=1)
+    for name in ("fp8-cast", "fp8-scaled-mm"):
+        dst = tmp_path / f"{name}.safetensors"
+        quantize_file(str(src), str(dst), get_policy(name, fp8_per_tensor=True))
+        again = tmp_path / f"{name}_again.safetensors"
+        quantize_file(str(dst), str(again), get_policy("bf16"))
+        with SafetensorsFile(dst) as f, SafetensorsFile(again) as g:
+            assert json.loads(g.metadata[QUANT_METADATA_KEY])["layers"] == \
+                json.loads(f.metadata[QUANT_METADATA_KEY])["layers"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------

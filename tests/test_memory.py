@@ -55,6 +55,18 @@ def test_activation_growth_within_15_percent_of_measured(blocks, policy):
     assert abs(estimated / measured - 1) <= 0.15, (estimated, measured)
 
 
+# Session 4 (same card and ComfyUI, docs/BENCHMARKS.md run C1): the release's 8-layer text connectors,
+# streamed from host memory (the loader's default), 768x512x121. Key: (policy, scope items).
+MEASURED_STREAMED_PEAK_GIB = {("nvfp4", ()): 11.5, ("fp8-cast", ()): 18.9, ("nvfp4", (("audio_8bit", True),)): 13.2}
+
+
+@pytest.mark.parametrize("policy,scope", sorted(MEASURED_STREAMED_PEAK_GIB))
+def test_estimate_with_streamed_text_connectors_within_5_percent_of_measured(policy, scope):
+    measured = MEASURED_STREAMED_PEAK_GIB[(policy, scope)]
+    estimate = memory.estimate_vram(policy, 768, 512, FRAMES, scope=dict(scope), config=dict(ltx2.LTX23_CONFIG))
+    assert abs(estimate.total_bytes / GIB / measured - 1) <= 0.05, (estimate.as_gib(), measured)
+
+
 def test_tokens_follow_the_latent_shapes():
     estimate = memory.estimate_vram("bf16", 768, 512, 121)
     assert estimate.video_tokens == 6144  # ltx2.md: 121 frames at 768x512

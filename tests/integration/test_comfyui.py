@@ -84,6 +84,19 @@ def test_text_connectors_scope_quantizes_the_connectors_that_run(server, base, p
     assert rel(with_connectors[0], blocks_only[0]) > 0
 
 
+def test_audio_8bit_preset_lowers_nvfp4_audio_error(server, base):
+    """The 'audio branch 8-bit (nvfp4)' preset: audio-side Linears in FP8, the rest NVFP4; the audio
+    stream, whose own Linears were the 4-bit ones, ends closer to bf16 than with plain nvfp4."""
+    def run(policy, scope, name):
+        return sample(server, base, loader_node("ltx2q_test_tiny.safetensors", policy, scope=scope), name)
+    ref = run("bf16", "all block linears", "audio8_ref")
+    plain = run("nvfp4", "all block linears", "audio8_off")
+    mixed = run("nvfp4", "audio branch 8-bit (nvfp4)", "audio8_on")
+    assert all(torch.isfinite(t).all() for t in mixed)
+    assert rel(mixed[1], ref[1]) < rel(plain[1], ref[1]), (rel(mixed[1], ref[1]), rel(plain[1], ref[1]))
+    assert rel(mixed[0], ref[0]) < POLICY_BOUNDS["nvfp4"]
+
+
 def test_sigmas_node_gives_the_distilled_schedule(server, base):
     manual = sample(server, base, loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_manual")
     graph = sampling_graph(loader_node("ltx2q_test_tiny.safetensors", "nvfp4"), "sigmas_node")
@@ -150,7 +163,8 @@ def test_quantize_model_node_matches_the_loader(server, base):
 
 @pytest.mark.parametrize("policy,scope", [("fp8-cast", "all block linears"), ("nvfp4", "all block linears"),
                                           ("mxfp8", "all block linears"),
-                                          ("nvfp4", "all block linears + text connectors")])
+                                          ("nvfp4", "all block linears + text connectors"),
+                                          ("nvfp4", "audio branch 8-bit (nvfp4)")])
 def test_saved_file_loads_without_the_pack(server, base, policy, scope):
     # A name no ComfyUI checkout has: its own model folders come first in the search order.
     name = f"ltx2q_test_saved_{policy}_{len(scope)}_{os.getpid()}.safetensors"
