@@ -82,8 +82,8 @@ def run(quick: bool) -> list[dict]:
                 policy_err = relative_error(y.float(), ref)
                 assert policy_err == policy_err, f"{name}: NaN output"
                 err = relative_error(layer(x).float(), exact)
-                t = bench(lambda: layer(x))
-                g = bench_graphed(lambda: layer(x))
+                t = bench(lambda layer=layer: layer(x))
+                g = bench_graphed(lambda layer=layer: layer(x))
                 rows.append({"M": m, "K": k, "N": n, "variant": name, "ms": t, "speedup": t_bf16 / t,
                              "graph_ms": g, "graph_speedup": g_bf16 / g,
                              "err_vs_policy_ref": policy_err, "err_vs_fp32": err, "path": layer.path})
