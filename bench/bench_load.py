@@ -4,13 +4,19 @@ once (the floor any loader pays), evicts again, and times the Loader node's path
 ComfyUI model build) for each policy, also from a cold cache.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_load.py [--blocks 48] [--dir /tmp] [--policies fp8-scaled-mm,nvfp4]
+
+`--profile 25` also prints, per policy, the 25 functions with the most own time under cProfile (host
+time: a blocking copy or a GPU sync shows as the call that waits), to see where load time goes past
+the read.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import os
+import pstats
 import time
 
 import torch
@@ -43,6 +49,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--dir", default="/tmp")
     parser.add_argument("--policies", default="fp8-scaled-mm,nvfp4")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N functions with most own time")
     args = parser.parse_args()
     config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)
     path = os.path.join(args.dir, f"ltx2q_bench_{args.blocks}.safetensors")
@@ -61,12 +68,19 @@ def main() -> None:
     for policy in args.policies.split(","):
         evict(path)
         torch.cuda.synchronize()
+        profiler = cProfile.Profile() if args.profile else None
         start = time.perf_counter()
+        if profiler:
+            profiler.enable()
         patcher, _ = model_io.load_and_quantize(path, policy, "fast", {})
         torch.cuda.synchronize()
+        if profiler:
+            profiler.disable()
         seconds = time.perf_counter() - start
         print(f"{'load+quantize ' + policy:<28}{seconds:>8.1f}{size_gib / seconds:>8.2f}{seconds / read_s:>8.2f}x",
               flush=True)
+        if profiler:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
         del patcher
         gc.collect()
     os.remove(path)
