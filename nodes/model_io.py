@@ -17,7 +17,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..quant import checkpoint, memory, runtime, weights
+from ..quant import checkpoint, ltx2, memory, runtime, weights
 from ..quant.calibration import input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
@@ -44,15 +44,25 @@ def progress_bar(total_hint: int = 1):
     return update
 
 
-def policy_sizes(info: checkpoint.CheckpointInfo) -> dict[str, int]:
-    """Weight bytes of the checkpoint's layers under each policy."""
-    return {name: summarize(plan(POLICIES[name], info.layer_table(), info.num_blocks))["bytes_after"]
-            for name in POLICIES}
+def connectors_stream(device: torch.device, text_connectors_on_cpu: bool) -> bool:
+    """Whether a model loaded for `device` will keep its text connectors in host memory (streaming.enable's
+    rule: not when the model is offloaded where it runs)."""
+    return text_connectors_on_cpu and device != comfy.model_management.unet_offload_device()
 
 
-def auto_policy(info: checkpoint.CheckpointInfo, device: torch.device) -> tuple[str, str]:
+def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False) -> dict[str, int]:
+    """Weight bytes of the checkpoint's layers under each policy; with `streamed_connectors`, only the
+    layers that stay on the GPU."""
+    table = info.layer_table()
+    if streamed_connectors:
+        config = info.config if isinstance(info.config, dict) else {}
+        table = [row for row in table if not ltx2.tensor_runs_once_per_prompt(row[0] + ".weight", config)]
+    return {name: summarize(plan(POLICIES[name], table, info.num_blocks))["bytes_after"] for name in POLICIES}
+
+
+def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    return runtime.choose_auto_policy(runtime.capability(device), free, policy_sizes(info), ACTIVATION_HEADROOM)
+    return runtime.choose_auto_policy(runtime.capability(device), free, sizes, ACTIVATION_HEADROOM)
 
 
 def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
@@ -163,9 +173,9 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
     why = "chosen by you"
-    sizes = policy_sizes(info)
+    sizes = policy_sizes(info, connectors_stream(device, text_connectors_on_cpu))
     if policy_name == "auto":
-        policy_name, why = auto_policy(info, device)
+        policy_name, why = auto_policy(sizes, device)
     policy = get_policy(policy_name, **scope)
     quantize_on = device if device.type == "cuda" else torch.device("cpu")
 

@@ -210,7 +210,7 @@ def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: ru
     if answer["errors"]:
         return answer
     if answer["policy"] == "auto":
-        sizes = {name: planned_bytes(name, scope) for name in POLICIES}
+        sizes = {name: planned_bytes(name, scope, text_connectors_on_cpu=text_connectors_on_cpu) for name in POLICIES}
         answer["policy"], answer["auto_reason"] = runtime.choose_auto_policy(capability, free_bytes, sizes,
                                                                              auto_headroom_bytes)
     target = capability if capability.fp8_tensor_cores else FP8_GPU

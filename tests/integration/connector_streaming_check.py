@@ -8,7 +8,7 @@ own path: `load_models_gpu` / `ModelPatcher.load` with the pack's `_load_list` a
 the layers' `comfy_cast_weights` forward, `LowVramPatch` LoRA patches, unpatching on unload. What the
 CPU cannot show is the host-to-GPU move itself, the pinning, and the VRAM it saves.
 
-usage: python connector_streaming_check.py equal|lora|partial
+usage: python connector_streaming_check.py equal|lora|partial|sizes
 """
 
 from __future__ import annotations
@@ -219,6 +219,21 @@ def scenario_partial() -> dict:
     return result
 
 
+def scenario_sizes() -> dict:
+    """What the loader's `auto` weighs: with the connectors streamed, every policy's bytes less exactly
+    the connector layers' (bf16 under every policy's default scope); on this CPU-only ComfyUI
+    (offload device = load device) nothing streams."""
+    info = checkpoint.inspect_checkpoint(MemoryTensors(STATE, METADATA))
+    resident, streamed = model_io.policy_sizes(info), model_io.policy_sizes(info, streamed_connectors=True)
+    connector_bytes = sum(t.nbytes for key, t in STATE.items()
+                          if key.endswith(".weight") and key[: -len(".weight")] in info.layers
+                          and ltx2.tensor_runs_once_per_prompt(key, CONFIG))
+    return {"connector_bytes": connector_bytes,
+            "differences": sorted({resident[name] - streamed[name] for name in resident}),
+            "streams_here": model_io.connectors_stream(mm.get_torch_device(), True)}
+
+
 if __name__ == "__main__":
-    scenario = {"equal": scenario_equal, "lora": scenario_lora, "partial": scenario_partial}[sys.argv[1]]
+    scenario = {"equal": scenario_equal, "lora": scenario_lora, "partial": scenario_partial,
+                "sizes": scenario_sizes}[sys.argv[1]]
     print("RESULT " + json.dumps(scenario()))

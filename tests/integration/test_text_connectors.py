@@ -51,3 +51,9 @@ def test_partial_load_leaves_the_budget_to_the_other_layers():
         assert r["lowvram"] and r["loaded_le_budget"] and r["listed_streamed"] == 0, (policy, r)
         assert r["equal"] and r["cast"], (policy, r)
         assert not r["after_unpatch_prev"], (policy, r)  # unpatching wiped the low-VRAM state
+
+
+def test_auto_weighs_only_the_layers_that_stay_on_the_gpu():
+    r = run_scenario("sizes")
+    assert r["connector_bytes"] > 0 and r["differences"] == [r["connector_bytes"]], r
+    assert r["streams_here"] is False, r  # CPU-only ComfyUI: the model is offloaded where it runs
