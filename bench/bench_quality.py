@@ -10,9 +10,10 @@ CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports
         --modes 'fp8-scaled-mm;fp8-scaled-mm+static;nvfp4;nvfp4:first=1,last=1'
 
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
-FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, where scope items are
-first=N, last=N, audio (keep the audio branch), connectors (also the text connectors, 8-bit),
-exclude=PATTERN; `+static` loads with the calibrated amax.
+FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, with bench_model's
+scope items (parse_mode): first=N, last=N, audio (keep the audio branch), connectors (also the text
+connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
+those layers FP8); `+static` loads with the calibrated amax.
 """
 
 from __future__ import annotations
