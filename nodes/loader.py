@@ -30,6 +30,10 @@ SCOPE_PRESETS = {
     # nvfp4 only (8-bit policies are 8-bit already): the audio-side Linears in FP8. Measured on the
     # H200 (docs/QUALITY.md): error vs bf16 24% (video) and 40% (audio) below core's nvfp4, 13.2 GiB.
     "audio branch 8-bit (nvfp4)": {"audio_8bit": True},
+    # ... and the audio<->video attention too (its video-token layers run W8A8): on the CPU small model
+    # 32% below core's nvfp4 on video (audio branch alone: 22%); estimated 13.5 GiB, not GPU-measured yet.
+    "audio branch + audio-video attention 8-bit (nvfp4)": {
+        "audio_8bit": True, "eight_bit": ["*.audio_to_video_attn.*", "*.video_to_audio_attn.*"]},
 }
 DOWNLOAD_MARK = " [download]"
 CONNECTORS_ON_CPU_TOOLTIP = ("Keep the text connectors (~3.7 GiB in bf16) in host memory and stream them to the GPU "

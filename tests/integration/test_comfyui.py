@@ -164,7 +164,8 @@ def test_quantize_model_node_matches_the_loader(server, base):
 @pytest.mark.parametrize("policy,scope", [("fp8-cast", "all block linears"), ("nvfp4", "all block linears"),
                                           ("mxfp8", "all block linears"),
                                           ("nvfp4", "all block linears + text connectors"),
-                                          ("nvfp4", "audio branch 8-bit (nvfp4)")])
+                                          ("nvfp4", "audio branch 8-bit (nvfp4)"),
+                                          ("nvfp4", "audio branch + audio-video attention 8-bit (nvfp4)")])
 def test_saved_file_loads_without_the_pack(server, base, policy, scope):
     # A name no ComfyUI checkout has: its own model folders come first in the search order.
     name = f"ltx2q_test_saved_{policy}_{len(scope)}_{os.getpid()}.safetensors"
@@ -182,9 +183,10 @@ def test_saved_file_loads_without_the_pack(server, base, policy, scope):
         without_pack = sample(plain, base, core, f"reload_core_{policy}", unprocessed=connectors)
     finally:
         plain.stop()
-    # Same stored weights; weight-only policies compute the same function in both. mxfp8 runs
-    # W8A8 in the pack (FP8 activations) and dequantized in core's CPU path.
-    bound = 0.03 if policy == "mxfp8" else 2e-3
+    # Same stored weights; weight-only policies compute the same function in both. mxfp8 (and the
+    # video-token FP8 layers of a mixed nvfp4 model) run W8A8 in the pack (FP8 activations) and
+    # dequantized in core's CPU path.
+    bound = 0.03 if policy == "mxfp8" or "audio-video" in scope else 2e-3
     for ours, core_out in zip(with_pack, without_pack):
         assert rel(ours, core_out) < bound, (policy, rel(ours, core_out))
 
