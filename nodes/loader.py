@@ -74,7 +74,7 @@ def scope_options(preset: str, include: str, exclude: str, keep_first: int, keep
 def scope_inputs() -> list:
     return [
         io.Combo.Input("scope", options=list(SCOPE_PRESETS), default="all block linears",
-                       tooltip="Which Linears are quantized; everything else stays bf16"),
+                       tooltip="Which Linears are quantized (nvfp4 presets: which of them are FP8 instead); everything else stays bf16"),
         io.String.Input("exclude", default="", multiline=True, optional=True,
                         tooltip="Extra layers to keep bf16: fnmatch patterns, one per line, e.g. *.attn2.*"),
         io.String.Input("include", default="", multiline=True, optional=True,
