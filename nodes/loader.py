@@ -102,7 +102,8 @@ class LTX2QuantLoader(io.ComfyNode):
                                tooltip="auto picks the fastest policy your GPU runs that fits its free memory"),
                 io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast",
                                tooltip="Hopper/Ada: fast = 4-bit weights expanded to FP8 per layer (W8A8, ~1 point "
-                                       "more error); exact = expanded to bf16"),
+                                       "more error); exact = expanded to bf16. The FP8 layers of an 8-bit scope preset "
+                                       "run W8A8 in both"),
                 *scope_inputs(),
                 io.Combo.Input("calibration", options=["none", *folder_paths.get_filename_list(CALIBRATION_FOLDER)],
                                default="none", optional=True,

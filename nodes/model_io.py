@@ -45,9 +45,9 @@ def progress_bar(total_hint: int = 1):
 
 
 def connectors_stream(device: torch.device, text_connectors_on_cpu: bool) -> bool:
-    """Whether a model loaded for `device` will keep its text connectors in host memory (streaming.enable's
-    rule: not when the model is offloaded where it runs)."""
-    return text_connectors_on_cpu and device != comfy.model_management.unet_offload_device()
+    """Whether a model loaded for `device` will keep its text connectors in host memory (the rule
+    streaming.enable applies to the patcher)."""
+    return text_connectors_on_cpu and streaming.streams_between(device, comfy.model_management.unet_offload_device())
 
 
 def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False) -> dict[str, int]:

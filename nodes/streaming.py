@@ -10,12 +10,13 @@ quantized Linear moves its packed tensors the same way), from pinned memory wher
 
 Two pieces, both ComfyUI extension points, both kept by `ModelPatcher.clone()` (LoRA loaders,
 the Compile and Attention nodes clone):
-- `StreamingModelPatcher._load_list` leaves the streamed layers out of what `ModelPatcher.load`
-  places, so a partial load spends its VRAM budget on the transformer blocks and never counts or
-  moves the connectors (`partially_unload` skips them too, having nothing to free);
+- `StreamingModelPatcher` leaves the streamed layers out of what `ModelPatcher.load` places
+  (`_load_list`) and out of the model's size (`model_size`), so a partial load spends its VRAM
+  budget on the transformer blocks, ComfyUI frees memory only for what will be resident, and
+  `partially_unload` skips them, having nothing to free; before a full load it unpins them;
 - `after_load`, an ON_LOAD callback, puts them in low-VRAM state after every load: tensors on the
   offload device (a full load's `model.to(device)` moved them along with everything else: moved
-  back, and `model_loaded_weight_memory` lowered by those bytes), pinned, `comfy_cast_weights` on
+  back; ComfyUI counted the full load as `model_size()`, without them), pinned, `comfy_cast_weights` on
   (`prev_comfy_cast_weights` kept for `wipe_lowvram_weight`), and LoRA patches of their weights as
   per-call `LowVramPatch`es (merged into the host copy instead when the load forces patched
   weights, e.g. for saving: the backup ModelPatcher keeps restores the original on unpatch).
@@ -41,6 +42,7 @@ log = logging.getLogger("ltx2_quant")
 # On the BaseModel (shared by every clone of a patcher): the full names (under the BaseModel, as
 # ModelPatcher names modules and weight keys) of the layers that stream.
 STREAMED_ATTR = "ltx2q_streamed_modules"
+STREAMED_BYTES_ATTR = "ltx2q_streamed_bytes"
 CALLBACK_KEY = "ltx2_quant_text_connectors_on_cpu"
 PREFIX = "diffusion_model."
 
@@ -60,6 +62,30 @@ class StreamingModelPatcher(comfy.model_patcher.ModelPatcher):
             return loading
         # Each entry is sort criteria + (module_mem, name, module, params).
         return [entry for entry in loading if entry[-3] not in streamed]
+
+    def model_size(self):
+        # The streamed layers take no GPU memory between runs: what ComfyUI frees for this model, when a
+        # load counts as full, and what is left to load are all reckoned without them.
+        return super().model_size() - getattr(self.model, STREAMED_BYTES_ATTR, 0)
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        if full_load:
+            # A full load ends in model.to(device), which takes the streamed layers along: unpin them
+            # first (after_load moves them back and pins them again), else their pinned host pages
+            # would outlive the tensors the move replaces.
+            for name in streamed_modules(self):
+                for param in comfy.utils.get_attr(self.model, name)._parameters:
+                    self.unpin_weight(f"{name}.{param}")
+        return super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                            force_patch_weights=force_patch_weights, full_load=full_load)
+
+
+def streams_between(load_device: torch.device, offload_device: torch.device) -> bool:
+    """Whether streaming saves anything: the model runs on a device apart from its host memory. Not
+    when it is offloaded where it runs (CPU-only ComfyUI, --gpu-only/--highvram), nor on unified
+    memory (Apple MPS), where a host copy is no saving."""
+    return (load_device != offload_device
+            and comfy.model_management.vram_state != comfy.model_management.VRAMState.SHARED)
 
 
 def connector_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -88,9 +114,10 @@ def enable(patcher, even_on_one_device: bool = False) -> int:
     if not isinstance(patcher, StreamingModelPatcher):
         raise TypeError(f"text connectors stream only through {StreamingModelPatcher.__name__}")
     modules = connector_modules(patcher.model)
-    if patcher.load_device == patcher.offload_device and not even_on_one_device:
+    if not streams_between(patcher.load_device, patcher.offload_device) and not even_on_one_device:
         modules = {}
     setattr(patcher.model, STREAMED_ATTR, frozenset(modules))
+    setattr(patcher.model, STREAMED_BYTES_ATTR, sum(t.nbytes for m in modules.values() for t in _tensors(m)))
     patcher.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, CALLBACK_KEY)
     if modules:
         patcher.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, CALLBACK_KEY, after_load)
@@ -143,7 +170,7 @@ def after_load(patcher, device_to, lowvram_model_memory, force_patch_weights, fu
             if module._parameters[param] is not None:
                 patcher.pin_weight_to_device(f"{name}.{param}")
         layers += 1
-    patcher.model.model_loaded_weight_memory += function_bytes - moved_bytes
+    patcher.model.model_loaded_weight_memory += function_bytes
     streamed_bytes = sum(t.nbytes for name in streamed for t in _tensors(comfy.utils.get_attr(patcher.model, name)))
     log.info("LTX-2 Quant: %d text-connector layers (%.2f GiB) stay in host memory and stream to %s when they "
              "run%s%s", layers, streamed_bytes / 2 ** 30, device_to,

@@ -11,7 +11,7 @@ from server import PromptServer
 
 from ..quant import memory, runtime
 from .loader import scope_options
-from .model_io import ACTIVATION_HEADROOM
+from .model_io import ACTIVATION_HEADROOM, connectors_stream
 from .ops import compute_device
 
 ESTIMATE_ROUTE = "/ltx2_quant/estimate"
@@ -31,7 +31,12 @@ async def estimate(request: web.Request) -> web.Response:
         return web.json_response({"errors": [f"bad scope parameters: {e}"]}, status=400)
     device = compute_device()
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    answer = await asyncio.to_thread(memory.estimate_answer, request.query, scope, runtime.capability(device), free,
+    query = dict(request.query)
+    # A GPU server where the loader would keep the text connectors resident (--gpu-only, --highvram,
+    # unified memory): estimate that. A CPU-only server estimates for an FP8 GPU, where they stream.
+    if device.type != "cpu" and not connectors_stream(device, True):
+        query["text_connectors_on_cpu"] = "false"
+    answer = await asyncio.to_thread(memory.estimate_answer, query, scope, runtime.capability(device), free,
                                      ACTIVATION_HEADROOM)
     return web.json_response(answer)
 

@@ -119,8 +119,8 @@ class LayerDecision:
     bytes_after: int
     # Runs dequantize + high-precision matmul, never 8-bit activations (ComfyUI's
     # `full_precision_matrix_mult`): every layer of fp8-cast, and the few-token layers of the others
-    # (ltx2.reads_few_tokens). The FP8 layers of an NVFP4 model that read video tokens run W8A8, as
-    # its NVFP4 layers do on the fast path.
+    # (ltx2.reads_few_tokens). The block Linears an NVFP4 scope puts in FP8 (Scope.wants_8bit) that
+    # read video tokens run W8A8, as its NVFP4 layers do on the fast path.
     weight_only: bool = False
 
     @property
@@ -136,13 +136,19 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
     decisions = []
     for layer, shape, source, nbytes in layers:
         target = source
+        mixed_8bit = False  # a block Linear an NVFP4 scope puts in FP8: W8A8, like the fast path's NVFP4
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
             in_block = BLOCK_LINEAR_RE.match(layer) is not None
+            mixed_8bit = in_block and policy.scope.wants_8bit(layer) and policy.weight_format == weights.NVFP4
             target = policy.weight_format if in_block and not policy.scope.wants_8bit(layer) else policy.outer_format
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
+        # A weight-only policy's FP8 layers (fp8-cast's, an NVFP4 policy's connectors and `include`d
+        # outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
+        # (checkpoint.plan_conversion) besides the few-token rule.
         weight_only = target in weights.FORMATS and (
             reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
-            or (policy.activation == "none" and policy.weight_format in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
+            or (target != source and policy.activation == "none" and not mixed_8bit
+                and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
         decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
     return decisions
 

@@ -499,3 +499,15 @@ def test_8bit_flags_reach_the_scope():
     args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--policy", "nvfp4",
                                       "--audio-8bit", "--8bit", "*.attn1.*"])
     assert _scope(args)["audio_8bit"] is True and _scope(args)["eight_bit"] == ["*.attn1.*"]
+
+
+def test_fp8_layers_outside_the_8bit_scope_of_an_nvfp4_policy_stay_weight_only(table4):
+    """Only the block Linears an NVFP4 scope picks for FP8 run W8A8; its other FP8 layers (included
+    outer layers such as proj_out, the connectors) stay weight-only, as before mixed models existed."""
+    decisions = {d.layer: d for d in plan(get_policy("nvfp4", include=["proj_out"], eight_bit=["*.attn1.to_q"]),
+                                          table4, 4)}
+    assert decisions["proj_out"].target_format == weights.FP8_ROWWISE and decisions["proj_out"].weight_only
+    assert not decisions["transformer_blocks.1.attn1.to_q"].weight_only
+    # A policy that keeps a file's FP8 layers does not decide their activations (the file's flag does).
+    kept = plan(get_policy("bf16"), [(n, s, weights.FP8_TENSOR, b) for n, s, _, b in table4], 4)
+    assert [d.layer for d in kept if d.weight_only] == [d.layer for d in kept if ltx2.reads_few_tokens(d.layer)]

@@ -8,7 +8,7 @@ own path: `load_models_gpu` / `ModelPatcher.load` with the pack's `_load_list` a
 the layers' `comfy_cast_weights` forward, `LowVramPatch` LoRA patches, unpatching on unload. What the
 CPU cannot show is the host-to-GPU move itself, the pinning, and the VRAM it saves.
 
-usage: python connector_streaming_check.py equal|lora|partial|sizes
+usage: python connector_streaming_check.py equal|lora|partial|sizes|pinning
 """
 
 from __future__ import annotations
@@ -219,6 +219,50 @@ def scenario_partial() -> dict:
     return result
 
 
+def scenario_pinning() -> dict:
+    """Pinned host memory across partial load -> partial unload -> growth to a full load, three times
+    (a text encoder or VAE takes room between prompts). A full load's `model.to(device)` gives every
+    tensor new storage, here too (a stand-in for the host-to-GPU move), so a streamed layer still
+    pinned then would leave its old pages registered. ComfyUI's pin/unpin are replaced by a registry
+    of data pointers (the CPU cannot pin). Also: the model's size leaves the streamed layers out."""
+    registry = {}
+
+    def pin(t):
+        if t.device.type != "cpu" or t.data_ptr() in registry:
+            return False
+        registry[t.data_ptr()] = t.nbytes
+        return True
+
+    def unpin(t):
+        return registry.pop(t.data_ptr(), None) is not None
+    mm.pin_memory, mm.unpin_memory = pin, unpin
+    patcher = build("bf16", True)
+    move = patcher.model.to
+
+    def move_to_new_storage(*args, **kwargs):
+        for module in patcher.model.modules():
+            for t in module._parameters.values():
+                if t is not None:
+                    t.data = t.data.clone()
+        return move(*args, **kwargs)
+    patcher.model.to = move_to_new_storage
+    connector_bytes = sum(t.nbytes for t in connector_weights(patcher).values())
+    whole = mm.module_size(patcher.model)
+    size = patcher.model_size()
+    patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=size // 2)
+    cycles = []
+    for _ in range(3):
+        patcher.partially_unload(patcher.offload_device, memory_to_free=size // 3)
+        patcher.partially_load(patcher.load_device, extra_memory=10 * size)
+        live = {t.data_ptr() for t in patcher.model.parameters()}
+        cycles.append({"registered": sum(registry.values()),
+                       "stale": sum(n for ptr, n in registry.items() if ptr not in live),
+                       "loaded": patcher.model.model_loaded_weight_memory})
+    patcher.unpatch_model(patcher.offload_device)
+    return {"connector_bytes": connector_bytes, "whole": whole, "size": size, "cycles": cycles,
+            "after_unpatch": sum(registry.values())}
+
+
 def scenario_sizes() -> dict:
     """What the loader's `auto` weighs: with the connectors streamed, every policy's bytes less exactly
     the connector layers' (bf16 under every policy's default scope); on this CPU-only ComfyUI
@@ -235,5 +279,5 @@ def scenario_sizes() -> dict:
 
 if __name__ == "__main__":
     scenario = {"equal": scenario_equal, "lora": scenario_lora, "partial": scenario_partial,
-                "sizes": scenario_sizes}[sys.argv[1]]
+                "sizes": scenario_sizes, "pinning": scenario_pinning}[sys.argv[1]]
     print("RESULT " + json.dumps(scenario()))

@@ -57,3 +57,13 @@ def test_auto_weighs_only_the_layers_that_stay_on_the_gpu():
     r = run_scenario("sizes")
     assert r["connector_bytes"] > 0 and r["differences"] == [r["connector_bytes"]], r
     assert r["streams_here"] is False, r  # CPU-only ComfyUI: the model is offloaded where it runs
+
+
+def test_full_loads_leave_no_stale_pinned_memory_and_size_leaves_the_streamed_layers_out():
+    r = run_scenario("pinning")
+    assert r["size"] == r["whole"] - r["connector_bytes"], r
+    for cycle in r["cycles"]:
+        # Only the streamed layers are pinned (the rest is resident), each once, all of them live.
+        assert cycle["registered"] == r["connector_bytes"] and cycle["stale"] == 0, r
+        assert cycle["loaded"] == r["size"], r  # a full load counts what is resident, nothing streamed
+    assert r["after_unpatch"] == 0, r
