@@ -173,7 +173,8 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
     why = "chosen by you"
-    sizes = policy_sizes(info, connectors_stream(device, text_connectors_on_cpu))
+    streams = connectors_stream(device, text_connectors_on_cpu)  # what build_model's patcher will do
+    sizes = policy_sizes(info, streams)
     if policy_name == "auto":
         policy_name, why = auto_policy(sizes, device)
     policy = get_policy(policy_name, **scope)
@@ -192,10 +193,9 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     usable = info.family == "ltx2.3" and isinstance(info.config, dict) and all(k in info.config for k in layout_keys)
     config = info.config if usable else None
     patcher, text = advise_on_oom("loading and quantizing the model", policy_name,
-                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode,
-                                                       text_connectors_on_cpu=text_connectors_on_cpu),
+                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode, text_connectors_on_cpu=streams),
                                   load_and_build)
-    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode, bool(streaming.streamed_modules(patcher)))
+    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode, streams)
     return patcher, text
 
 

@@ -40,7 +40,7 @@ from ..quant.ltx2 import runs_once_per_prompt
 log = logging.getLogger("ltx2_quant")
 
 # On the BaseModel (shared by every clone of a patcher): the full names (under the BaseModel, as
-# ModelPatcher names modules and weight keys) of the layers that stream.
+# ModelPatcher names modules and weight keys) of the layers that stream, and their bytes.
 STREAMED_ATTR = "ltx2q_streamed_modules"
 STREAMED_BYTES_ATTR = "ltx2q_streamed_bytes"
 CALLBACK_KEY = "ltx2_quant_text_connectors_on_cpu"
@@ -171,7 +171,7 @@ def after_load(patcher, device_to, lowvram_model_memory, force_patch_weights, fu
                 patcher.pin_weight_to_device(f"{name}.{param}")
         layers += 1
     patcher.model.model_loaded_weight_memory += function_bytes
-    streamed_bytes = sum(t.nbytes for name in streamed for t in _tensors(comfy.utils.get_attr(patcher.model, name)))
+    streamed_bytes = getattr(patcher.model, STREAMED_BYTES_ATTR)
     log.info("LTX-2 Quant: %d text-connector layers (%.2f GiB) stay in host memory and stream to %s when they "
              "run%s%s", layers, streamed_bytes / 2 ** 30, device_to,
              f"; moved {moved_bytes / 2 ** 30:.2f} GiB back after the full load" if moved_bytes else "",
@@ -182,7 +182,7 @@ def describe(patcher, requested: bool) -> str:
     """The load report's line about the text connectors."""
     streamed = streamed_modules(patcher)
     if streamed:
-        size = sum(t.nbytes for name in streamed for t in _tensors(comfy.utils.get_attr(patcher.model, name)))
+        size = getattr(patcher.model, STREAMED_BYTES_ATTR)
         return (f"text connectors: {len(streamed)} layers ({size / 2 ** 30:.2f} GiB) stay in host memory, "
                 f"streamed to the GPU once per prompt")
     if requested:

@@ -139,8 +139,9 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
         mixed_8bit = False  # a block Linear an NVFP4 scope puts in FP8: W8A8, like the fast path's NVFP4
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
             in_block = BLOCK_LINEAR_RE.match(layer) is not None
-            mixed_8bit = in_block and policy.scope.wants_8bit(layer) and policy.weight_format == weights.NVFP4
-            target = policy.weight_format if in_block and not policy.scope.wants_8bit(layer) else policy.outer_format
+            eight_bit = in_block and policy.scope.wants_8bit(layer)
+            target = policy.weight_format if in_block and not eight_bit else policy.outer_format
+            mixed_8bit = eight_bit and policy.weight_format == weights.NVFP4
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         # A weight-only policy's FP8 layers (fp8-cast's, an NVFP4 policy's connectors and `include`d
         # outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
