@@ -5,9 +5,9 @@ ComfyUI model build) for each policy, also from a cold cache.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_load.py [--blocks 48] [--dir /tmp] [--policies fp8-scaled-mm,nvfp4]
 
-`--profile 25` also prints, per policy, the 25 functions with the most own time under cProfile (host
-time: a blocking copy or a GPU sync shows as the call that waits), to see where load time goes past
-the read.
+`--profile 25` also prints, per policy, the 25 functions with the most own and the most cumulative
+time under cProfile (host time: a blocking copy or a GPU sync shows as the call that waits), to see
+where load time goes past the read.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
         print(f"{'load+quantize ' + policy:<28}{seconds:>8.1f}{size_gib / seconds:>8.2f}{seconds / read_s:>8.2f}x",
               flush=True)
         if profiler:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profiler).sort_stats(order).print_stats(args.profile)
         del patcher
         gc.collect()
     os.remove(path)

@@ -48,7 +48,7 @@ _spec.loader.exec_module(_pack)
 from ltx2q.nodes import model_io  # noqa: E402
 from ltx2q.nodes.patches import compile_blocks, patch_attention  # noqa: E402
 from ltx2q.quant import checkpoint, formats, ltx2  # noqa: E402
-from ltx2q.quant.weights import NVFP4  # noqa: E402
+from ltx2q.quant.weights import FP8_TENSOR, NVFP4  # noqa: E402
 from ltx2q.quant.policies import get_policy  # noqa: E402
 from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
 
@@ -99,11 +99,15 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
     return policy, static, scope
 
 
-def prequantized_file(mode: str, state: dict, metadata: dict, device: str):
+def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax: dict | None = None):
     """The pre-quantized file a 'core prequant X' mode loads, as other tools write it: per-tensor FP8,
     and NVFP4 with amax/6 block scales (comfy-kitchen's quantizer; this pack's scale search is not in
-    the files users have)."""
-    policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[mode.split()[-1]]
+    the files users have). FP8 files come in three kinds: `core prequant fp8` has no `input_scale`
+    (ComfyUI then takes each call's per-tensor amax), `core prequant fp8 scale1` has `input_scale` 1.0
+    on every W8A8 layer (the anchors' measurement), `core prequant fp8+static` calibrated per-tensor
+    `input_scale`s from `amax`, as Lightricks' files carry (bench_quality only)."""
+    words = mode.removesuffix("+static").split()
+    policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[words[2]]
     loaded = checkpoint.load_converted(MemoryTensors(state, metadata), get_policy(policy, fp8_per_tensor=True),
                                        device=device)
     for d in loaded.decisions:
@@ -111,6 +115,14 @@ def prequantized_file(mode: str, state: dict, metadata: dict, device: str):
             tensors = formats.quantize_nvfp4(state[d.layer + ".weight"].to(device).float())
             for suffix, tensor in zip(("weight", "weight_scale", "weight_scale_2"), tensors):
                 loaded.state_dict[f"{d.layer}.{suffix}"] = tensor.cpu()
+    if words[3:] == ["scale1"]:
+        for d in loaded.decisions:
+            if d.changed and d.target_format == FP8_TENSOR and not d.weight_only:
+                loaded.state_dict[f"{d.layer}.input_scale"] = torch.tensor(1.0)
+    elif words[3:]:
+        raise ValueError(f"unknown core mode {mode!r}")
+    if mode.endswith("+static"):
+        model_io.apply_calibration(loaded, amax)
     return loaded
 
 

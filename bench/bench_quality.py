@@ -10,7 +10,8 @@ CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports
         --modes 'fp8-scaled-mm;fp8-scaled-mm+static;nvfp4;nvfp4:first=1,last=1'
 
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
-FP8 with activation scale 1.0 / NVFP4); `POLICY[+static][:scope,...]` is this pack, with bench_model's
+FP8 / NVFP4 with amax/6 block scales; FP8 without `input_scale`, with 1.0 (`core prequant fp8 scale1`) or
+calibrated (`core prequant fp8+static`): see bench_model.prequantized_file); `POLICY[+static][:scope,...]` is this pack, with bench_model's
 scope items (parse_mode): first=N, last=N, audio (keep the audio branch), connectors (also the text
 connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
 those layers FP8); `+static` loads with the calibrated amax.
@@ -58,7 +59,7 @@ def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str
         patcher = comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.bfloat16}, metadata=metadata)
         return patcher, sum(t.numel() * 2 for k, t in state.items() if k.endswith(".weight"))
     if mode.startswith("core prequant"):
-        loaded = prequantized_file(mode, state, metadata, device)
+        loaded = prequantized_file(mode, state, metadata, device, amax)
         patcher = comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
         return patcher, summarize(loaded.decisions)["bytes_after"]
     policy_name, static, scope = parse_mode(mode)
