@@ -160,12 +160,16 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory (the only copy; nothing is cached)."""
+    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory (the only copy; nothing is cached), or into the
+        start of `into`, a uint8 CPU buffer of at least its size (the result is a view of it)."""
         info = self.tensors.get(name)
         if info is None:
             raise self._fail(f"no tensor {name!r}")
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch-owned memory, read into in place
+        if into is None:
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch-owned memory, read into in place
+        else:
+            raw = into[:info.nbytes]
         self._file.seek(info.start)
         got = self._file.readinto(memoryview(raw.numpy())) if info.nbytes else 0
         if got != info.nbytes:

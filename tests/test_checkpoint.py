@@ -24,9 +24,9 @@ import safetensors.torch
 import torch
 
 from quant import ltx2, weights
-from quant.checkpoint import (PACK_METADATA_KEY, QUANT_METADATA_KEY, convert_layer, inspect_checkpoint, quantize_file,
-                              read_layer)
-from quant.policies import get_policy
+from quant.checkpoint import (PACK_METADATA_KEY, QUANT_METADATA_KEY, HostStaging, convert_layer, inspect_checkpoint,
+                              quantize_file, read_layer)
+from quant.policies import get_policy, plan
 from quant.safetensors_io import CheckpointError, SafetensorsFile, TensorSpec, save_tensors, write_streaming
 from quant.weights import FormatError
 
@@ -364,6 +364,40 @@ def test_lightricks_fp8_kept_by_fp8_per_tensor_policy(tmp_path):
                 assert same_tensor(f.read(f"{layer}.{suffix}"), state[f"{layer}.{suffix}"]), (layer, suffix)
         assert "transformer_blocks.0.attn1.to_q.input_scale" not in f
         assert f.tensors["transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("policy_name", ["nvfp4", "fp8-scaled-mm"])
+@pytest.mark.parametrize("buffer_bytes", [1 << 24, 4096])  # every layer fits / none does (plain reads)
+def test_staged_conversion_gives_the_same_bytes(tmp_path, policy_name, buffer_bytes):
+    """Layers read through reused staging buffers come out as without them, also when kept as
+    stored (fp8-scaled-mm per-tensor keeps the Lightricks layers): no result may alias a buffer
+    that the next layer overwrites."""
+    src = tmp_path / "fp8.safetensors"
+    make_lightricks_fp8(src)
+    policy = get_policy(policy_name, fp8_per_tensor=True) if policy_name == "fp8-scaled-mm" else get_policy(policy_name)
+    staging = HostStaging(buffer_bytes, buffer_bytes)
+    with SafetensorsFile(src) as f:
+        info = inspect_checkpoint(f)
+        layers = [name for name in block_linears(3) if name in info.layers]
+        target = {d.layer: d.target_format for d in plan(policy, info.layer_table(), info.num_blocks)}
+        staged = {name: convert_layer(f, info.layers[name], target[name], "cpu", staging) for name in layers}
+        plain = {name: convert_layer(f, info.layers[name], target[name], "cpu") for name in layers}
+    kept = [name for name in layers if info.layers[name].format == target[name]]
+    assert kept if policy_name == "fp8-scaled-mm" else not kept
+    for name in layers:
+        assert staged[name].tensors.keys() == plain[name].tensors.keys()
+        for suffix, tensor in plain[name].tensors.items():
+            assert same_tensor(staged[name].tensors[suffix], tensor), (name, suffix)
+
+
+def test_staging_download_copies_out_of_the_buffer():
+    staging = HostStaging(0, 1 << 16)
+    qw = weights.quantize_weight(torch.randn(64, 96), weights.NVFP4)
+    first = staging.download(qw)
+    staging.download(weights.quantize_weight(torch.randn(64, 96), weights.NVFP4))  # reuses the buffer
+    for suffix, tensor in qw.tensors.items():
+        assert same_tensor(first.tensors[suffix], tensor), suffix
+    assert same_tensor(HostStaging(0, 16).download(qw).tensors["weight"], qw.tensors["weight"])  # too small: plain copy
 
 
 def test_unscaled_fp8_cast_reads_with_scale_one(tmp_path):
