@@ -58,10 +58,10 @@ CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core preq
 OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4"]
 
 
-def random_state(config: dict, device: str = "cuda") -> dict[str, torch.Tensor]:
+def random_state(config: dict, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
     """Random bf16 weights of the config's shapes (std 1/sqrt(in)), drawn on `device` (fast on a GPU),
     kept on the CPU like a loaded file."""
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for key, shape in ltx2.model_shapes(config).items():
         std = shape[1] ** -0.5 if len(shape) == 2 else 0.02
@@ -94,6 +94,8 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope["audio_8bit"] = True
         elif key == "8bit":  # NVFP4 policies: these block Linears in FP8
             scope.setdefault("eight_bit", []).append(value)
+        elif key == "per-tensor":  # FP8 policies: one weight scale per tensor, as core's files
+            scope["fp8_per_tensor"] = True
         else:
             raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
     return policy, static, scope

@@ -14,7 +14,7 @@ FP8 / NVFP4 with amax/6 block scales; FP8 without `input_scale`, with 1.0 (`core
 calibrated (`core prequant fp8+static`): see bench_model.prequantized_file); `POLICY[+static][:scope,...]` is this pack, with bench_model's
 scope items (parse_mode): first=N, last=N, audio (keep the audio branch), connectors (also the text
 connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
-those layers FP8); `+static` loads with the calibrated amax.
+those layers FP8), per-tensor (FP8 policies: per-tensor weight scales); `+static` loads with the calibrated amax.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
                         help="feed raw text-encoder context so the text connectors run (and their quantization counts)")
     parser.add_argument("--per-layer", action="store_true", help="also per-layer SNR (copies bf16 weights to CPU)")
     parser.add_argument("--save-amax", metavar="JSON", help="write the calibration (amax per tensor and channel)")
+    parser.add_argument("--weight-seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--out", metavar="JSON")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,7 +97,7 @@ def main() -> None:
     else:
         config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)
     metadata = ltx2.header_metadata(config)
-    state = random_state(config, device)
+    state = random_state(config, device, args.weight_seed)
     width, height, frames = (int(v) for v in args.size.split("x"))
     sigmas = torch.tensor(sampling.SIGMA_PRESETS[args.sigmas])
     positive, latent = inputs(config, width, height, frames, seed=1, context_tokens=args.context_tokens,
