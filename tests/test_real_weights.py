@@ -44,7 +44,7 @@ def test_policies_keep_the_real_model_close_in_the_expected_order(model):
     cache = {}
 
     def cosine(fmt, activation, keep=(), static=False):
-        run = proxy.quantized_linear(weights, cache, fmt, activation, keep, amax if static else None)
+        run = proxy.quantized_linear(weights, cache, fmt, activation, keep, "calibrated" if static else None, amax)
         states = proxy.encode(weights, inputs, run)
         return min(cosine_similarity(s, r) for s, r in zip(states, reference))
 

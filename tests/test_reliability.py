@@ -393,7 +393,7 @@ def test_gpu_oom_while_quantizing_falls_back_to_the_cpu_for_that_layer(tmp_path,
     real = checkpoint._quantize_on
     failed = []
 
-    def quantize_on(f, source, stored, target, device):
+    def quantize_on(f, source, stored, target, device, staging=None):
         if torch.device(device).type != "cpu" and source.layer == LAYER:
             failed.append(source.layer)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
