@@ -506,7 +506,11 @@ def _host_staging(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo, deci
     up = max(sum(_aligned(f.tensors[key].nbytes) for key in info.layers[d.layer].keys.values()) for d in converted)
     down = max(sum(_aligned(dtype.itemsize * math.prod(dims))
                    for dtype, dims in weights.storage_specs(d.target_format, d.shape).values()) for d in converted)
-    return HostStaging(up if isinstance(f, SafetensorsFile) else 0, down)
+    try:
+        return HostStaging(up if isinstance(f, SafetensorsFile) else 0, down)
+    except RuntimeError as e:  # page-locked memory refused (e.g. a memlock limit): plain copies still work
+        log.warning("LTX-2 Quant: no page-locked staging buffers (%s); loading with plain copies, slower", e)
+        return None
 
 
 def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | str = "cpu",

@@ -1246,3 +1246,23 @@ def test_streaming_memory(big_checkpoint, tmp_path, policy_name):
     assert dst.stat().st_size < file_size
     assert extra < MEMORY_FACTOR * largest, report
     assert extra < file_size / FILE_FRACTION, report
+
+
+def test_refused_page_locked_memory_falls_back_to_plain_copies(tmp_path, monkeypatch, caplog):
+    """A GPU load whose staging buffers cannot be page-locked (a memlock limit) still loads, with
+    plain copies, and says so."""
+    from quant import checkpoint
+
+    def refuse(*args):
+        raise RuntimeError("cudaHostAlloc failed: out of memory")
+    monkeypatch.setattr(checkpoint, "HostStaging", refuse)
+    path = tmp_path / "bf16.safetensors"
+    write_synthetic(path)
+    policy = get_policy("fp8-scaled-mm")
+    with caplog.at_level("WARNING", logger="ltx2_quant"), SafetensorsFile(path) as f:
+        info = inspect_checkpoint(f)
+        assert checkpoint._host_staging(f, info, plan(policy, info.layer_table(), info.num_blocks), "cuda") is None
+    assert "no page-locked staging buffers (cudaHostAlloc failed: out of memory)" in caplog.text
+    if torch.cuda.is_available():  # the whole load, on the GPU
+        loaded = checkpoint.load_converted(str(path), policy, device="cuda")
+        assert loaded.state_dict["transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float8_e4m3fn
