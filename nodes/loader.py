@@ -25,6 +25,10 @@ SCOPE_PRESETS = {
     "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
     "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
     "keep audio branch": {"keep_audio": True},
+    # The audio<->video cross-attention in bf16, for 8-bit policies: on the CPU small model (3 weight
+    # seeds, docs/QUALITY.md) fp8-scaled-mm's video error fell 18-22% for ~2.2 GiB more (estimated
+    # 21.0 vs 18.8 GiB at 768x512x121); its four video-token GEMMs run bf16 (~3% of the step, estimated).
+    "keep audio-video attention": {"exclude": ["*.audio_to_video_attn.*", "*.video_to_audio_attn.*"]},
     # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
     "all block linears + text connectors": {"connectors": True},
     # nvfp4 only (8-bit policies are 8-bit already): the audio-side Linears in FP8. Measured on the
@@ -63,8 +67,8 @@ def checkpoint_choices() -> list[str]:
 def scope_options(preset: str, include: str, exclude: str, keep_first: int, keep_last: int, keep_audio: bool) -> dict:
     scope = dict(SCOPE_PRESETS[preset])
     patterns = lambda text: [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]  # noqa: E731
-    scope["include"] = patterns(include)
-    scope["exclude"] = patterns(exclude)
+    scope["include"] = [*scope.get("include", []), *patterns(include)]
+    scope["exclude"] = [*scope.get("exclude", []), *patterns(exclude)]
     scope["keep_first_blocks"] = max(keep_first, scope.get("keep_first_blocks", 0))
     scope["keep_last_blocks"] = max(keep_last, scope.get("keep_last_blocks", 0))
     scope["keep_audio"] = keep_audio or scope.get("keep_audio", False)
