@@ -25,8 +25,8 @@ SCOPE_PRESETS = {
     "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
     "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
     "keep audio branch": {"keep_audio": True},
-    # The audio->video cross-attention in bf16, for 8-bit policies: on the CPU small model (3 weight
-    # seeds and a wider one, docs/QUALITY.md) fp8-scaled-mm's video error fell 17-21% for ~1.1 GiB
+    # The audio->video cross-attention in bf16, for 8-bit policies: on small CPU models (3 weight
+    # seeds, wider, more tokens; docs/QUALITY.md) fp8-scaled-mm's video error fell 15-21% for ~1.1 GiB
     # more (estimated 19.9 vs 18.8 GiB at 768x512x121); its two video-token GEMMs per block run bf16.
     "keep audio-to-video attention": {"exclude": ["*.audio_to_video_attn.*"]},
     # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
