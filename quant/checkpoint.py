@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import ltx2, weights
+from .formats import round_up
 from .policies import LayerDecision, Policy, plan
 from .safetensors_io import DTYPE_NAMES, CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
 
@@ -208,7 +209,7 @@ STAGING_ALIGN = 256  # bytes: where each tensor sharing a staging buffer starts 
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // STAGING_ALIGN) * STAGING_ALIGN
+    return round_up(nbytes, STAGING_ALIGN)
 
 
 class HostStaging:
