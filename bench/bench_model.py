@@ -8,8 +8,9 @@ A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile B
 its CUDA-graph mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
 full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A policy may carry a
-scope after ':' (see parse_mode): `fp8-cast:connectors+compile`, `nvfp4:first=1,last=1`,
-`nvfp4:audio8,8bit=*.attn1.*` (those layers FP8, the rest NVFP4).
+scope after ':' (see parse_mode), added to the policy's own: `fp8-cast:connectors+compile`,
+`nvfp4:first=1,last=1`, `nvfp4:audio8,8bit=*.attn1.*` (those layers FP8, the rest NVFP4),
+`fp8-scaled-mm:all` (every block Linear, without the policy's default bf16 layers).
 `--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
 so they only matter for memory); the pack's modes stream them from host memory unless the scope says
 `gpu-connectors`; `--unprocessed` makes them run in each sampling run.
@@ -84,6 +85,8 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope["keep_audio"] = True
         elif key == "connectors":
             scope["connectors"] = True
+        elif key == "all":  # every block Linear: without the policy's own bf16 layers
+            scope["policy_scope"] = False
         elif key == "exclude":
             scope.setdefault("exclude", []).append(value)
         elif key == "wo":  # run these (quantized) layers weight-only

@@ -12,7 +12,8 @@ CPU, sensitivity of scopes on a small random model (what docs/QUALITY.md reports
 Modes: `core bf16` is the reference; `core prequant fp8|nvfp4` are core's pre-quantized files (per-tensor
 FP8 / NVFP4 with amax/6 block scales; FP8 without `input_scale`, with 1.0 (`core prequant fp8 scale1`) or
 calibrated (`core prequant fp8+static`): see bench_model.prequantized_file); `POLICY[+static][:scope,...]` is this pack, with bench_model's
-scope items (parse_mode): first=N, last=N, audio (keep the audio branch), connectors (also the text
+scope items (parse_mode), added to the policy's own scope: all (start from every block Linear instead),
+first=N, last=N, audio (keep the audio branch), connectors (also the text
 connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
 those layers FP8), per-tensor (FP8 policies: per-tensor weight scales); `+static` loads with the calibrated amax.
 """

@@ -1,7 +1,7 @@
 """Where one denoising step's time goes, per mode and attention choice: the full-size random LTX-2.3
 model built through ComfyUI as bench_model.py builds it, one step (euler, cfg 1) under torch.profiler,
 kernel time split into GEMMs, attention, this pack's activation-quant/dequant kernels, copies and the
-rest (elementwise, norms, RoPE, AdaLN, gating, casts), plus the top "rest" kernels.
+rest (elementwise, norms, RoPE, AdaLN, gating, casts), plus the top kernels of attention, copies and rest.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/profile_step.py [--blocks 48] [--size 1536x1024x121]
         [--modes "core bf16,fp8-scaled-mm,nvfp4"] [--attention "none,auto,auto-8bit"]
@@ -27,9 +27,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
 
 CATEGORIES = ["gemm", "attention", "act quant", "copies", "rest"]
-# Matched in this order on lower-cased kernel (GPU) or op (CPU) names: cuDNN's attention kernels
-# contain "sm90"/"wgmma" too, so attention goes before GEMM.
+LISTED = ["attention", "copies", "rest"]  # categories whose top kernels are printed
+# Matched in this order on lower-cased kernel (GPU) or op (CPU) names. Inductor's fused kernels name
+# every op they fused, including the attention or _scaled_mm they feed (RMSNorm + RoPE of q/k reads
+# "..._scaled_dot_product_cudnn_attention_..."): they are elementwise work, so they match first.
+# cuDNN's attention kernels contain "sm90"/"wgmma" too, so attention goes before GEMM.
 PATTERNS = [
+    ("rest", ("triton_poi_", "triton_red_", "triton_per_")),
     ("attention", ("attn", "attention", "fmha", "flash", "sdpa", "softmax")),
     ("act quant", ("_quantize_fp8_rows_kernel", "_nvfp4_rows_kernel", "_fp8_rows_to_bf16_kernel")),
     ("copies", ("memcpy", "memset", "aten::copy_", "aten::to", "aten::_to_copy")),
@@ -46,11 +50,11 @@ def category(name: str) -> str:
     return "rest"
 
 
-def breakdown(prof, device: str) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
-    """ms per category and the "rest" entries (name, ms, calls), from GPU kernels on CUDA, or from
-    the CPU ops' self time on the CPU."""
+def breakdown(prof, device: str) -> tuple[dict[str, float], dict[str, list[tuple[str, float, int]]]]:
+    """ms per category and, per LISTED category, its entries (name, ms, calls) largest first, from GPU
+    kernels on CUDA, or from the CPU ops' self time on the CPU."""
     totals: dict[str, float] = defaultdict(float)
-    rest = []
+    entries: dict[str, list] = {cat: [] for cat in LISTED}
     for evt in prof.key_averages():
         if device == "cuda":
             if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -62,9 +66,9 @@ def breakdown(prof, device: str) -> tuple[dict[str, float], list[tuple[str, floa
             continue
         cat = category(evt.key)
         totals[cat] += ms
-        if cat == "rest":
-            rest.append((evt.key, ms, evt.count))
-    return dict(totals), sorted(rest, key=lambda r: -r[1])
+        if cat in entries:
+            entries[cat].append((evt.key, ms, evt.count))
+    return dict(totals), {cat: sorted(rows, key=lambda r: -r[1]) for cat, rows in entries.items()}
 
 
 def main() -> None:
@@ -118,9 +122,9 @@ def main() -> None:
             except Exception as e:
                 print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
-            totals, rest = breakdown(prof, args.device)
+            totals, entries = breakdown(prof, args.device)
             rows.append({"mode": label, "wall_ms": wall_ms, **{c: totals.get(c, 0.0) for c in CATEGORIES},
-                         "top_rest": rest[:args.top]})
+                         **{f"top_{c}": entries[c][:args.top] for c in LISTED}})
             print(f"{label}: done", flush=True)
             del patcher
         del built
@@ -136,10 +140,11 @@ def main() -> None:
         busy = sum(r[c] for c in CATEGORIES)
         print(f"{r['mode']:<44}{r['wall_ms']:>8.1f}{busy:>9.1f}" + "".join(f"{r[c]:>10.1f}" for c in CATEGORIES)
               + f"{max(r['wall_ms'] - busy, 0.0):>8.1f}")
-    for r in rows:
-        print(f"\ntop {args.top} 'rest' in {r['mode']} (ms, calls)")
-        for key, ms, calls in r["top_rest"]:
-            print(f"  {ms:>8.2f} {calls:>6}  {key[:100]}")
+    for cat in LISTED:
+        for r in rows:
+            print(f"\ntop {args.top} '{cat}' in {r['mode']} (ms, calls)")
+            for key, ms, calls in r[f"top_{cat}"]:
+                print(f"  {ms:>8.2f} {calls:>6}  {key[:100]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "blocks": args.blocks, "size": args.size, "rows": rows}, f, indent=1)

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..quant import hub
 from ..quant.calibration import load_amax
-from ..quant.policies import POLICIES
+from ..quant.policies import KEEP_AUDIO_TO_VIDEO_ATTENTION, POLICIES
 from ..quant.runtime import NVFP4_MODES
 from . import model_io
 from .attention import KEEP, LOADER_CHOICES
@@ -20,17 +20,20 @@ CATEGORY = "LTX-2 Quant"
 CALIBRATION_FOLDER = "ltx2_calibration"
 POLICY_CHOICES = ["auto", *POLICIES]
 # Scope presets: the issue-level defaults, and the blocks third-party presets keep in bf16.
+# Every preset but "all block linears" adds to the policy's own scope (policies.POLICIES: fp8-scaled-mm
+# keeps the audio-to-video attention in bf16).
 SCOPE_PRESETS = {
-    "all block linears": {},
+    "policy default": {},
+    "all block linears": {"policy_scope": False},
     "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
     "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
     "keep audio branch": {"keep_audio": True},
-    # The audio->video cross-attention in bf16, for 8-bit policies: on small CPU models (3 weight
-    # seeds, wider, more tokens; docs/QUALITY.md) fp8-scaled-mm's video error fell 15-21% for ~1.1 GiB
-    # more (estimated 19.9 vs 18.8 GiB at 768x512x121); its two video-token GEMMs per block run bf16.
-    "keep audio-to-video attention": {"exclude": ["*.audio_to_video_attn.*"]},
+    # fp8-scaled-mm's default, for the other 8-bit policies: the audio->video cross-attention in bf16
+    # (its two video-token GEMMs per block). fp8-scaled-mm on the H200, 48 blocks: 11-16% less video
+    # error for 1.1 GiB (docs/QUALITY.md); mxfp8 and fp8-cast: not measured on the GPU.
+    "keep audio-to-video attention": {"exclude": list(KEEP_AUDIO_TO_VIDEO_ATTENTION)},
     # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
-    "all block linears + text connectors": {"connectors": True},
+    "policy default + text connectors": {"connectors": True},
     # nvfp4 only (8-bit policies are 8-bit already): the audio-side Linears in FP8. Measured on the
     # H200 (docs/QUALITY.md): error vs bf16 24% (video) and 40% (audio) below core's nvfp4, 13.2 GiB.
     "audio branch 8-bit (nvfp4)": {"audio_8bit": True},
@@ -77,8 +80,12 @@ def scope_options(preset: str, include: str, exclude: str, keep_first: int, keep
 
 def scope_inputs() -> list:
     return [
-        io.Combo.Input("scope", options=list(SCOPE_PRESETS), default="all block linears",
-                       tooltip="Which Linears are quantized (nvfp4 presets: which of them are FP8 instead); everything else stays bf16"),
+        io.Combo.Input("scope", options=list(SCOPE_PRESETS), default="policy default",
+                       tooltip="Which Linears are quantized (nvfp4 presets: which of them are FP8 instead); everything "
+                               "else stays bf16. policy default: every block Linear except what the policy keeps "
+                               "bf16 (fp8-scaled-mm: the audio-to-video attention, measured 11-16% less video "
+                               "error for 1.1 GiB); all block linears: every one. The other presets add to the "
+                               "policy default"),
         io.String.Input("exclude", default="", multiline=True, optional=True,
                         tooltip="Extra layers to keep bf16: fnmatch patterns, one per line, e.g. *.attn2.*"),
         io.String.Input("include", default="", multiline=True, optional=True,

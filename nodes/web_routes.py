@@ -19,7 +19,7 @@ ESTIMATE_ROUTE = "/ltx2_quant/estimate"
 
 def query_scope(query) -> dict:
     """The loader's scope widgets, as the web extension sends them, as `get_policy` scope changes."""
-    return scope_options(query.get("scope", "all block linears"), query.get("include", ""), query.get("exclude", ""),
+    return scope_options(query.get("scope", "policy default"), query.get("include", ""), query.get("exclude", ""),
                          int(query.get("keep_first_blocks") or 0), int(query.get("keep_last_blocks") or 0),
                          query.get("keep_audio", "false").lower() == "true")
 

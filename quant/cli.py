@@ -15,6 +15,9 @@ from .weights import FormatError
 
 
 def _add_scope_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--every-block-linear", action="store_true",
+                   help="start from every block linear, without the policy's own bf16 layers "
+                        "(fp8-scaled-mm keeps the audio-to-video attention in bf16)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="also quantize layers matching this fnmatch pattern (unprefixed names)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -33,7 +36,7 @@ def _add_scope_options(p: argparse.ArgumentParser) -> None:
 def _scope(args: argparse.Namespace) -> dict:
     return {"include": args.include, "exclude": args.exclude, "keep_first_blocks": args.keep_first,
             "keep_last_blocks": args.keep_last, "keep_audio": args.keep_audio, "connectors": args.connectors,
-            "audio_8bit": args.audio_8bit, "eight_bit": args.eight_bit}
+            "audio_8bit": args.audio_8bit, "eight_bit": args.eight_bit, "policy_scope": not args.every_block_linear}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
     model = (1, 0)
     nodes = [
         {"id": 1, "type": "LTX2QuantLoader", "col": 0, "row": 0,
-         "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears",
+         "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "policy default",
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
                      "keep_audio": False, "calibration": "none", "download_missing": False,
                      "attention": "comfyui default", "text_connectors_on_cpu": True}},

@@ -132,7 +132,7 @@ def ck_nvfp4(w: torch.Tensor):
 def test_round_trip(tmp_path, policy_name, per_tensor, prefix):
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     config, state = write_synthetic(src, num_layers=2, prefix=prefix)
-    policy = get_policy(policy_name, fp8_per_tensor=per_tensor)
+    policy = get_policy(policy_name, fp8_per_tensor=per_tensor, policy_scope=False)  # every block Linear
     fmt = policy.weight_format
     p = PREFIX if prefix else ""
     expected_layers = {p + n for n in block_linears(2)}
@@ -248,7 +248,7 @@ def test_fp16_and_fp32_inputs(tmp_path, dtype, name, policy_name):
     with SafetensorsFile(src) as f:
         info = inspect_checkpoint(f)
         assert info.kind == "plain" and {s.format for s in info.layers.values()} == {name}
-    policy = get_policy(policy_name)
+    policy = get_policy(policy_name, policy_scope=False)
     quantize_file(str(src), str(dst), policy)
     layers = set(block_linears(2))
     with SafetensorsFile(dst) as f:
@@ -374,7 +374,8 @@ def test_staged_conversion_gives_the_same_bytes(tmp_path, policy_name, buffer_by
     that the next layer overwrites."""
     src = tmp_path / "fp8.safetensors"
     make_lightricks_fp8(src)
-    policy = get_policy(policy_name, fp8_per_tensor=True) if policy_name == "fp8-scaled-mm" else get_policy(policy_name)
+    fp8 = policy_name == "fp8-scaled-mm"
+    policy = get_policy(policy_name, fp8_per_tensor=fp8, policy_scope=False)  # every layer converted or kept
     staging = HostStaging(buffer_bytes, buffer_bytes)
     with SafetensorsFile(src) as f:
         info = inspect_checkpoint(f)
@@ -1041,7 +1042,7 @@ def test_fp8_cast_layers_carry_full_precision_flag(tmp_path, per_tensor):
     write_synthetic(src, num_layers=1)
     for name, flag in (("fp8-cast", True), ("fp8-scaled-mm", False)):
         dst = tmp_path / f"{name}.safetensors"
-        quantize_file(str(src), str(dst), get_policy(name, fp8_per_tensor=per_tensor))
+        quantize_file(str(src), str(dst), get_policy(name, fp8_per_tensor=per_tensor, policy_scope=False))
         with SafetensorsFile(dst) as f:
             layers = json.loads(f.metadata[QUANT_METADATA_KEY])["layers"]
             assert len(layers) == 28

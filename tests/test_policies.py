@@ -132,17 +132,33 @@ def test_get_policy_scope_changes_accept_lists():
     assert get_policy("nvfp4").scope == POLICIES["nvfp4"].scope
 
 
+def test_scope_changes_add_to_the_policys_own_patterns():
+    default = POLICIES["fp8-scaled-mm"].scope.exclude
+    assert default == ("*.audio_to_video_attn.*",)
+    assert get_policy("fp8-scaled-mm", exclude=["*.ff.*"]).scope.exclude == (*default, "*.ff.*")
+    assert get_policy("fp8-scaled-mm", policy_scope=False, exclude=["*.ff.*"]).scope.exclude == ("*.ff.*",)
+    assert get_policy("fp8-scaled-mm", fp8_per_tensor=True).scope.exclude == default
+    assert get_policy("fp8-scaled-mm", keep_audio=True).scope.keep_audio  # other fields are replaced
+
+
 # ---------------------------------------------------------------------------------------------
 # Default scope
 # ---------------------------------------------------------------------------------------------
 
+AUDIO_TO_VIDEO_4 = {f"transformer_blocks.{b}.audio_to_video_attn.{p}" for b in range(4)
+                    for p in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
 @pytest.mark.parametrize("name", QUANTIZING)
-def test_default_scope_is_exactly_the_28_block_linears(name, config4, table4):
+def test_default_scope_is_the_28_block_linears_less_the_policys_own(name, config4, table4):
+    """Every block Linear, except that fp8-scaled-mm keeps its audio->video attention in bf16; with
+    policy_scope=False every policy takes all 28 per block."""
     policy = get_policy(name)
     decisions = plan(policy, table4, 4)
-    expected = {n for b in range(4) for n in block_linears(b)}
-    assert quantized(decisions) == expected
-    assert len(quantized(decisions)) == 28 * 4
+    every = {n for b in range(4) for n in block_linears(b)}
+    assert len(every) == 28 * 4
+    assert quantized(decisions) == (every - AUDIO_TO_VIDEO_4 if name == "fp8-scaled-mm" else every)
+    assert quantized(plan(get_policy(name, policy_scope=False), table4, 4)) == every
     for d in decisions:
         if d.changed:
             assert d.target_format == policy.weight_format and d.source_format == "BF16"
@@ -324,7 +340,8 @@ def test_nvfp4_is_the_smallest_and_fp8_half_of_bf16(table4):
     assert sizes["nvfp4"] == min(sizes.values())
     assert sizes["bf16"] == max(sizes.values())
     assert sizes["nvfp4"] < sizes["mxfp8"] and sizes["nvfp4"] < sizes["fp8-cast"]
-    assert sizes["fp8-cast"] == sizes["fp8-scaled-mm"]
+    every_fp8_scaled_mm = summarize(plan(get_policy("fp8-scaled-mm", policy_scope=False), table4, 4))["bytes_after"]
+    assert sizes["fp8-cast"] == every_fp8_scaled_mm < sizes["fp8-scaled-mm"]  # its bf16 a2v attention
     assert sizes["fp8-cast"] > summarize(plan(get_policy("fp8-cast", fp8_per_tensor=True), table4, 4))["bytes_after"]
 
 
@@ -370,7 +387,7 @@ def test_format_table_content(config4):
 
 def test_format_table_only_changed():
     table = layer_table(ltx2.tiny_config(num_layers=2))
-    decisions = plan(get_policy("fp8-scaled-mm", keep_first_blocks=1), table, 2)
+    decisions = plan(get_policy("fp8-scaled-mm", policy_scope=False, keep_first_blocks=1), table, 2)
     text = format_table(decisions, only_changed=True)
     _header, rows, total = _parse_table(text)
     assert len(rows) == 28
@@ -422,7 +439,7 @@ def test_few_token_layers_run_weight_only(name, table4):
     """Audio-token and text-context inputs are too few rows for 8-bit activations to pay: those
     layers are weight-only (ComfyUI's full_precision_matrix_mult), the video-token ones are not."""
     from quant.checkpoint import layer_conf
-    decisions = {d.layer: d for d in plan(get_policy(name), table4, 4) if d.changed}
+    decisions = {d.layer: d for d in plan(get_policy(name, policy_scope=False), table4, 4) if d.changed}
     weight_only = {layer for layer, d in decisions.items() if d.weight_only}
     expected = {layer for layer in decisions if ltx2.is_audio_side(layer)
                 or re.search(r"\.attn2\.to_[kv]$", layer)}
@@ -467,7 +484,7 @@ def test_connectors_scope_adds_the_text_connectors_in_8_bits_weight_only(name, t
 def test_weight_only_patterns(table4):
     """Scope.weight_only patterns take quantized layers off 8-bit activations; unquantized layers
     stay unflagged, and the few-token rule still applies."""
-    policy = get_policy("fp8-scaled-mm", weight_only=["*.audio_to_video_attn.*"], exclude=["*.ff.*"])
+    policy = get_policy("fp8-scaled-mm", policy_scope=False, weight_only=["*.audio_to_video_attn.*"], exclude=["*.ff.*"])
     decisions = {d.layer: d for d in plan(policy, table4, 4)}
     assert decisions["transformer_blocks.1.audio_to_video_attn.to_q"].weight_only
     assert decisions["transformer_blocks.1.audio_to_video_attn.to_out.0"].weight_only

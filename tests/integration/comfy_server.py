@@ -183,6 +183,6 @@ def sampling_graph(model_node: dict, name: str, sampler: str = "euler", extra: d
 
 
 def loader_node(ckpt: str, policy: str, **extra) -> dict:
-    inputs = {"ckpt_name": ckpt, "policy": policy, "nvfp4_mode": "fast", "scope": "all block linears"}
+    inputs = {"ckpt_name": ckpt, "policy": policy, "nvfp4_mode": "fast", "scope": "policy default"}
     inputs.update(extra)
     return {"class_type": "LTX2QuantLoader", "inputs": inputs}

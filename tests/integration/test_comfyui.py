@@ -78,7 +78,7 @@ def test_text_connectors_scope_quantizes_the_connectors_that_run(server, base, p
                       unprocessed=True)
     ref = run("bf16", "all block linears", "connectors_ref")
     blocks_only = run(policy, "all block linears", f"connectors_off_{policy}")
-    with_connectors = run(policy, "all block linears + text connectors", f"connectors_on_{policy}")
+    with_connectors = run(policy, "policy default + text connectors", f"connectors_on_{policy}")
     for got, want in zip(with_connectors, ref):
         assert torch.isfinite(got).all() and rel(got, want) < POLICY_BOUNDS[policy], rel(got, want)
     assert rel(with_connectors[0], blocks_only[0]) > 0
@@ -163,7 +163,7 @@ def test_quantize_model_node_matches_the_loader(server, base):
 
 @pytest.mark.parametrize("policy,scope", [("fp8-cast", "all block linears"), ("nvfp4", "all block linears"),
                                           ("mxfp8", "all block linears"),
-                                          ("nvfp4", "all block linears + text connectors"),
+                                          ("nvfp4", "policy default + text connectors"),
                                           ("nvfp4", "audio branch 8-bit (nvfp4)"),
                                           ("nvfp4", "audio branch + audio-video attention 8-bit (nvfp4)")])
 def test_saved_file_loads_without_the_pack(server, base, policy, scope):
