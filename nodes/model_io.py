@@ -23,7 +23,7 @@ from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
 from . import streaming
-from .ops import compute_device, describe_paths, make_ops, quantized_layers
+from .ops import compute_device, describe_paths, fuse_ffn_gelu, make_ops, quantized_layers
 
 log = logging.getLogger("ltx2_quant")
 
@@ -149,7 +149,11 @@ def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, tex
             streaming.enable(patcher)
     patcher.model.ltx2q_metadata = loaded.metadata
     patcher.model.ltx2q_policy = policy_name
-    return patcher, describe_paths(ops)
+    paths = describe_paths(ops)
+    fused = fuse_ffn_gelu(patcher.model.diffusion_model)
+    if fused:
+        paths += f"\nFFN GELU fused into the FP8 activation quantization of {fused} layers"
+    return patcher, paths
 
 
 def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, seconds: float, extra: str = "") -> str:

@@ -48,6 +48,7 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
 
         class Linear(comfy.ops.manual_cast.Linear):
             quant: LayerQuant | None = None
+            input_gelu = False  # set by fuse_ffn_gelu: this layer applies the FFN's tanh GELU to its input
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs):
@@ -108,6 +109,8 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                 if bias is not None and bias.device != input.device:
                     bias = bias.to(input.device, non_blocking=True)
                 if self.weight_function or self.bias_function:  # patches applied per call
+                    if self.input_gelu:
+                        input = torch.nn.functional.gelu(input, approximate="tanh")
                     weight = self.stored_form(input.device).dequantize(input.dtype)
                     for f in self.weight_function:
                         weight = f(weight)
@@ -115,7 +118,8 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                         bias = f(bias)
                     return torch.nn.functional.linear(input, weight, None if bias is None else bias.to(input.dtype))
                 q = self.quant
-                return runtime.run(input, q.path, self._tensors(input.device), q.shape, bias, q.format, q.activation)
+                return runtime.run(input, q.path, self._tensors(input.device), q.shape, bias, q.format, q.activation,
+                                   input_gelu=self.input_gelu)
 
             def convert_weight(self, weight, inplace=False, **kwargs):
                 """`weight` is a cast copy of the packed data (uint8 codes or E4M3 values, exact in
@@ -138,6 +142,27 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                 self.weight = torch.nn.Parameter(weight, requires_grad=False)
 
     return LTX2QuantOps
+
+
+def fuse_ffn_gelu(model: torch.nn.Module) -> int:
+    """Move each LTX FeedForward's tanh GELU (ComfyUI's `GELU_approx`: gelu(proj(x))) from the first
+    Linear's output into the second Linear where that one runs W8A8: its activation quantization then
+    applies the GELU in the same pass (runtime.run's input_gelu) instead of a GELU kernel and a
+    quantization kernel that reads the result again. Returns how many FeedForwards changed."""
+    fused = 0
+    for module in model.modules():
+        net = getattr(module, "net", None)
+        if type(module).__name__ != "FeedForward" or not isinstance(net, torch.nn.Sequential) or len(net) != 3:
+            continue
+        first, second = net[0], net[2]
+        quant = getattr(second, "quant", None)
+        if type(first).__name__ != "GELU_approx" or quant is None or quant.path not in runtime.W8A8_PATHS:
+            continue
+        # A plain attribute (a bound method, not a Module): the state dict and the module tree stay as they are.
+        first.forward = first.proj.__call__
+        second.input_gelu = True
+        fused += 1
+    return fused
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -1,8 +1,10 @@
 """Triton kernels for the GPU fast paths, exposed as torch custom ops (so torch.compile sees them).
 
 - `quantize_fp8_rows`: activation quantization to E4M3, dynamic per-row (per-token) scales or one
-  static scale, clamped before the cast. One program per row: the row is read twice (amax, then
-  quantize), the second time from L2.
+  static scale, clamped before the cast. One program per row; rows up to 16,384 are read once, longer
+  ones twice (amax, then quantize), the second time from L2. `gelu_quantize_fp8_rows` applies the
+  tanh GELU first, in the same pass: the FFN's second Linear quantizes its input straight from the
+  first one's output.
 - `nvfp4_to_fp8_rows`: just-in-time conversion of a packed NVFP4 weight to E4M3 with one scale per
   output row (for W8A8 on Hopper/Ada), or to bf16 (the exact dequantize path). Block scales are
   read straight from the swizzled layout through its closed-form offset.
@@ -83,15 +85,28 @@ if AVAILABLE:
         return tl.math.div_rn(1.0, scale)
 
     @triton.jit
+    def _gelu_tanh(v):
+        """GELU, tanh approximation, in fp32: 0.5 v (1 + tanh(u)) = v * sigmoid(2u), one exp."""
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        return v / (1.0 + tl.exp(-2.0 * u))
+
+    @triton.jit
+    def _load_row_part(ptrs, mask, GELU: tl.constexpr):
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            v = _gelu_tanh(v)  # gelu(0) = 0: masked lanes stay out of the amax
+        return v
+
+    @triton.jit
     def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, stride_x, stride_out,
-                                  K: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr,
-                                  INTERPRET: tl.constexpr):
+                                  K: tl.constexpr, STATIC: tl.constexpr, GELU: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         cols = tl.arange(0, BLOCK_K)
         if K <= BLOCK_K:  # the whole row in registers: one read from memory
-            v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            v = _load_row_part(x_row + cols, cols < K, GELU)
             if STATIC:
                 inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
             else:
@@ -104,12 +119,12 @@ if AVAILABLE:
                 amax = tl.zeros([BLOCK_K], dtype=tl.float32)
                 for start in range(0, K, BLOCK_K):
                     offs = start + cols
-                    v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                    v = _load_row_part(x_row + offs, offs < K, GELU)
                     amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
                 inverse = _row_scale(amax, scale_ptr + row)
             for start in range(0, K, BLOCK_K):
                 offs = start + cols
-                v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                v = _load_row_part(x_row + offs, offs < K, GELU)
                 tl.store(out_row + offs, _to_fp8_bits(v * inverse, INTERPRET), mask=offs < K)
 
     @triton.jit
@@ -175,7 +190,8 @@ if AVAILABLE:
                  mask=mask)
 
 
-def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool = False,
+                              wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
     static = static_scale is not None
     out = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
@@ -183,9 +199,9 @@ def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None
     if rows == 0:
         return out.view(torch.float8_e4m3fn), scale
     block = min(triton.next_power_of_2(cols), 16384)  # LTX rows (K <= 16384) stay in registers
-    _quantize_fp8_rows_kernel[(rows,)](
+    wrap(_quantize_fp8_rows_kernel)[(rows,)](
         x, out, scale, scale, x.stride(0), out.stride(0), K=cols,
-        STATIC=static, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=max(1, min(16, block // 512)))
+        STATIC=static, GELU=gelu, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=max(1, min(16, block // 512)))
     return out.view(torch.float8_e4m3fn), scale
 
 
@@ -249,6 +265,33 @@ def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, wrap=l
 @torch.library.triton_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
 def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     return _fp8_rows_to_bf16_launch(data, row_scale, wrap=torch.library.wrap_triton)
+
+
+# Under torch.compile the GELU + quantization stays our kernel: Inductor's own fusion of the formula
+# read each row twice and evaluated the fp32 GELU on both passes, 1.27 ms a call on the video FFN at
+# 24,576 tokens on an H200 (docs/BENCHMARKS.md, session 7).
+@torch.library.triton_op("ltx2q::gelu_quantize_fp8_rows", mutates_args=())
+def _gelu_quantize_fp8_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_fp8_rows_launch(x, None, gelu=True, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("ltx2q::gelu_quantize_fp8_static", mutates_args=())
+def _gelu_quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    return _quantize_fp8_rows_launch(x, input_scale, gelu=True, wrap=torch.library.wrap_triton)[0]
+
+
+def gelu_quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_fp8_rows(gelu_tanh(x)) in one pass, the GELU in fp32 (not rounded to x's dtype first)."""
+    if torch.compiler.is_compiling():
+        return _gelu_quantize_fp8_rows_op(x.contiguous())
+    return _quantize_fp8_rows_launch(x.contiguous(), None, gelu=True)
+
+
+def gelu_quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """quantize_fp8_static(gelu_tanh(x), input_scale) in one pass."""
+    if torch.compiler.is_compiling():
+        return _gelu_quantize_fp8_static_op(x.contiguous(), input_scale)
+    return _quantize_fp8_rows_launch(x.contiguous(), input_scale, gelu=True)[0]
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

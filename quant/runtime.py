@@ -278,15 +278,18 @@ def _unit_row_scales(rows: int, device: torch.device) -> torch.Tensor:
 
 
 def _scaled_mm_rowwise(x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                       input_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                       input_scale: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
     """W8A8 with per-token activation scales, or with a static input_scale (then `w_scale` must
-    already include it: prepare() folds it in as `static_weight_scale`)."""
+    already include it: prepare() folds it in as `static_weight_scale`). `gelu`: the kernel applies
+    the tanh GELU to x2d as it quantizes (only on the GPU kernels; run() applies it before otherwise)."""
     fast = kernels.AVAILABLE and x2d.is_cuda
     if input_scale is not None:
-        a = (kernels.quantize_fp8_static if fast else formats.quantize_fp8_static)(x2d, input_scale)
+        static = kernels.gelu_quantize_fp8_static if gelu else kernels.quantize_fp8_static
+        a = (static if fast else formats.quantize_fp8_static)(x2d, input_scale)
         a_scale = _unit_row_scales(x2d.shape[0], x2d.device)
     else:
-        a, a_scale = (kernels.quantize_fp8_rows if fast else formats.quantize_fp8_rowwise_dynamic)(x2d)
+        dynamic = kernels.gelu_quantize_fp8_rows if gelu else kernels.quantize_fp8_rows
+        a, a_scale = (dynamic if fast else formats.quantize_fp8_rowwise_dynamic)(x2d)
     return torch._scaled_mm(a, w_fp8.t(), scale_a=a_scale, scale_b=w_scale,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             # Hopper's fast FP8 accumulation: measured on the 48-block model it moved the final-latent
@@ -294,9 +297,19 @@ def _scaled_mm_rowwise(x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
                             use_fast_accum=True)
 
 
+def gelu_fuses(path: str, device: torch.device) -> bool:
+    """Whether run(..., input_gelu=True) applies the GELU inside the activation quantization kernel."""
+    return path in W8A8_PATHS and kernels.AVAILABLE and device.type == "cuda"
+
+
 def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
-        bias: torch.Tensor | None, fmt: str, activation: str) -> torch.Tensor:
-    """y = x @ W^T + b for a prepared layer. Output dtype follows x (bf16 on the fast paths)."""
+        bias: torch.Tensor | None, fmt: str, activation: str, input_gelu: bool = False) -> torch.Tensor:
+    """y = x @ W^T + b for a prepared layer (`input_gelu`: y = gelu_tanh(x) @ W^T + b, the GELU fused
+    into the activation quantization where gelu_fuses(), else applied first as the model would).
+    Output dtype follows x (bf16 on the fast paths)."""
+    fused_gelu = input_gelu and gelu_fuses(path, x.device)
+    if input_gelu and not fused_gelu:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
     n, k = shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
@@ -319,7 +332,7 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
             w = tensors["weight"]
         static = "static_weight_scale" in tensors
         w_scale = tensors["static_weight_scale"] if static else tensors[W8A8_PATHS[path]]
-        y = _scaled_mm_rowwise(x2d, w, w_scale, bias, input_scale if static else None, out_dtype)
+        y = _scaled_mm_rowwise(x2d, w, w_scale, bias, input_scale if static else None, out_dtype, fused_gelu)
     elif path == "nvfp4-jit-bf16":
         w = kernels.nvfp4_to_bf16(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], n, k)
         y = torch.nn.functional.linear(x2d.to(torch.bfloat16), w, None if bias is None else bias.to(torch.bfloat16))

@@ -80,6 +80,27 @@ def test_compiled_path_matches_eager(fmt, activation, mode, bound):
     assert relative_error(eager, reference_linear(rounded, qw, bias, activation)) < bound * 1.5, layer.path
 
 
+@pytest.mark.parametrize("fmt,activation,mode,bound", CASES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_input_gelu_is_gelu_then_the_layer(fmt, activation, mode, bound, compiled):
+    """run(..., input_gelu=True), what a FeedForward's second Linear does after fuse_ffn_gelu, is
+    layer(gelu_tanh(x)): fused into the activation quantization on the W8A8 paths (GELU in fp32),
+    applied before the layer on the others (GELU rounded to bf16, as the model does)."""
+    torch.manual_seed(11)
+    w = torch.randn(2048, 1024) * 1024 ** -0.5
+    qw = quantize_weight(w, fmt)
+    layer = runtime.PreparedLinear(qw, torch.randn(2048) * 0.1, activation, "cuda", nvfp4_mode=mode)
+    x = (torch.randn(300, 1024, device="cuda") * 2).bfloat16()
+    call = lambda x: runtime.run(x, layer.path, layer.tensors, layer.shape, layer.bias, layer.format,  # noqa: E731
+                                 layer.activation, input_gelu=True)
+    y = (torch.compile(call, dynamic=False) if compiled else call)(x).float().cpu()
+    assert y.isfinite().all()
+    fused = runtime.gelu_fuses(layer.path, x.device)
+    assert fused == (activation == "fp8" or (fmt == NVFP4 and mode == "fast")), layer.path
+    gelu = torch.nn.functional.gelu(x.float() if fused else x, approximate="tanh").float().cpu()
+    assert relative_error(y, reference_linear(gelu, qw, layer.bias.cpu(), activation)) < bound * 1.5, layer.path
+
+
 @pytest.mark.parametrize("policy_name", ["fp8-scaled-mm", "nvfp4", "mxfp8"])
 def test_load_through_staging_buffers_matches_plain_copies(tmp_path, policy_name, monkeypatch):
     """Quantize-at-load on the GPU reads into and downloads through reused page-locked buffers

@@ -40,6 +40,36 @@ def test_rowwise_quant_special_values():
     assert scale[1].item() == 1.0 and (data[1].float() == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(7, 300), (3, 2048), (2, 20000)])
+def test_gelu_quant_matches_gelu_then_quant(shape):
+    """One pass of tanh GELU + per-row quantization against torch's GELU in fp32 then the reference
+    quantizer: the kernel's GELU (one exp) differs from torch's tanh by float rounding only, which
+    moves a few elements across an FP8 rounding boundary, never more than one step."""
+    x = (torch.randn(shape) * 3).bfloat16()
+    data, scale = kernels.gelu_quantize_fp8_rows(x.to(DEVICE))
+    g = torch.nn.functional.gelu(x.float(), approximate="tanh")
+    ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(g)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    codes, ref_codes = data.cpu().view(torch.uint8).int(), ref_data.view(torch.uint8).int()
+    assert (codes == ref_codes).float().mean() > 0.999 and (codes - ref_codes).abs().max() <= 1
+    dequantized = data.cpu().float() * scale.cpu()
+    assert ((dequantized - g).norm() / g.norm()).item() < 0.03
+
+
+def test_gelu_static_quant_clamps_and_keeps_nan():
+    x = (torch.randn(4, 96) * 3).bfloat16()
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = 1e9, float("nan"), -1e9, float("inf")
+    scale = torch.tensor(0.02)
+    out = kernels.gelu_quantize_fp8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
+    g = torch.nn.functional.gelu(x.float(), approximate="tanh")
+    ref = formats.quantize_fp8_static(g, scale)
+    finite = g.isfinite()
+    assert ((out.float() - ref.float()).abs()[finite] <= ref.float().abs()[finite] / 8 + 1e-6).all()
+    assert out[0, 0].float().item() == 448.0 and out[3, 3].float().item() == 448.0  # clamped, not inf
+    assert out[1, 1].float().isnan()
+    assert out[2, 2].float().item() == 0.0  # gelu(-1e9) = -0
+
+
 def test_every_fp8_value_and_midpoint_rounds_like_torch():
     values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     finite = values[values.isfinite()].sort().values
