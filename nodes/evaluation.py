@@ -31,10 +31,15 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def multiplied_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the Linear multiplies: its input, after the FFN GELU that ops.fuse_ffn_gelu moved into it."""
+    return torch.nn.functional.gelu(x, approximate="tanh") if getattr(module, "input_gelu", False) else x
+
+
 @contextlib.contextmanager
 def hooked_inputs(model: torch.nn.Module, observe):
-    """Calls observe(layer name, input) before every Linear's forward while the block runs."""
-    handles = [m.register_forward_pre_hook(lambda module, args, name=name: observe(name, args[0]))
+    """Calls observe(layer name, input it multiplies) before every Linear's forward while the block runs."""
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: observe(name, multiplied_input(module, args[0])))
                for name, m in linear_modules(model).items()]
     try:
         yield

@@ -150,9 +150,10 @@ def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, tex
     patcher.model.ltx2q_metadata = loaded.metadata
     patcher.model.ltx2q_policy = policy_name
     paths = describe_paths(ops)
-    fused = fuse_ffn_gelu(patcher.model.diffusion_model)
-    if fused:
-        paths += f"\nFFN GELU fused into the FP8 activation quantization of {fused} layers"
+    moved = fuse_ffn_gelu(patcher.model.diffusion_model)
+    if moved:
+        paths += (f"\nFFN GELU moved into {moved} quantized Linears (inside their FP8 activation quantization "
+                  "on W8A8 GPU paths)")
     return patcher, paths
 
 

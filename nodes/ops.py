@@ -23,6 +23,7 @@ import torch
 
 import comfy.model_management
 import comfy.ops
+from comfy.ldm.lightricks.model import GELU_approx
 
 from ..quant import runtime
 from ..quant.weights import MXFP8, QuantizedWeight, requantize_like
@@ -144,11 +145,20 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
     return LTX2QuantOps
 
 
+class GELUMovedOut(GELU_approx):
+    """An FFN's GELU_approx whose GELU fuse_ffn_gelu moved into the next Linear: the projection only.
+    A class, not a patched method, so copies and object patches of `proj` are looked up per call."""
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def fuse_ffn_gelu(model: torch.nn.Module) -> int:
     """Move each LTX FeedForward's tanh GELU (ComfyUI's `GELU_approx`: gelu(proj(x))) from the first
-    Linear's output into the second Linear where that one runs W8A8: its activation quantization then
-    applies the GELU in the same pass (runtime.run's input_gelu) instead of a GELU kernel and a
-    quantization kernel that reads the result again. Returns how many FeedForwards changed."""
+    Linear's output into the second Linear when that one is quantized. On a W8A8 GPU path its
+    activation quantization then applies the GELU in the same pass (runtime.run's input_gelu) instead
+    of a GELU kernel and a quantization kernel that reads the result again; elsewhere the Linear
+    applies F.gelu first, the model's own math. Returns how many FeedForwards changed."""
     fused = 0
     for module in model.modules():
         net = getattr(module, "net", None)
@@ -156,10 +166,9 @@ def fuse_ffn_gelu(model: torch.nn.Module) -> int:
             continue
         first, second = net[0], net[2]
         quant = getattr(second, "quant", None)
-        if type(first).__name__ != "GELU_approx" or quant is None or quant.path not in runtime.W8A8_PATHS:
+        if type(first) is not GELU_approx or quant is None:
             continue
-        # A plain attribute (a bound method, not a Module): the state dict and the module tree stay as they are.
-        first.forward = first.proj.__call__
+        first.__class__ = GELUMovedOut  # same parameters and state dict
         second.input_gelu = True
         fused += 1
     return fused

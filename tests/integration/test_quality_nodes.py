@@ -108,6 +108,26 @@ def test_calibrated_model_output_matches_loading_its_file(server, base):
     assert not torch.equal(patched[0], dynamic[0])  # and the input MODEL itself stayed dynamic
 
 
+def test_calibration_sees_the_ffn_gelu_the_quantized_model_moved(server, base):
+    """ops.fuse_ffn_gelu moves the FFN's GELU into the quantized ff.net.2, so that layer's own input
+    is pre-GELU; the amax the Calibrate node records must still be of what it multiplies (post-GELU),
+    as in the bf16 model, or the static scale would be sized for the wrong tensor."""
+    # fp8-scaled-mm's default scope under another preset name: ComfyUI runs the loader again (no
+    # cached result) and its report reaches this entry.
+    graph = inputs_graph(loader_node(MODEL, "fp8-scaled-mm", scope="keep audio-to-video attention"))
+    graph["9"] = calibrate_node(base, ["1", 0], "ltx2q_test_gelu_fp8.json")
+    graph["10"] = loader_node(MODEL, "bf16")
+    graph["11"] = calibrate_node(base, ["10", 0], "ltx2q_test_gelu_bf16.json")
+    entry = server.run(graph)
+    # The loader's report: 2 blocks x (ff, audio_ff).
+    assert "FFN GELU moved into 4 quantized Linears" in "\n".join(entry["outputs"]["1"]["text"])
+    quantized, reference = (calibration.load_channel_amax(os.path.join(calibration_folder(base), f))
+                            for f in ("ltx2q_test_gelu_fp8.json", "ltx2q_test_gelu_bf16.json"))
+    for layer in ("transformer_blocks.0.ff.net.2", "transformer_blocks.1.audio_ff.net.2"):
+        # The two models' trajectories differ by the quantization error only.
+        assert rel(quantized[layer], reference[layer]) < 0.05, layer
+
+
 def test_quality_report_numbers_table_plot_and_files(server, base):
     graph = inputs_graph(loader_node(MODEL, "bf16"))
     graph["11"] = loader_node(MODEL, "fp8-scaled-mm")
