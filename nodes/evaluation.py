@@ -33,7 +33,7 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 def multiplied_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the Linear multiplies: its input, after the FFN GELU that ops.fuse_ffn_gelu moved into it."""
-    return torch.nn.functional.gelu(x, approximate="tanh") if getattr(module, "input_gelu", False) else x
+    return runtime.ffn_gelu(x) if getattr(module, "input_gelu", False) else x
 
 
 @contextlib.contextmanager

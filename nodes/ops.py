@@ -26,7 +26,7 @@ import torch
 
 import comfy.model_management
 import comfy.ops
-from comfy.ldm.lightricks.model import GELU_approx
+from comfy.ldm.lightricks.model import FeedForward, GELU_approx
 
 from ..quant import runtime
 from ..quant.weights import MXFP8, QuantizedWeight, requantize_like
@@ -114,7 +114,7 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                     bias = bias.to(input.device, non_blocking=True)
                 if self.weight_function or self.bias_function:  # patches applied per call
                     if self.input_gelu:
-                        input = torch.nn.functional.gelu(input, approximate="tanh")
+                        input = runtime.ffn_gelu(input)
                     weight = self.stored_form(input.device).dequantize(input.dtype)
                     for f in self.weight_function:
                         weight = f(weight)
@@ -164,10 +164,9 @@ def fuse_ffn_gelu(model: torch.nn.Module) -> int:
     applies F.gelu first, the model's own math. Returns how many FeedForwards changed."""
     moved = 0
     for module in model.modules():
-        net = getattr(module, "net", None)
-        if type(module).__name__ != "FeedForward" or not isinstance(net, torch.nn.Sequential) or len(net) != 3:
+        if not isinstance(module, FeedForward):
             continue
-        first, second = net[0], net[2]
+        first, second = module.net[0], module.net[2]
         quant = getattr(second, "quant", None)
         if type(first) is not GELU_approx or quant is None:
             continue

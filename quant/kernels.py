@@ -2,8 +2,8 @@
 
 - `quantize_fp8_rows`: activation quantization to E4M3, dynamic per-row (per-token) scales or one
   static scale, clamped before the cast. One program per row; rows up to 16,384 are read once, longer
-  ones twice (amax, then quantize), the second time from L2. `gelu_quantize_fp8_rows` applies the
-  tanh GELU first, in the same pass: the FFN's second Linear quantizes its input straight from the
+  ones twice (amax, then quantize), the second time from L2. With `gelu` it applies the tanh GELU
+  first, in the same pass: the FFN's second Linear quantizes its input straight from the
   first one's output.
 - `nvfp4_to_fp8_rows`: just-in-time conversion of a packed NVFP4 weight to E4M3 with one scale per
   output row (for W8A8 on Hopper/Ada), or to bf16 (the exact dequantize path). Block scales are
@@ -280,34 +280,24 @@ def _gelu_quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor) -> 
     return _quantize_fp8_rows_launch(x, input_scale, gelu=True, wrap=torch.library.wrap_triton)[0]
 
 
-def gelu_quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_fp8_rows(gelu_tanh(x)) in one pass, the GELU in fp32 (not rounded to x's dtype first)."""
+def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales); with `gelu`, of
+    gelu_tanh(x) in the same pass (the GELU in fp32, not rounded to x's dtype first). Under
+    torch.compile the plain formula is traced instead, so Inductor fuses it into the op that produced
+    x; with `gelu` the kernel runs as a triton_op (see above)."""
     if torch.compiler.is_compiling():
-        return _gelu_quantize_fp8_rows_op(x.contiguous())
-    return _quantize_fp8_rows_launch(x.contiguous(), None, gelu=True)
+        return _gelu_quantize_fp8_rows_op(x.contiguous()) if gelu else formats.quantize_fp8_rowwise_dynamic(x)
+    return _quantize_fp8_rows_launch(x.contiguous(), None, gelu)
 
 
-def gelu_quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """quantize_fp8_static(gelu_tanh(x), input_scale) in one pass."""
+def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast; `gelu` and torch.compile as
+    in quantize_fp8_rows."""
     if torch.compiler.is_compiling():
-        return _gelu_quantize_fp8_static_op(x.contiguous(), input_scale)
-    return _quantize_fp8_rows_launch(x.contiguous(), input_scale, gelu=True)[0]
-
-
-def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales). Under torch.compile
-    the plain formula is traced instead, so Inductor fuses it into the op that produced x."""
-    if torch.compiler.is_compiling():
-        return formats.quantize_fp8_rowwise_dynamic(x)
-    return _quantize_fp8_rows_launch(x.contiguous(), None)
-
-
-def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast (fused like quantize_fp8_rows
-    under torch.compile)."""
-    if torch.compiler.is_compiling():
+        if gelu:
+            return _gelu_quantize_fp8_static_op(x.contiguous(), input_scale)
         return formats.quantize_fp8_static(x, input_scale)
-    return _quantize_fp8_rows_launch(x.contiguous(), input_scale)[0]
+    return _quantize_fp8_rows_launch(x.contiguous(), input_scale, gelu)[0]
 
 
 def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,

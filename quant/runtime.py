@@ -284,17 +284,20 @@ def _scaled_mm_rowwise(x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     the tanh GELU to x2d as it quantizes (only on the GPU kernels; run() applies it before otherwise)."""
     fast = kernels.AVAILABLE and x2d.is_cuda
     if input_scale is not None:
-        static = kernels.gelu_quantize_fp8_static if gelu else kernels.quantize_fp8_static
-        a = (static if fast else formats.quantize_fp8_static)(x2d, input_scale)
+        a = kernels.quantize_fp8_static(x2d, input_scale, gelu) if fast else formats.quantize_fp8_static(x2d, input_scale)
         a_scale = _unit_row_scales(x2d.shape[0], x2d.device)
     else:
-        dynamic = kernels.gelu_quantize_fp8_rows if gelu else kernels.quantize_fp8_rows
-        a, a_scale = (dynamic if fast else formats.quantize_fp8_rowwise_dynamic)(x2d)
+        a, a_scale = kernels.quantize_fp8_rows(x2d, gelu) if fast else formats.quantize_fp8_rowwise_dynamic(x2d)
     return torch._scaled_mm(a, w_fp8.t(), scale_a=a_scale, scale_b=w_scale,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             # Hopper's fast FP8 accumulation: measured on the 48-block model it moved the final-latent
                             # error by 0.5% (0.0382 vs 0.0380) and saved ~2% of the step (docs/BENCHMARKS.md).
                             use_fast_accum=True)
+
+
+def ffn_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The LTX FeedForward's activation (ComfyUI's GELU_approx): GELU, tanh approximation."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 def gelu_fuses(path: str, device: torch.device) -> bool:
@@ -309,7 +312,7 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
     Output dtype follows x (bf16 on the fast paths)."""
     fused_gelu = input_gelu and gelu_fuses(path, x.device)
     if input_gelu and not fused_gelu:
-        x = torch.nn.functional.gelu(x, approximate="tanh")
+        x = ffn_gelu(x)
     n, k = shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)

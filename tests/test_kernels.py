@@ -46,7 +46,7 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
     quantizer: the kernel's GELU (one exp) differs from torch's tanh by float rounding only, which
     moves a few elements across an FP8 rounding boundary, never more than one step."""
     x = (torch.randn(shape) * 3).bfloat16()
-    data, scale = kernels.gelu_quantize_fp8_rows(x.to(DEVICE))
+    data, scale = kernels.quantize_fp8_rows(x.to(DEVICE), gelu=True)
     g = torch.nn.functional.gelu(x.float(), approximate="tanh")
     ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(g)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
@@ -60,7 +60,7 @@ def test_gelu_static_quant_clamps_and_keeps_nan():
     x = (torch.randn(4, 96) * 3).bfloat16()
     x[0, 0], x[1, 1], x[2, 2], x[3, 3] = 1e9, float("nan"), -1e9, float("inf")
     scale = torch.tensor(0.02)
-    out = kernels.gelu_quantize_fp8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
+    out = kernels.quantize_fp8_static(x.to(DEVICE), scale.to(DEVICE), gelu=True).cpu()
     g = torch.nn.functional.gelu(x.float(), approximate="tanh")
     ref = formats.quantize_fp8_static(g, scale)
     finite = g.isfinite()
