@@ -176,6 +176,13 @@ def sample(patcher, latent, positive, sigmas):
     return out
 
 
+def split_patches(mode: str) -> tuple[str, list[str]]:
+    """'fp8-scaled-mm+static+compile+attn=triton-int8' -> ('fp8-scaled-mm+static', ['compile', 'attn=triton-int8'])."""
+    parts = mode.split("+")
+    patches = [p for p in parts[1:] if p in ("compile", "graphs") or p.startswith("attn=")]
+    return "+".join(p for p in parts if p not in patches), patches
+
+
 def apply_patches(patcher, patches: list[str]):
     for patch in patches:
         if patch in ("compile", "graphs"):
@@ -193,7 +200,7 @@ def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int,
              unprocessed: bool = False) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    base, *patches = mode.split("+")
+    base, patches = split_patches(mode)
     patcher = apply_patches(build(base, state, metadata), patches)
     comfy.model_management.load_models_gpu([patcher])
     torch.cuda.synchronize()

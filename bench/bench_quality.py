@@ -15,7 +15,8 @@ calibrated (`core prequant fp8+static`): see bench_model.prequantized_file); `PO
 scope items (parse_mode), added to the policy's own scope: all (start from every block Linear instead),
 first=N, last=N, audio (keep the audio branch), connectors (also the text
 connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
-those layers FP8), per-tensor (FP8 policies: per-tensor weight scales); `+static` loads with the calibrated amax.
+those layers FP8), per-tensor (FP8 policies: per-tensor weight scales); `+static` loads with the calibrated amax;
+bench_model's patches (`+attn=triton-int8`, `+compile`) apply to any mode.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 
 import torch
 
-from bench_model import model_io, parse_mode, prequantized_file, random_state  # the ComfyUI bootstrap and the pack as ComfyUI imports it
+from bench_model import apply_patches, model_io, parse_mode, prequantized_file, random_state, split_patches  # the ComfyUI bootstrap and the pack as ComfyUI imports it
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -54,7 +55,11 @@ def inputs(config: dict, width: int, height: int, frames: int, seed: int, contex
 
 
 def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str):
-    """(MODEL, weight bytes) for a mode."""
+    """(MODEL, weight bytes) for a mode, with its model patches (`+attn=NAME`, `+compile`)."""
+    mode, patches = split_patches(mode)
+    if patches:
+        patcher, weight_bytes = build(mode, state, metadata, amax, device)
+        return apply_patches(patcher, patches), weight_bytes
     source = MemoryTensors(state, metadata)
     if mode == "core bf16":
         patcher = comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.bfloat16}, metadata=metadata)

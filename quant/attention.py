@@ -8,13 +8,14 @@ logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
 (`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
 mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
 
+  triton-int8     Triton flash attention for Hopper (TMA-fed, 64x64 tiles): Q INT8 with one scale per
+                  token, K INT8 with one scale per 128 tokens (K smoothed by its mean over tokens,
+                  which softmax ignores), P and V E4M3 (V scaled per channel and stored transposed,
+                  as the FP8 MMA wants), fp32 softmax and accumulation. SageAttention2's split of
+                  formats. It beats 16-bit SDPA only on long calls, so calls shorter than
+                  MIN_8BIT_TOKENS on either side go to ComfyUI's own attention.
+  triton-fp8      the same with E4M3 Q/K (about 1.4x the error of INT8 on random inputs, same speed).
   kitchen-int8    comfy-kitchen's INT8 attention (INT8 Q/K/V, unsigned INT8 P).
-  triton-int8     Triton flash attention (the design of Triton's fused-attention tutorial): Q and K
-                  INT8 with one scale per token (K smoothed by its mean over tokens, which softmax
-                  ignores), P and V E4M3 (V scaled per channel and stored transposed, as Hopper's FP8
-                  MMA wants), fp32 softmax and accumulation. SageAttention2's split of formats.
-  triton-fp8      the same with E4M3 Q/K (about 4x the QK error of INT8 on random inputs).
-  triton-int8-qk  INT8 Q/K only; P and V stay 16-bit (SageAttention's split); runs on Ampere too.
   sdpa-cudnn / sdpa-flash / sdpa-efficient   torch SDPA pinned to one CUDA backend.
   sdpa            torch SDPA's own dispatch (what ComfyUI core runs with --use-pytorch-cross-attention).
   sdpa-math       the exact math backend (slow; the fallback of last resort).
@@ -54,10 +55,12 @@ class Attention:
     head_dims: tuple[int, ...] | None  # None: any
     requires: Callable[[Capability], str | None]  # why it cannot run on this device, None if it can
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, torch.Tensor | None], torch.Tensor]
+    min_tokens: int = 0  # shorter calls (queries or keys) go to ComfyUI's attention: slower here
 
     def takes(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, low_precision_ok: bool) -> bool:
         return ((mask is None or self.masks) and q.dtype in self.dtypes and q.shape[1] == k.shape[1]
-                and (self.head_dims is None or q.shape[-1] in self.head_dims) and (self.exact or low_precision_ok))
+                and (self.head_dims is None or q.shape[-1] in self.head_dims) and (self.exact or low_precision_ok)
+                and min(q.shape[2], k.shape[2]) >= self.min_tokens)
 
 
 def _cuda_at_least(major: int, minor: int, what: str) -> Callable[[Capability], str | None]:
@@ -137,28 +140,16 @@ if kernels.AVAILABLE:
         return y, scale
 
     @triton.jit
-    def _qk_stored(y, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
-        """The quantized K tile as stored (int8, or fp8 bits as uint8); NaN stays NaN in fp8.
-        One return per function: Triton type-checks returns of branches a constexpr has pruned."""
-        if QK_INT8:
-            stored = y.to(tl.int8)
-        elif INTERPRET:
-            stored = _to_fp8_bits(y, INTERPRET)
-        else:
-            stored = y.to(tl.uint8, bitcast=True)
-        return stored
-
-    @triton.jit
-    def _qk_loaded(bits, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    def _qk_loaded(tile, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+        """A K or V^T tile as the MMA takes it: on the GPU the descriptor already holds INT8 or E4M3; the
+        interpreter holds E4M3 as uint8 bits and multiplies fp32 values."""
         if INTERPRET:
             if QK_INT8:
-                operand = bits.to(tl.float32)
+                operand = tile.to(tl.float32)
             else:
-                operand = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        elif QK_INT8:
-            operand = bits
+                operand = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         else:
-            operand = bits.to(tl.float8e4nv, bitcast=True)
+            operand = tile
         return operand
 
     @triton.jit
@@ -170,96 +161,70 @@ if kernels.AVAILABLE:
         return operand
 
     @triton.jit
-    def _attn_prepare_kv_kernel(K, V, k_mean_ptr, v_inv_ptr, k8_ptr, k_scale_ptr, vt8_ptr,
+    def _attn_prepare_kv_kernel(K, V, k_mean_ptr, v_mean_ptr, v_inv_ptr, k8_ptr, k_scale_ptr, vt8_ptr,
                                 stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                                H, S, S_PAD, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, QK_INT8: tl.constexpr,
-                                FP8_V: tl.constexpr, INTERPRET: tl.constexpr):
-        """K minus its mean over tokens -> 8-bit with one scale per token, (B, H, S, D) contiguous;
-        with FP8_V, V times its per-channel inverse scale -> E4M3 transposed, (B, H, D, S_PAD)."""
+                                H, S, S_PAD, K_BLOCKS, HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr,
+                                QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+        """One K_BLOCK-token block of one head: K minus its mean over tokens -> 8-bit with one scale for
+        the block, (B*H, S, D); V minus its mean, times its per-channel inverse scale -> E4M3 transposed,
+        (B*H, D, S_PAD), zeros in the padding (the MMA multiplies them by P = 0, and 0 * NaN would not
+        be 0)."""
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
-        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        rows = tl.program_id(0) * K_BLOCK + tl.arange(0, K_BLOCK)
         cols = tl.arange(0, HEAD_DIM)
         inside = rows[:, None] < S
         k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + rows[:, None].to(tl.int64) * stride_ks
                     + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        k8, scale = _qk_quantize(k - tl.load(k_mean_ptr + bh * HEAD_DIM + cols)[None, :], QK_INT8, INTERPRET)
-        tl.store(k_scale_ptr + bh.to(tl.int64) * S + rows, scale, mask=rows < S)
-        tl.store(k8_ptr + (bh.to(tl.int64) * S + rows[:, None]) * HEAD_DIM + cols[None, :],
-                 _qk_stored(k8, QK_INT8, INTERPRET), mask=inside)
-        if FP8_V:
-            v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vs
-                        + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-            v = v * tl.load(v_inv_ptr + bh * HEAD_DIM + cols)[None, :]
-            tl.store(vt8_ptr + (bh.to(tl.int64) * HEAD_DIM + cols[None, :]) * S_PAD + rows[:, None],
-                     _to_fp8_bits(v, INTERPRET), mask=inside)
+        k = tl.where(inside, k - tl.load(k_mean_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
+        # |k| bits order like the floats and NaN outranks all, so a NaN reaches the block's scale
+        amax = tl.max(tl.max(tl.abs(k).to(tl.int32, bitcast=True), axis=1), axis=0).to(tl.float32, bitcast=True)
+        scale = tl.where(amax == 0.0, 1.0, amax / (_INT8_MAX if QK_INT8 else _FP8_MAX))
+        tl.store(k_scale_ptr + bh * K_BLOCKS + tl.program_id(0), scale)
+        y = k * (1.0 / scale)
+        if QK_INT8:
+            bits = tl.floor(y + 0.5).to(tl.int8)
+        else:
+            bits = _to_fp8_bits(y, INTERPRET)
+        tl.store(k8_ptr + (bh.to(tl.int64) * S + rows[:, None]) * HEAD_DIM + cols[None, :], bits, mask=inside)
+        v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vs
+                    + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        v = tl.where(inside, v - tl.load(v_mean_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
+        v = v * tl.load(v_inv_ptr + bh * HEAD_DIM + cols)[None, :]
+        tl.store(vt8_ptr + (bh.to(tl.int64) * HEAD_DIM + cols[None, :]) * S_PAD + rows[:, None],
+                 _to_fp8_bits(v, INTERPRET), mask=rows[:, None] < S_PAD)
 
     @triton.jit
-    def _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr, bh, start_n, Skv, S_PAD,
-                    stride_vs, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, FP8_V: tl.constexpr,
-                    P_BF16: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    def _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n, Skv, K_BLOCKS,
+                    HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr,
+                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
         """One BLOCK_N-token block of keys and values: online-softmax update of (acc, l_i, m_i)."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        k_ptrs = k8_ptr + (bh.to(tl.int64) * Skv + offs_n[None, :]) * HEAD_DIM + offs_d[:, None]  # (D, N): K-major
-        ks_ptrs = k_scale_ptr + bh.to(tl.int64) * Skv + offs_n
-        if EVEN_N:
-            k_bits = tl.load(k_ptrs)
-            k_scale = tl.load(ks_ptrs)
-        else:
-            k_bits = tl.load(k_ptrs, mask=offs_n[None, :] < Skv, other=0)
-            k_scale = tl.load(ks_ptrs, mask=offs_n < Skv, other=0.0)
-        k8 = _qk_loaded(k_bits, QK_INT8, INTERPRET)
+        k8 = _qk_loaded(k_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM), QK_INT8, INTERPRET)
         if QK_INT8 and not INTERPRET:
-            qk = tl.dot(q8, k8, out_dtype=tl.int32).to(tl.float32)
+            qk = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32)
         else:
-            qk = tl.dot(q8, k8)
-        s = qk * row_factor[:, None] * k_scale[None, :]
+            qk = tl.dot(q8, k8.T)
+        # One factor per row (Q's scale, the block's K scale, softmax scale, log2 e): one FMA per score.
+        factor = row_factor * tl.load(k_scale_ptr + bh * K_BLOCKS + start_n // K_BLOCK)
         if not EVEN_N:
-            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < Skv, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * factor)
+        # P lands in [0, 256], E4M3's normal range, through the exponent (l_i carries the same 2^8)
+        p = tl.math.exp2(qk * factor[:, None] - (m_new - 8.0)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if FP8_V:  # P in [0, 1] scaled onto E4M3's range; V^T rows are tokens-contiguous (K-major for the MMA)
-            vt_ptrs = vt8_ptr + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * S_PAD + offs_n[None, :]
-            if EVEN_N:
-                vt_bits = tl.load(vt_ptrs)
-            else:
-                vt_bits = tl.load(vt_ptrs, mask=offs_n[None, :] < Skv, other=0)
-            acc = tl.dot(_fp8_operand(p * _FP8_MAX, INTERPRET), tl.trans(_qk_loaded(vt_bits, False, INTERPRET)), acc)
-        else:
-            v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
-            if EVEN_N:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
-            if not P_BF16:
-                acc = tl.dot(p, v.to(tl.float32), acc)
-            elif INTERPRET:
-                acc = tl.dot(_round_to_float_grid(p, 7, -126), v.to(tl.float32), acc)
-            else:
-                acc = tl.dot(p.to(tl.bfloat16), v, acc)
+        vt8 = _qk_loaded(vt_desc.load([bh, 0, start_n]).reshape(HEAD_DIM, BLOCK_N), False, INTERPRET)
+        acc = tl.dot(_fp8_operand(p, INTERPRET), vt8.T, acc)
         return acc, l_i, m_new
 
-    def _attn_configs():
-        if kernels.INTERPRET:  # small blocks keep the CPU interpreter fast and cover several blocks
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        # Few configs: every one compiles when a new shape is tuned (the load-time probe included).
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4))]
-
-    @triton.autotune(configs=_attn_configs(), key=["Sq", "Skv", "HEAD_DIM", "QK_INT8", "FP8_V"])
     @triton.heuristics({"EVEN_N": lambda args: args["Skv"] % args["BLOCK_N"] == 0})
     @triton.jit
-    def _attn_kernel(Q, k8_ptr, k_scale_ptr, V, vt8_ptr, v_scale_ptr, Out,
-                     stride_qb, stride_qh, stride_qs, stride_vb, stride_vh, stride_vs,
-                     stride_ob, stride_oh, stride_os, H, Sq, Skv, S_PAD, qk_scale,
-                     HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, FP8_V: tl.constexpr, P_BF16: tl.constexpr,
-                     OUT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    def _attn_kernel(Q, k_desc, k_scale_ptr, vt_desc, v_mean_ptr, v_scale_ptr, Out,
+                     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os, H, Sq, Skv, K_BLOCKS, qk_scale,
+                     HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, OUT_BF16: tl.constexpr,
+                     INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -267,29 +232,25 @@ if kernels.AVAILABLE:
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
                     + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0).to(tl.float32)
-        # Q quantized per token once, in registers; its scale, the softmax scale and log2(e) make one
-        # factor per row.
+        # Q quantized per token once, in registers
         q8, q_scale = _qk_quantize(q, QK_INT8, INTERPRET)
         row_factor = q_scale * qk_scale
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        v_base = V + b.to(tl.int64) * stride_vb + h * stride_vh
         if INTERPRET:  # its range() cannot take a runtime bound (numpy >= 2.4); the GPU needs for-loops to pipeline
             start_n = 0
             while start_n < Skv:
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr,
-                                            bh, start_n, Skv, S_PAD, stride_vs, HEAD_DIM, QK_INT8, FP8_V, P_BF16,
-                                            INTERPRET, BLOCK_N, EVEN_N)
+                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n,
+                                            Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, QK_INT8, INTERPRET, BLOCK_N, EVEN_N)
                 start_n += BLOCK_N
         else:
             for start_n in range(0, Skv, BLOCK_N):
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k8_ptr, k_scale_ptr, v_base, vt8_ptr,
-                                            bh, start_n, Skv, S_PAD, stride_vs, HEAD_DIM, QK_INT8, FP8_V, P_BF16,
-                                            INTERPRET, BLOCK_N, EVEN_N)
-        out = acc / l_i[:, None]
-        if FP8_V:
-            out = out * (tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d) / _FP8_MAX)[None, :]
+                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n,
+                                            Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, QK_INT8, INTERPRET, BLOCK_N, EVEN_N)
+        # softmax rows sum to 1: V's mean comes back whole
+        out = acc / l_i[:, None] * tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d)[None, :] \
+            + tl.load(v_mean_ptr + bh * HEAD_DIM + offs_d)[None, :]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os \
             + offs_d[None, :]
         if OUT_BF16:
@@ -298,64 +259,81 @@ if kernels.AVAILABLE:
             tl.store(o_ptrs, out, mask=offs_m[:, None] < Sq)
 
 
-def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, qk_int8: bool,
-                           fp8_v: bool) -> torch.Tensor:
+# Tokens per K scale; a multiple of every BLOCK_N below.
+K_BLOCK = 128
+# Measured on an H200 at 24,576 tokens (docs/BENCHMARKS.md, session 8): 64x64 tiles with one warpgroup beat
+# 128-row tiles by ~10% (more blocks resident per SM hide the softmax); the interpreter takes small ones.
+_TILE = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1) if kernels.INTERPRET else \
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           qk_int8: bool) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     batch, heads, sq, dim = q.shape
     skv = k.shape[2]
     device = q.device
+    block_m, block_n = _TILE["BLOCK_M"], _TILE["BLOCK_N"]
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D)
-    k8 = torch.empty((batch, heads, skv, dim), dtype=torch.int8 if qk_int8 else torch.uint8, device=device)
-    k_scale = torch.empty((batch, heads, skv), dtype=torch.float32, device=device)
-    s_pad = (skv + 15) // 16 * 16  # 16-byte aligned rows of V^T
-    if fp8_v:
-        v_amax = torch.linalg.vector_norm(v, ord=math.inf, dim=2, dtype=torch.float32)  # (B, H, D)
-        v_scale = torch.where(v_amax == 0, 1.0, v_amax / FP8_MAX).contiguous()
-        v_inv = (1.0 / v_scale).contiguous()
-        vt8 = torch.empty((batch, heads, dim, s_pad), dtype=torch.uint8, device=device)
-    else:
-        v_scale = v_inv = vt8 = k_scale  # not read without FP8_V
-    _attn_prepare_kv_kernel[(triton.cdiv(skv, 64), batch * heads)](
-        k, v, k_mean, v_inv, k8, k_scale, vt8, k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), heads, skv, s_pad, HEAD_DIM=dim, BLOCK_S=64, QK_INT8=qk_int8,
-        FP8_V=fp8_v, INTERPRET=kernels.INTERPRET, num_warps=4)
+    k_blocks = triton.cdiv(skv, K_BLOCK)
+    k8 = torch.empty((batch * heads, skv, dim), dtype=torch.int8 if qk_int8 else torch.uint8, device=device)
+    k_scale = torch.empty((batch * heads, k_blocks), dtype=torch.float32, device=device)
+    # V centred on its per-channel mean (SageAttention2's V smoothing: the output's mean part stays exact,
+    # E4M3 carries only the deviations; on the full-size model it took the final error's excess over
+    # exact attention from +31% to +1%, docs/BENCHMARKS.md session 8), then one scale per channel.
+    v_min, v_max = torch.aminmax(v, dim=2)
+    v_mean = v.mean(dim=2, dtype=torch.float32).contiguous()
+    v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+    v_scale = torch.where(v_amax == 0, 1.0, v_amax / FP8_MAX).contiguous()
+    s_pad = (skv + 15) // 16 * 16  # 16-byte aligned rows of V^T (a TMA rule)
+    vt8 = torch.empty((batch * heads, dim, s_pad), dtype=torch.uint8, device=device)
+    _attn_prepare_kv_kernel[(k_blocks, batch * heads)](
+        k, v, k_mean, v_mean, 1.0 / v_scale, k8, k_scale, vt8, k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), heads, skv, s_pad, k_blocks, HEAD_DIM=dim, K_BLOCK=K_BLOCK,
+        QK_INT8=qk_int8, INTERPRET=kernels.INTERPRET, num_warps=4)
+    if not kernels.INTERPRET:  # the MMA reads E4M3 straight from shared memory; the interpreter bit-casts
+        k8 = k8 if qk_int8 else k8.view(torch.float8_e4m3fn)
+        vt8 = vt8.view(torch.float8_e4m3fn)
+    # TMA descriptors per head (3-D): a block past the end of a head reads zeros, not the next head.
+    k_desc = TensorDescriptor(k8, list(k8.shape), list(k8.stride()), [1, block_n, dim])
+    vt_desc = TensorDescriptor(vt8, list(vt8.shape), list(vt8.stride()), [1, dim, block_n])
     out = torch.empty((batch, sq, heads, dim), dtype=q.dtype, device=device).transpose(1, 2)
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attn_kernel[grid](
-        q, k8, k_scale, v, vt8, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, sq, skv, s_pad, scale * LOG2E, HEAD_DIM=dim, QK_INT8=qk_int8, FP8_V=fp8_v,
-        P_BF16=v.dtype == torch.bfloat16, OUT_BF16=q.dtype == torch.bfloat16, INTERPRET=kernels.INTERPRET)
+    _attn_kernel[(triton.cdiv(sq, block_m), batch * heads)](
+        q, k_desc, k_scale, vt_desc, v_mean, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), heads, sq, skv, k_blocks, scale * LOG2E, HEAD_DIM=dim,
+        K_BLOCK=K_BLOCK, QK_INT8=qk_int8, OUT_BF16=q.dtype == torch.bfloat16, INTERPRET=kernels.INTERPRET, **_TILE)
     return out
 
 
 # A torch custom op, so torch.compile traces through the kernels as one node; eager calls launch directly.
 @torch.library.custom_op("ltx2q::attention_8bit", mutates_args=())
-def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, qk_int8: bool,
-                       fp8_v: bool) -> torch.Tensor:
-    return _attention_8bit_launch(q, k, v, scale, qk_int8, fp8_v)
+def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       qk_int8: bool) -> torch.Tensor:
+    return _attention_8bit_launch(q, k, v, scale, qk_int8)
 
 
 @_attention_8bit_op.register_fake
-def _(q, k, v, scale, qk_int8, fp8_v):
+def _(q, k, v, scale, qk_int8):
     batch, heads, sq, dim = q.shape
     return q.new_empty((batch, sq, heads, dim)).transpose(1, 2)
 
 
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                   qk_int8: bool = True, fp8_v: bool = True) -> torch.Tensor:
+                   qk_int8: bool = True) -> torch.Tensor:
     """Triton 8-bit attention: q (B, H, Sq, D), k/v (B, H, Skv, D), D 64 or 128, bf16 or fp32, last
-    dimension contiguous -> (B, H, Sq, D) in q's dtype. Q and K are INT8 (qk_int8) or E4M3 with one
-    scale per token; fp8_v makes P and V E4M3 too, otherwise they stay 16-bit."""
+    dimension contiguous -> (B, H, Sq, D) in q's dtype. Q is INT8 (qk_int8) or E4M3 with one scale per
+    token, K the same with one scale per K_BLOCK tokens; P and V are E4M3 (V centred on its mean)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("attention_8bit needs q, k and v contiguous in the head dimension")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if torch.compiler.is_compiling():
-        return _attention_8bit_op(q, k, v, scale, qk_int8, fp8_v)
-    return _attention_8bit_launch(q, k, v, scale, qk_int8, fp8_v)
+        return _attention_8bit_op(q, k, v, scale, qk_int8)
+    return _attention_8bit_launch(q, k, v, scale, qk_int8)
 
 
-def _triton_8bit(qk_int8: bool, fp8_v: bool):
-    return lambda q, k, v, scale, mask: attention_8bit(q, k, v, scale, qk_int8, fp8_v)
+def _triton_8bit(qk_int8: bool):
+    return lambda q, k, v, scale, mask: attention_8bit(q, k, v, scale, qk_int8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,20 +342,21 @@ def _triton_8bit(qk_int8: bool, fp8_v: bool):
 _HALF = (torch.bfloat16, torch.float16)
 _ANY = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_DTYPES = (torch.bfloat16, torch.float32)
-_FP8_TRITON = _triton_requires(8, 9, "Triton FP8 attention (FP8 tensor cores)")
+# Hopper: TMA tensor descriptors feed the FP8 MMA (Ada has FP8 MMA but no TMA; not measured there).
+_FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor cores)")
+# On an H200 the Triton kernels run LTX-2.3's video self-attention 1.13x faster than bf16 SDPA at 24,576
+# tokens and 1.02x at 6,144; its text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA.
+MIN_8BIT_TOKENS = 4096
 IMPLEMENTATIONS = {a.name: a for a in [
+    Attention("triton-int8", "Triton attention, INT8 Q (per token) and K (per 128 tokens), E4M3 P and V, fp32 "
+              "softmax and accumulation (SageAttention2's split; lossy)", exact=False, masks=False,
+              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_FP8_TRITON, run=_triton_8bit(qk_int8=True),
+              min_tokens=MIN_8BIT_TOKENS),
+    Attention("triton-fp8", "Triton attention, E4M3 Q/K/P/V (lossy)", exact=False, masks=False,
+              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_FP8_TRITON,
+              run=_triton_8bit(qk_int8=False), min_tokens=MIN_8BIT_TOKENS),
     Attention("kitchen-int8", "comfy-kitchen INT8 attention (8-bit Q/K/V/P, lossy)", exact=False, masks=True,
               dtypes=_ANY, head_dims=None, requires=_kitchen_requires, run=_kitchen_int8),
-    Attention("triton-int8", "Triton attention, INT8 Q/K per token, E4M3 P and V, fp32 softmax and accumulation "
-              "(SageAttention2's design; lossy)", exact=False, masks=False, dtypes=_TRITON_DTYPES,
-              head_dims=(64, 128), requires=_FP8_TRITON, run=_triton_8bit(qk_int8=True, fp8_v=True)),
-    Attention("triton-fp8", "Triton attention, E4M3 Q/K per token, E4M3 P and V (lossy)", exact=False, masks=False,
-              dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_FP8_TRITON,
-              run=_triton_8bit(qk_int8=False, fp8_v=True)),
-    Attention("triton-int8-qk", "Triton attention, INT8 Q/K per token, 16-bit P and V (SageAttention's design; lossy)",
-              exact=False, masks=False, dtypes=_TRITON_DTYPES, head_dims=(64, 128),
-              requires=_triton_requires(8, 0, "Triton INT8 attention (INT8 tensor cores)"),
-              run=_triton_8bit(qk_int8=True, fp8_v=False)),
     Attention("sdpa-cudnn", "torch SDPA, cuDNN backend", exact=True, masks=False, dtypes=_HALF, head_dims=None,
               requires=_cuda_at_least(8, 0, "cuDNN attention"), run=_sdpa(SDPBackend.CUDNN_ATTENTION)),
     Attention("sdpa-flash", "torch SDPA, FlashAttention-2 backend", exact=True, masks=False, dtypes=_HALF,

@@ -69,7 +69,7 @@ def test_requested_gpu_kernel_falls_back_with_its_reason(server, base):
     _, (ref_v, _) = run(server, base, "attn_ref_2")
     entry, (v, _) = run(server, base, "attn_triton", extra=attention_node("triton-int8"), model_ref=["9", 0])
     text = report(entry, "9")
-    assert text.startswith("attention: sdpa ") and "triton-int8 (Triton FP8 attention (FP8 tensor cores) needs CUDA sm_89+" in text
+    assert text.startswith("attention: sdpa ") and "triton-int8 (Triton 8-bit attention (TMA and FP8 tensor cores) needs CUDA sm_90+" in text
     assert rel(v, ref_v) < 1e-5
 
 
