@@ -10,11 +10,11 @@ mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own
 
   triton-int8     Triton flash attention for Hopper (TMA-fed, 64x64 tiles): Q INT8 with one scale per
                   token, K INT8 with one scale per 128 tokens (K smoothed by its mean over tokens,
-                  which softmax ignores), P and V E4M3 (V scaled per channel and stored transposed,
-                  as the FP8 MMA wants), fp32 softmax and accumulation. SageAttention2's split of
-                  formats. It beats 16-bit SDPA only on long calls, so calls shorter than
+                  which softmax ignores), P and V E4M3 (V centred on its per-channel mean, scaled
+                  per channel and stored transposed, as the FP8 MMA wants), fp32 softmax and
+                  accumulation. SageAttention2's split of formats. It beats 16-bit SDPA only on long calls, so calls shorter than
                   MIN_8BIT_TOKENS on either side go to ComfyUI's own attention.
-  triton-fp8      the same with E4M3 Q/K (about 1.4x the error of INT8 on random inputs, same speed).
+  triton-fp8      the same with E4M3 Q/K (about 1.3x the error of INT8 on random inputs, a little slower).
   kitchen-int8    comfy-kitchen's INT8 attention (INT8 Q/K/V, unsigned INT8 P).
   sdpa-cudnn / sdpa-flash / sdpa-efficient   torch SDPA pinned to one CUDA backend.
   sdpa            torch SDPA's own dispatch (what ComfyUI core runs with --use-pytorch-cross-attention).
@@ -262,7 +262,8 @@ if kernels.AVAILABLE:
 # Tokens per K scale; a multiple of every BLOCK_N below.
 K_BLOCK = 128
 # Measured on an H200 at 24,576 tokens (docs/BENCHMARKS.md, session 8): 64x64 tiles with one warpgroup beat
-# 128-row tiles by ~10% (more blocks resident per SM hide the softmax); the interpreter takes small ones.
+# 128-row tiles by ~10% (more blocks resident per SM hide the softmax; Triton 3.6's warp specialization
+# did not compile or did not help here); the interpreter takes small ones.
 _TILE = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1) if kernels.INTERPRET else \
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
@@ -344,9 +345,10 @@ _ANY = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_DTYPES = (torch.bfloat16, torch.float32)
 # Hopper: TMA tensor descriptors feed the FP8 MMA (Ada has FP8 MMA but no TMA; not measured there).
 _FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor cores)")
-# On an H200 the Triton kernels run LTX-2.3's video self-attention 1.13x faster than bf16 SDPA at 24,576
-# tokens and 1.02x at 6,144; its text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA.
-MIN_8BIT_TOKENS = 4096
+# triton-int8 vs bf16 SDPA on LTX-2.3's video self-attention, H200 (prepare pass included): 0.78x at 6,144
+# tokens, 0.97x at 9,216, 1.01x at 12,288, 1.06x at 16,384, 1.08x at 24,576; the text, audio and audio-video
+# calls (126-1,024 tokens a side) are faster in SDPA too. Below this, calls go to ComfyUI's attention.
+MIN_8BIT_TOKENS = 16384
 IMPLEMENTATIONS = {a.name: a for a in [
     Attention("triton-int8", "Triton attention, INT8 Q (per token) and K (per 128 tokens), E4M3 P and V, fp32 "
               "softmax and accumulation (SageAttention2's split; lossy)", exact=False, masks=False,
