@@ -4,6 +4,7 @@ relative error vs an fp32 reference (on a sample of query rows) for unit-normal 
 attention ms of a whole step (one of each call per block, --blocks blocks).
 
     python bench/bench_attention.py [--tokens 6144,24576] [--impls sdpa,triton-int8,...]
+        [--tiles 64x64x4x2,128x64x4x3]   (the Triton kernels' BLOCK_MxBLOCK_Nxwarpsxstages, each timed)
 
 Inputs are (B, S, heads*D) tensors viewed as (B, heads, S, D), as ComfyUI hands them over.
 Dry run on the CPU: --device cpu --tokens 96 --text-tokens 16 --audio-tokens 12 --heads 2.
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=48, help="blocks per step, for the per-step column")
     parser.add_argument("--impls", default=",".join(attention.ORDER))
+    parser.add_argument("--tiles", help="Triton tile shapes to sweep, MxNxWARPSxSTAGES,... (default: the committed one)")
     parser.add_argument("--rows", type=int, default=512, help="query rows checked against fp32")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -83,6 +85,8 @@ def main() -> None:
     impls = args.impls.split(",")
     if BASELINE not in impls:
         impls.insert(0, BASELINE)
+    tiles = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, t.split("x"))))
+             for t in args.tiles.split(",")] if args.tiles else [dict(attention._TILE)]
     usable = {}
     for impl_name in impls:
         impl = attention.IMPLEMENTATIONS[impl_name]
@@ -104,11 +108,15 @@ def main() -> None:
             for impl_name, impl in usable.items():
                 if not impl.takes(q, k, None, True):
                     continue
-                err, ms = measure(impl, q, k, v, sample, ref, device, args.iters)
-                base_ms = ms if impl_name == BASELINE else base_ms
-                rows.append({"tokens": video, "call": call, "sq": sq, "skv": skv, "head_dim": dim,
-                             "impl": impl_name, "ms": ms, "tflops": flops / ms / 1e9,
-                             "speedup": base_ms / ms if base_ms else float("nan"), "rel_err": err})
+                swept = impl_name.startswith("triton") and args.tiles
+                for tile in tiles if swept else [None]:
+                    label = impl_name + ("@" + "x".join(str(x) for x in tile.values()) if swept else "")
+                    attention._TILE.update(tile or {})
+                    err, ms = measure(impl, q, k, v, sample, ref, device, args.iters)
+                    base_ms = ms if impl_name == BASELINE else base_ms
+                    rows.append({"tokens": video, "call": call, "sq": sq, "skv": skv, "head_dim": dim,
+                                 "impl": label, "ms": ms, "tflops": flops / ms / 1e9,
+                                 "speedup": base_ms / ms if base_ms else float("nan"), "rel_err": err})
     print(f"\n{'tokens':>7} {'call':<13}{'Sq':>7}{'Skv':>7}{'D':>5}  {'impl':<16}{'ms':>9}{'TFLOP/s':>9}"
           f"{'vs sdpa':>9}{'rel err':>9}")
     for r in rows:
@@ -117,7 +125,7 @@ def main() -> None:
     print(f"\nattention ms per step ({args.blocks} blocks; calls an implementation cannot take counted at sdpa's time)")
     for video in sorted({r["tokens"] for r in rows}):
         base = {r["call"]: r["ms"] for r in rows if r["tokens"] == video and r["impl"] == BASELINE}
-        for impl_name in usable:
+        for impl_name in dict.fromkeys(r["impl"] for r in rows):  # the swept tiles each get a line
             mine = {r["call"]: r["ms"] for r in rows if r["tokens"] == video and r["impl"] == impl_name}
             step = args.blocks * sum(mine.get(call, ms) for call, ms in base.items())
             print(f"{video:>7} {impl_name:<16}{step:>9.1f} ms{args.blocks * sum(base.values()) / step:>7.2f}x")

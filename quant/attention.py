@@ -276,6 +276,8 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     skv = k.shape[2]
     device = q.device
     block_m, block_n = _TILE["BLOCK_M"], _TILE["BLOCK_N"]
+    if K_BLOCK % block_n:
+        raise ValueError(f"attention tile BLOCK_N={block_n} must divide K_BLOCK={K_BLOCK} (one K scale per block)")
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D)
     k_blocks = triton.cdiv(skv, K_BLOCK)
     k8 = torch.empty((batch * heads, skv, dim), dtype=torch.int8 if qk_int8 else torch.uint8, device=device)
