@@ -5,6 +5,7 @@ attention ms of a whole step (one of each call per block, --blocks blocks).
 
     python bench/bench_attention.py [--tokens 6144,24576] [--impls sdpa,triton-int8,...]
         [--tiles 64x64x4x2,128x64x4x3]   (the Triton kernels' BLOCK_MxBLOCK_Nxwarpsxstages, each timed)
+        [--all-lengths]   (also the calls shorter than attention.MIN_8BIT_TOKENS, which a model sends to SDPA)
 
 Inputs are (B, S, heads*D) tensors viewed as (B, heads, S, D), as ComfyUI hands them over.
 Dry run on the CPU: --device cpu --tokens 96 --text-tokens 16 --audio-tokens 12 --heads 2.
@@ -13,6 +14,7 @@ Dry run on the CPU: --device cpu --tokens 96 --text-tokens 16 --audio-tokens 12 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -72,7 +74,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=48, help="blocks per step, for the per-step column")
     parser.add_argument("--impls", default=",".join(attention.ORDER))
-    parser.add_argument("--tiles", help="Triton tile shapes to sweep, MxNxWARPSxSTAGES,... (default: the committed one)")
+    parser.add_argument("--tiles", help="Triton tile shapes to sweep, MxNxWARPSxSTAGES,... (default: the committed)")
+    parser.add_argument("--all-lengths", action="store_true",
+                        help="time the 8-bit kernels on every call, also those shorter than they take in a model")
     parser.add_argument("--rows", type=int, default=512, help="query rows checked against fp32")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -92,7 +96,7 @@ def main() -> None:
         impl = attention.IMPLEMENTATIONS[impl_name]
         why = impl.requires(cap) or attention.probe(impl, device, torch.bfloat16)
         if why is None:
-            usable[impl_name] = impl
+            usable[impl_name] = dataclasses.replace(impl, min_tokens=0) if args.all_lengths else impl
         else:
             print(f"{impl_name}: skipped: {why}")
     rows = []

@@ -100,7 +100,7 @@ def main() -> None:
     one_step = bench_model.STAGE1[:2]
     rows = []
     for mode in args.modes.split(","):
-        base, *patches = mode.split("+")
+        base, patches = bench_model.split_patches(mode)
         try:
             built = bench_model.build(base, state, metadata)
             comfy.model_management.load_models_gpu([built])

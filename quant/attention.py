@@ -12,9 +12,11 @@ mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own
                   token, K INT8 with one scale per 128 tokens (K smoothed by its mean over tokens,
                   which softmax ignores), P and V E4M3 (V centred on its per-channel mean, scaled
                   per channel and stored transposed, as the FP8 MMA wants), fp32 softmax and
-                  accumulation. SageAttention2's split of formats. It beats 16-bit SDPA only on long calls, so calls shorter than
-                  MIN_8BIT_TOKENS on either side go to ComfyUI's own attention.
-  triton-fp8      the same with E4M3 Q/K (about 1.3x the error of INT8 on random inputs, a little slower).
+                  accumulation. SageAttention2's split of formats. It beats 16-bit SDPA only on long
+                  calls, so calls shorter than MIN_8BIT_TOKENS on either side go to ComfyUI's own
+                  attention.
+  triton-fp8      the same with E4M3 Q/K (about 1.3x the error of INT8 on random inputs, about the
+                  same speed).
   kitchen-int8    comfy-kitchen's INT8 attention (INT8 Q/K/V, unsigned INT8 P).
   sdpa-cudnn / sdpa-flash / sdpa-efficient   torch SDPA pinned to one CUDA backend.
   sdpa            torch SDPA's own dispatch (what ComfyUI core runs with --use-pytorch-cross-attention).
@@ -43,6 +45,7 @@ from .runtime import Capability
 log = logging.getLogger("ltx2_quant")
 
 LOG2E = 1.4426950408889634
+FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,13 @@ if kernels.AVAILABLE:
 
     _FP8_MAX = tl.constexpr(FP8_MAX)
     _INT8_MAX = tl.constexpr(127.0)
+    _FP32_TINY = tl.constexpr(FP32_TINY)
+
+    @triton.jit
+    def _positive_scale(scale):
+        """A scale of at least the smallest normal fp32 (an all-zero or denormal block keeps a finite
+        inverse, so its zeros stay zeros); NaN stays NaN."""
+        return tl.maximum(scale, _FP32_TINY, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def _qk_quantize(x, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
@@ -126,8 +136,7 @@ if kernels.AVAILABLE:
         # |x| bits order like the floats and NaN outranks all: a NaN row gets a NaN scale, so NaN
         # reaches the output (an INT8 cast alone would turn it into 0).
         amax = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
-        top = _INT8_MAX if QK_INT8 else _FP8_MAX
-        scale = tl.where(amax == 0.0, 1.0, amax / top)
+        scale = _positive_scale(amax / (_INT8_MAX if QK_INT8 else _FP8_MAX))
         y = x * (1.0 / scale)[:, None]
         if QK_INT8:
             y = tl.floor(y + 0.5)
@@ -140,7 +149,7 @@ if kernels.AVAILABLE:
         return y, scale
 
     @triton.jit
-    def _qk_loaded(tile, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
+    def _tile_operand(tile, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr):
         """A K or V^T tile as the MMA takes it: on the GPU the descriptor already holds INT8 or E4M3; the
         interpreter holds E4M3 as uint8 bits and multiplies fp32 values."""
         if INTERPRET:
@@ -180,7 +189,7 @@ if kernels.AVAILABLE:
         k = tl.where(inside, k - tl.load(k_mean_ptr + bh * HEAD_DIM + cols)[None, :], 0.0)
         # |k| bits order like the floats and NaN outranks all, so a NaN reaches the block's scale
         amax = tl.max(tl.max(tl.abs(k).to(tl.int32, bitcast=True), axis=1), axis=0).to(tl.float32, bitcast=True)
-        scale = tl.where(amax == 0.0, 1.0, amax / (_INT8_MAX if QK_INT8 else _FP8_MAX))
+        scale = _positive_scale(amax / (_INT8_MAX if QK_INT8 else _FP8_MAX))
         tl.store(k_scale_ptr + bh * K_BLOCKS + tl.program_id(0), scale)
         y = k * (1.0 / scale)
         if QK_INT8:
@@ -200,22 +209,26 @@ if kernels.AVAILABLE:
                     HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
         """One BLOCK_N-token block of keys and values: online-softmax update of (acc, l_i, m_i)."""
-        k8 = _qk_loaded(k_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM), QK_INT8, INTERPRET)
+        k8 = _tile_operand(k_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM), QK_INT8, INTERPRET)
         if QK_INT8 and not INTERPRET:
             qk = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32)
         else:
             qk = tl.dot(q8, k8.T)
-        # One factor per row (Q's scale, the block's K scale, softmax scale, log2 e): one FMA per score.
+        # One factor per row (Q's scale, the block's K scale, softmax scale, log2 e; >= 0): one FMA per score.
+        # P tops out at 2^8 through the exponent (E4M3's largest is 448; values down to 2^-14 of the row's
+        # maximum stay normal), and l_i carries the same 2^8.
         factor = row_factor * tl.load(k_scale_ptr + bh * K_BLOCKS + start_n // K_BLOCK)
-        if not EVEN_N:
-            qk = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < Skv, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * factor)
-        # P lands in [0, 256], E4M3's normal range, through the exponent (l_i carries the same 2^8)
-        p = tl.math.exp2(qk * factor[:, None] - (m_new - 8.0)[:, None])
+        if EVEN_N:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * factor)
+            p = tl.math.exp2(qk * factor[:, None] - (m_new - 8.0)[:, None])
+        else:  # keys past the end masked after scaling (-inf times a zero factor would be NaN)
+            s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < Skv, qk * factor[:, None], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - (m_new - 8.0)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        vt8 = _qk_loaded(vt_desc.load([bh, 0, start_n]).reshape(HEAD_DIM, BLOCK_N), False, INTERPRET)
+        vt8 = _tile_operand(vt_desc.load([bh, 0, start_n]).reshape(HEAD_DIM, BLOCK_N), False, INTERPRET)
         acc = tl.dot(_fp8_operand(p, INTERPRET), vt8.T, acc)
         return acc, l_i, m_new
 
@@ -288,7 +301,7 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     v_min, v_max = torch.aminmax(v, dim=2)
     v_mean = v.mean(dim=2, dtype=torch.float32).contiguous()
     v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
-    v_scale = torch.where(v_amax == 0, 1.0, v_amax / FP8_MAX).contiguous()
+    v_scale = (v_amax / FP8_MAX).clamp_min(FP32_TINY).contiguous()  # NaN stays NaN
     s_pad = (skv + 15) // 16 * 16  # 16-byte aligned rows of V^T (a TMA rule)
     vt8 = torch.empty((batch * heads, dim, s_pad), dtype=torch.uint8, device=device)
     _attn_prepare_kv_kernel[(k_blocks, batch * heads)](
@@ -329,7 +342,11 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     token, K the same with one scale per K_BLOCK tokens; P and V are E4M3 (V centred on its mean)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("attention_8bit needs q, k and v contiguous in the head dimension")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"attention_8bit takes head size 64 or 128, not {q.shape[-1]}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not scale >= 0:  # the kernel takes each row's maximum before scaling
+        raise ValueError(f"attention_8bit needs a softmax scale >= 0, not {scale}")
     if torch.compiler.is_compiling():
         return _attention_8bit_op(q, k, v, scale, qk_int8)
     return _attention_8bit_launch(q, k, v, scale, qk_int8)

@@ -2,6 +2,7 @@
 ComfyUI calling convention. Without a GPU the Triton kernels run in Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py) at small shapes; CUDA-only backends skip with the reason."""
 
+import dataclasses
 import math
 
 import pytest
@@ -84,14 +85,29 @@ def test_triton_kernel_takes_strided_inputs_and_a_scale():
 
 
 @pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
-def test_fp8_v_keeps_a_large_mean_of_v_exact():
+def test_v_centring_keeps_the_output_accurate_under_a_large_mean_of_v():
     """V with a large common offset (the mean that diffuse attention returns): E4M3 carries only the
-    deviations, so the part of the output that varies keeps its accuracy."""
+    deviations, so the part of the output that varies keeps its accuracy (0.61 without the centring)."""
     q, k, v = inputs(SHAPES[1], torch.float32, seed=3)
     offset = 20.0
     out = attention.attention_8bit(q, k, v + offset, qk_int8=True)
     ref = reference_attention(q, k, v)
     assert relative_error((out - offset).cpu(), ref.cpu()) < LOSSY_BOUNDS["triton-int8"]
+
+
+@pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
+def test_8bit_kernel_edge_inputs_stay_finite():
+    q, k, v = inputs((1, 2, 20, 40, 64), torch.float32, seed=5)  # 40 keys: a masked tail in every tile
+    v_tiny = torch.zeros_like(v)
+    v_tiny[:, :, 3] = 1e-44  # V's scale would underflow to 0, and zeros times its inverse be NaN (on the GPU)
+    tiny = attention.attention_8bit(q, k, v_tiny)
+    assert torch.isfinite(tiny).all() and tiny.abs().max() < 1e-40
+    uniform = attention.attention_8bit(q, k, v, scale=0.0)  # a zero factor times the masked -inf
+    assert relative_error(uniform, v.mean(dim=2, keepdim=True).expand_as(q)) < LOSSY_BOUNDS["triton-int8"]
+    with pytest.raises(ValueError, match="softmax scale >= 0, not -0.1"):
+        attention.attention_8bit(q, k, v, scale=-0.1)
+    with pytest.raises(ValueError, match="head size 64 or 128, not 96"):
+        attention.attention_8bit(*inputs((1, 2, 20, 40, 96), torch.float32))
 
 
 def test_auto_on_cpu_is_torch_sdpa_and_says_why():
@@ -119,6 +135,7 @@ def test_auto_8bit_picks_the_triton_kernel_on_hopper():
     assert name == "triton-int8" and "passed over" not in reason
 
 
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="the reasons name Triton's requirement; without Triton they differ")
 def test_auto_8bit_passes_over_what_fails():
     # An Ada capability with CPU tensors: the Triton kernels need Hopper, comfy-kitchen's CUDA kernel refuses
     # CPU tensors, so the first exact one is chosen and both are named.
@@ -209,7 +226,20 @@ def test_override_masked_call():
 @pytest.mark.parametrize("kwargs, dtype, d", [({"low_precision_attention": False}, torch.bfloat16, 64),
                                               ({}, torch.float16, 64), ({}, torch.bfloat16, 96),
                                               ({"enable_gqa": True}, torch.bfloat16, 64)])
-def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d):
+def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, monkeypatch):
+    # Without the length rule, so each of these reasons alone sends the call back.
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
     q, k, v = comfy_inputs(d=d, dtype=dtype)
     func = ComfyAttention()
     assert comfy_override("triton-int8")(func, q, k, v, 4, **kwargs) == "comfy" and func.calls == 1
+
+
+@pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
+def test_override_runs_the_8bit_kernel_on_calls_it_takes(monkeypatch):
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
+    q, k, v = comfy_inputs(sq=40, skv=70)
+    func = ComfyAttention()
+    out = comfy_override("triton-int8")(func, q, k, v, 4)
+    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)))
+    assert func.calls == 0 and out.shape == q.shape
+    assert 1e-4 < relative_error(out, ref.transpose(1, 2).reshape(q.shape)) < LOSSY_BOUNDS["triton-int8"]
