@@ -228,7 +228,8 @@ def test_override_masked_call():
                                               ({"enable_gqa": True}, torch.bfloat16, 64)])
 def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, monkeypatch):
     # Without the length rule, so each of these reasons alone sends the call back.
-    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
+    without_length_rule = dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0)
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", without_length_rule)
     q, k, v = comfy_inputs(d=d, dtype=dtype)
     func = ComfyAttention()
     assert comfy_override("triton-int8")(func, q, k, v, 4, **kwargs) == "comfy" and func.calls == 1
@@ -236,7 +237,8 @@ def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, monke
 
 @pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
 def test_override_runs_the_8bit_kernel_on_calls_it_takes(monkeypatch):
-    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
+    without_length_rule = dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0)
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", without_length_rule)
     q, k, v = comfy_inputs(sq=40, skv=70)
     func = ComfyAttention()
     out = comfy_override("triton-int8")(func, q, k, v, 4)
