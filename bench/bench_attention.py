@@ -90,7 +90,7 @@ def main() -> None:
     if BASELINE not in impls:
         impls.insert(0, BASELINE)
     tiles = [dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, t.split("x"))))
-             for t in args.tiles.split(",")] if args.tiles else [dict(attention._TILE)]
+             for t in (args.tiles.split(",") if args.tiles else [])]
     usable = {}
     for impl_name in impls:
         impl = attention.IMPLEMENTATIONS[impl_name]
@@ -112,10 +112,10 @@ def main() -> None:
             for impl_name, impl in usable.items():
                 if not impl.takes(q, k, None, True):
                     continue
-                swept = impl_name.startswith("triton") and args.tiles
-                for tile in tiles if swept else [None]:
+                swept = impl_name.startswith("triton") and tiles
+                for tile in tiles if swept else [{}]:
                     label = impl_name + ("@" + "x".join(str(x) for x in tile.values()) if swept else "")
-                    attention._TILE.update(tile or {})
+                    attention._TILE.update(tile)
                     err, ms = measure(impl, q, k, v, sample, ref, device, args.iters)
                     base_ms = ms if impl_name == BASELINE else base_ms
                     rows.append({"tokens": video, "call": call, "sq": sq, "skv": skv, "head_dim": dim,
