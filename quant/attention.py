@@ -8,7 +8,7 @@ logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
 (`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
 mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
 
-  triton-int8     Triton flash attention for Hopper (TMA-fed, 64x64 tiles): Q INT8 with one scale per
+  triton-int8     Triton flash attention for Hopper (TMA-fed, 64x128 tiles): Q INT8 with one scale per
                   token, K INT8 with one scale per 128 tokens (K smoothed by its mean over tokens,
                   which softmax ignores), P and V E4M3 (V centred on its per-channel mean, scaled
                   per channel and stored transposed, as the FP8 MMA wants), fp32 softmax and
@@ -205,15 +205,22 @@ if kernels.AVAILABLE:
                  _to_fp8_bits(v, INTERPRET), mask=rows[:, None] < S_PAD)
 
     @triton.jit
-    def _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n, Skv, K_BLOCKS,
-                    HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr, QK_INT8: tl.constexpr, INTERPRET: tl.constexpr,
-                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
-        """One BLOCK_N-token block of keys and values: online-softmax update of (acc, l_i, m_i)."""
+    def _attn_scores(q8, k_desc, bh, start_n, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr,
+                     INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Q K^T of one BLOCK_N-token block of keys, unscaled (int32 for INT8 operands)."""
         k8 = _tile_operand(k_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM), QK_INT8, INTERPRET)
         if QK_INT8 and not INTERPRET:
-            qk = tl.dot(q8, k8.T, out_dtype=tl.int32).to(tl.float32)
+            qk = tl.dot(q8, k8.T, out_dtype=tl.int32)
         else:
             qk = tl.dot(q8, k8.T)
+        return qk
+
+    @triton.jit
+    def _attn_update(acc, l_i, m_i, qk, row_factor, k_scale_ptr, vt_desc, bh, start_n, Skv, K_BLOCKS,
+                     HEAD_DIM: tl.constexpr, K_BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        """Online-softmax update of (acc, l_i, m_i) with the scores qk of the block at start_n and its values."""
+        qk = qk.to(tl.float32)
         # One factor per row (Q's scale, the block's K scale, softmax scale, log2 e; >= 0): one FMA per score.
         # P tops out at 2^8 through the exponent (E4M3's largest is 448; values down to 2^-14 of the row's
         # maximum stay normal), and l_i carries the same 2^8.
@@ -251,16 +258,27 @@ if kernels.AVAILABLE:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # The scores of the next key block are issued before this block's softmax, so the MMA runs while the
+        # softmax does (FlashAttention-3's overlap within a warpgroup, by hand; 3% faster at 24,576 tokens
+        # with 128-key blocks).
+        qk = _attn_scores(q8, k_desc, bh, 0, HEAD_DIM, QK_INT8, INTERPRET, BLOCK_N)
         if INTERPRET:  # its range() cannot take a runtime bound (numpy >= 2.4); the GPU needs for-loops to pipeline
-            start_n = 0
+            start_n = BLOCK_N
             while start_n < Skv:
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n,
-                                            Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, QK_INT8, INTERPRET, BLOCK_N, EVEN_N)
+                qk_next = _attn_scores(q8, k_desc, bh, start_n, HEAD_DIM, QK_INT8, INTERPRET, BLOCK_N)
+                acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, row_factor, k_scale_ptr, vt_desc, bh, start_n - BLOCK_N,
+                                             Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, INTERPRET, BLOCK_N, EVEN_N)
+                qk = qk_next
                 start_n += BLOCK_N
         else:
-            for start_n in range(0, Skv, BLOCK_N):
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q8, row_factor, k_desc, k_scale_ptr, vt_desc, bh, start_n,
-                                            Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, QK_INT8, INTERPRET, BLOCK_N, EVEN_N)
+            for start_n in range(BLOCK_N, Skv, BLOCK_N):
+                qk_next = _attn_scores(q8, k_desc, bh, start_n, HEAD_DIM, QK_INT8, INTERPRET, BLOCK_N)
+                acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, row_factor, k_scale_ptr, vt_desc, bh, start_n - BLOCK_N,
+                                             Skv, K_BLOCKS, HEAD_DIM, K_BLOCK, INTERPRET, BLOCK_N, EVEN_N)
+                qk = qk_next
+        last_n = (Skv - 1) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _attn_update(acc, l_i, m_i, qk, row_factor, k_scale_ptr, vt_desc, bh, last_n, Skv, K_BLOCKS,
+                                     HEAD_DIM, K_BLOCK, INTERPRET, BLOCK_N, EVEN_N)
         # softmax rows sum to 1: V's mean comes back whole
         out = acc / l_i[:, None] * tl.load(v_scale_ptr + bh * HEAD_DIM + offs_d)[None, :] \
             + tl.load(v_mean_ptr + bh * HEAD_DIM + offs_d)[None, :]
@@ -274,11 +292,12 @@ if kernels.AVAILABLE:
 
 # Tokens per K scale; a multiple of every BLOCK_N below.
 K_BLOCK = 128
-# Measured on an H200 at 24,576 tokens (docs/BENCHMARKS.md, session 8): 64x64 tiles with one warpgroup beat
-# 128-row tiles by ~10% (more blocks resident per SM hide the softmax; Triton 3.6's warp specialization
-# did not compile or did not help here); the interpreter takes small ones.
+# Measured on an H200 at 24,576 tokens (docs/BENCHMARKS.md, sessions 8 and 9): 64-row tiles with one warpgroup
+# beat 128-row tiles by ~10% (more blocks resident per SM hide the softmax; Triton 3.6's warp specialization
+# did not compile or did not help here); with the scores issued one block ahead, 128-key blocks in 3 stages
+# are 8% faster than 64x64 in 2 (64x64 gets slower with it); the interpreter takes small ones.
 _TILE = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1) if kernels.INTERPRET else \
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
 
 def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
