@@ -24,11 +24,17 @@ COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cuda
                  "blocks, max-autotune": {"max_autotune": True}}
 
 
+# Guards on which keys transformer_options holds and on its type: its structure (an attention override
+# present or not, a branch switched off), which changes the graph; kept.
+STRUCTURE_GUARDS = ("DICT_CONTAINS", "TYPE_MATCH")
+
+
 def skip_transformer_options_guards(guard_entries):
-    """transformer_options changes per call (sigmas, block index): guarding on it would recompile. The
-    attention override stays guarded, so a model patched after compiling never runs a stale graph."""
-    return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name)
-            for entry in guard_entries]
+    """transformer_options' values change per call (sigmas, block index): guarding on them would recompile.
+    Its keys and the attention override stay guarded, so a block compiled before the Attention patch was
+    added (or after it was removed) compiles again instead of running a stale graph."""
+    return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name
+             or entry.guard_type in STRUCTURE_GUARDS) for entry in guard_entries]
 
 
 def compile_blocks(patcher, mode: str):

@@ -1,6 +1,7 @@
 """The attention patch (node and loader option) in a real ComfyUI server (headless, CPU) on a tiny
 random LTX-2.3 model: the patched model samples like the unpatched one, the CPU's fallback and its
-reason are reported and logged, and the patch stays on its own clone. Skips when COMFYUI_PATH is unset."""
+reason are reported and logged, and the patch stays on its own clone; and, in a ComfyUI subprocess,
+compiled blocks follow a patch added after they compiled. Skips when COMFYUI_PATH is unset."""
 
 from __future__ import annotations
 
@@ -88,3 +89,54 @@ def test_loader_attention_option(server, base):
     entry, (v, a) = run(server, base, "loader_auto", model=loader_node(MODEL, "fp8-scaled-mm", attention="auto"))
     assert "\nattention: sdpa (" in report(entry, "1")
     assert rel(v, ref_v) < 1e-5 and rel(a, ref_a) < 1e-5
+
+
+GUARD_SCRIPT = """
+import importlib.util, json, os, sys, torch
+sys.path.insert(0, os.environ["COMFYUI_PATH"])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+comfy.cli_args.args.use_pytorch_cross_attention = True
+repo = {repo!r}
+spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(repo, "__init__.py"), submodule_search_locations=[repo])
+pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+import comfy.ldm.modules.attention as comfy_attention
+import torch._dynamo.utils
+from ltx2q.nodes.patches import skip_transformer_options_guards
+
+class Block(torch.nn.Module):  # what an LTX block does with transformer_options: hands it to ComfyUI's attention
+    def forward(self, x, transformer_options):
+        return comfy_attention.optimized_attention(x, x, x, 2, transformer_options=transformer_options)
+
+def doubled(func, *args, **kwargs):
+    return 2 * func(*args, **kwargs)
+
+block = torch.compile(Block(), backend="eager", dynamic=False,
+                      options={{"guard_filter_fn": skip_transformer_options_guards}})
+x = torch.randn(1, 8, 16)
+plain = [block(x, {{"sigmas": torch.tensor(s), "block_index": i}}) for i, s in enumerate((1.0, 0.5))]
+graphs_plain = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+patched = block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "optimized_attention_override": doubled}})
+again = block(x, {{"sigmas": torch.tensor(0.5), "block_index": 1}})
+print(json.dumps({{"graphs_plain": graphs_plain, "patched": torch.allclose(patched, 2 * plain[0]),
+                  "again": torch.equal(again, plain[0])}}))
+"""
+
+
+def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
+    """Compile Blocks drops Dynamo's guards on transformer_options' per-call values, but an attention
+    override added (or removed) after a block compiled must still reach it: a model compiled in an
+    earlier run of the workflow would otherwise ignore the Attention node without a word. Real
+    ComfyUI attention dispatch, real Dynamo (eager backend on the CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", GUARD_SCRIPT.format(repo=repo)], capture_output=True, text=True,
+                         timeout=300)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[-1])
+    assert result == {"graphs_plain": 1, "patched": True, "again": True}, result
