@@ -25,16 +25,19 @@ COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cuda
 
 
 # Guards on which keys transformer_options holds and on its type: its structure (an attention override
-# present or not, a branch switched off), which changes the graph; kept.
+# present or not), which changes the graph; kept.
 STRUCTURE_GUARDS = ("DICT_CONTAINS", "TYPE_MATCH")
 
 
 def skip_transformer_options_guards(guard_entries):
     """transformer_options' values change per call (sigmas, block index): guarding on them would recompile.
-    Its keys and the attention override stay guarded, so a block compiled before the Attention patch was
-    added (or after it was removed) compiles again instead of running a stale graph."""
+    Kept: its keys, the attention override, and values that are switches (True/False/None, such as LTX's
+    run_vx / run_ax branch flags), so a block compiled before the Attention patch was added (or a branch
+    switched) compiles again instead of running a stale graph."""
     return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name
-             or entry.guard_type in STRUCTURE_GUARDS) for entry in guard_entries]
+             or entry.guard_type in STRUCTURE_GUARDS
+             or (entry.has_value and (entry.value is None or isinstance(entry.value, bool))))
+            for entry in guard_entries]
 
 
 def compile_blocks(patcher, mode: str):

@@ -363,6 +363,8 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         raise ValueError("attention_8bit needs q, k and v contiguous in the head dimension")
     if q.shape[-1] not in (64, 128):
         raise ValueError(f"attention_8bit takes head size 64 or 128, not {q.shape[-1]}")
+    if k.shape[2] == 0:  # the kernel's last key block would start before the first
+        raise ValueError("attention_8bit needs at least one key")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not scale >= 0:  # the kernel takes each row's maximum before scaling
         raise ValueError(f"attention_8bit needs a softmax scale >= 0, not {scale}")

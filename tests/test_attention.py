@@ -61,6 +61,23 @@ def test_implementation_matches_fp32_reference(name, dtype, shape):
         assert err > 1e-4  # 8-bit operands really were used
 
 
+@pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_triton_kernel_takes_every_key_length(block_n, monkeypatch):
+    """The main loop issues the next block's scores before this block's softmax and finishes the last
+    block after the loop: one key, exactly one block, one past it, and several blocks with a K scale each
+    (128 is the GPU's block)."""
+    monkeypatch.setattr(attention, "_TILE", {**attention._TILE, "BLOCK_N": block_n})
+    for skv in (1, block_n, block_n + 1, 300):
+        q, k, v = inputs((1, 1, 16, skv, 64), torch.bfloat16, seed=skv)
+        k[..., 129:, :] *= 2  # keys past the first K scale block get another scale
+        err = relative_error(attention.attention_8bit(q, k, v).cpu(), reference_attention(q, k, v).cpu())
+        assert err < LOSSY_BOUNDS["triton-int8"], (skv, err)
+        assert skv == 1 or err > 1e-4  # one key: the output is V's mean, which comes back exactly
+    with pytest.raises(ValueError, match="at least one key"):
+        attention.attention_8bit(q, k[..., :0, :], v[..., :0, :])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN
 @pytest.mark.parametrize("name", attention.ORDER)
 def test_nan_input_never_passes(name):

@@ -104,9 +104,10 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch._dynamo.utils
 from ltx2q.nodes.patches import skip_transformer_options_guards
 
-class Block(torch.nn.Module):  # what an LTX block does with transformer_options: hands it to ComfyUI's attention
-    def forward(self, x, transformer_options):
-        return comfy_attention.optimized_attention(x, x, x, 2, transformer_options=transformer_options)
+class Block(torch.nn.Module):  # what an LTX block does with transformer_options: reads its branch flags and
+    def forward(self, x, transformer_options):  # hands it to ComfyUI's attention
+        out = comfy_attention.optimized_attention(x, x, x, 2, transformer_options=transformer_options)
+        return out if transformer_options.get("run_vx", True) else x
 
 def doubled(func, *args, **kwargs):
     return 2 * func(*args, **kwargs)
@@ -118,16 +119,24 @@ plain = [block(x, {{"sigmas": torch.tensor(s), "block_index": i}}) for i, s in e
 graphs_plain = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 patched = block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "optimized_attention_override": doubled}})
 again = block(x, {{"sigmas": torch.tensor(0.5), "block_index": 1}})
+patched_twice = [block(x, {{"sigmas": torch.tensor(s), "block_index": i, "optimized_attention_override": doubled}})
+                 for i, s in enumerate((0.5, 0.25))]
+graphs_both = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+switched = [block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "run_vx": flag}}) for flag in (True, False, True)]
 print(json.dumps({{"graphs_plain": graphs_plain, "patched": torch.allclose(patched, 2 * plain[0]),
-                  "again": torch.equal(again, plain[0])}}))
+                  "again": torch.equal(again, plain[0]), "graphs_both": graphs_both,
+                  "patched_twice": all(torch.allclose(p, 2 * plain[0]) for p in patched_twice),
+                  "switched": [torch.equal(switched[0], plain[0]), torch.equal(switched[1], x),
+                               torch.equal(switched[2], plain[0])]}}))
 """
 
 
 def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
-    """Compile Blocks drops Dynamo's guards on transformer_options' per-call values, but an attention
-    override added (or removed) after a block compiled must still reach it: a model compiled in an
-    earlier run of the workflow would otherwise ignore the Attention node without a word. Real
-    ComfyUI attention dispatch, real Dynamo (eager backend on the CPU)."""
+    """Compile Blocks drops Dynamo's guards on transformer_options' per-call values (two calls with other
+    sigmas and block index: one graph), but an attention override added (or removed) after a block
+    compiled must still reach it, and so must a branch flag that changes value: a model compiled in an
+    earlier run of the workflow would otherwise ignore the Attention node without a word. Real ComfyUI
+    attention dispatch, real Dynamo (eager backend on the CPU)."""
     import json
     import os
     import subprocess
@@ -139,4 +148,5 @@ def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines, out.stderr[-3000:]
     result = json.loads(lines[-1])
-    assert result == {"graphs_plain": 1, "patched": True, "again": True}, result
+    assert result == {"graphs_plain": 1, "patched": True, "again": True, "graphs_both": 2, "patched_twice": True,
+                      "switched": [True, True, True]}, result
