@@ -386,10 +386,11 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float32)
 # Hopper: TMA tensor descriptors feed the FP8 MMA (Ada has FP8 MMA but no TMA; not measured there).
 _FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor cores)")
 # triton-int8 vs bf16 SDPA on LTX-2.3's video self-attention alone, H200 (prepare pass included): 0.94x at 6,144
-# tokens, 1.03x at 9,216, 1.09x at 12,288 and 14,080, 1.10-1.13x at 16,384, 1.14-1.15x at 24,576; inside the
-# model it kept about a third of that (1.05x at 24,576), so the threshold is not lowered before a length
-# below it is measured inside the model (docs/BENCHMARKS.md, session 9). The text, audio and audio-video calls (126-1,024 tokens a side) are
-# faster in SDPA too. Below this, calls go to ComfyUI's attention.
+# tokens, 1.03x at 9,216, 1.09x at 12,288 and 14,080, 1.10-1.13x at 16,384, 1.13-1.15x at 24,576. Inside the
+# model at 24,576 the kernel itself was 1.05x of cuDNN (1.17x alone), about 1.02x with the prepare pass, so
+# the threshold is not lowered before a length below it is measured inside the model (docs/BENCHMARKS.md,
+# session 9). The text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA too. Below
+# this, calls go to ComfyUI's attention.
 MIN_8BIT_TOKENS = 16384
 IMPLEMENTATIONS = {a.name: a for a in [
     Attention("triton-int8", "Triton attention, INT8 Q (per token) and K (per 128 tokens), E4M3 P and V, fp32 "
