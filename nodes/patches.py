@@ -32,8 +32,8 @@ STRUCTURE_GUARDS = ("DICT_CONTAINS", "TYPE_MATCH")
 def skip_transformer_options_guards(guard_entries):
     """transformer_options' values change per call (sigmas, block index): guarding on them would recompile.
     Kept: its keys, the attention override, and values that are switches (True/False/None, such as LTX's
-    run_vx / run_ax branch flags), so a block compiled before the Attention patch was added (or a branch
-    switched) compiles again instead of running a stale graph."""
+    run_vx / run_ax branch flags), so a block compiled before the Attention patch was added or removed (or a
+    branch switched) runs the graph of the new setting, not a stale one."""
     return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name
              or entry.guard_type in STRUCTURE_GUARDS
              or (entry.has_value and (entry.value is None or isinstance(entry.value, bool))))
