@@ -240,22 +240,24 @@ def test_override_masked_call():
     assert relative_error(out, ref.transpose(1, 2).reshape(out.shape)) < 1e-5 and func.calls == 1
 
 
+@pytest.fixture
+def no_length_rule(monkeypatch):
+    """triton-int8 taking calls of any length (the override tests use short ones)."""
+    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
+
+
 @pytest.mark.parametrize("kwargs, dtype, d", [({"low_precision_attention": False}, torch.bfloat16, 64),
                                               ({}, torch.float16, 64), ({}, torch.bfloat16, 96),
                                               ({"enable_gqa": True}, torch.bfloat16, 64)])
-def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, monkeypatch):
+def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, no_length_rule):
     # Without the length rule, so each of these reasons alone sends the call back.
-    without_length_rule = dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0)
-    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", without_length_rule)
     q, k, v = comfy_inputs(d=d, dtype=dtype)
     func = ComfyAttention()
     assert comfy_override("triton-int8")(func, q, k, v, 4, **kwargs) == "comfy" and func.calls == 1
 
 
 @pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
-def test_override_runs_the_8bit_kernel_on_calls_it_takes(monkeypatch):
-    without_length_rule = dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0)
-    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", without_length_rule)
+def test_override_runs_the_8bit_kernel_on_calls_it_takes(no_length_rule):
     q, k, v = comfy_inputs(sq=40, skv=70)
     func = ComfyAttention()
     out = comfy_override("triton-int8")(func, q, k, v, 4)
