@@ -14,7 +14,8 @@ from torch.utils._triton import has_triton
 
 from ..quant import runtime
 from ..quant.attention import choose_attention, comfy_override
-from comfy_api.torch_helpers import set_torch_compile_wrapper
+from comfy.patcher_extension import WrappersMP
+from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS, apply_torch_compile_factory
 
 log = logging.getLogger("ltx2_quant")
 
@@ -59,12 +60,27 @@ def compile_blocks(patcher, mode: str):
     # One cache entry per block instance and input shape would exceed Dynamo's default limit of 8.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
     clone = patcher.clone(disable_dynamic=True)
-    set_torch_compile_wrapper(model=clone, backend="inductor", dynamic=False,
-                              options={"guard_filter_fn": skip_transformer_options_guards, **COMPILE_MODES[mode]},
-                              keys=[f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))])
+    compile_each_block(clone, [f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))],
+                       backend="inductor", options=COMPILE_MODES[mode])
     text = f"compile: {mode}, {len(blocks)} transformer blocks (the first step at each new size compiles)"
     log.info("LTX-2 Quant: %s", text)
     return clone, text
+
+
+def compile_each_block(patcher, keys: list[str], backend: str, options: dict) -> dict:
+    """Install torch.compile of each module in `keys` on `patcher` the way ComfyUI's
+    set_torch_compile_wrapper does (its wrapper key, so a later compile node replaces ours), but with
+    one options dict per block: torch.compile pops `guard_filter_fn` out of the dict it is given, so a
+    dict shared by all blocks would leave the filter on the first block's compile only. Returns
+    {key: compiled module}."""
+    patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    compiled = {key: torch.compile(patcher.get_model_object(key), backend=backend, dynamic=False,
+                                   options={"guard_filter_fn": skip_transformer_options_guards, **options})
+                for key in keys}
+    patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, apply_torch_compile_factory(compiled))
+    patcher.model_options[TORCH_COMPILE_KWARGS] = {"backend": backend, "options": options, "mode": None,
+                                                   "fullgraph": False, "dynamic": False}
+    return compiled
 
 
 def patch_attention(model, requested: str):

@@ -101,21 +101,35 @@ repo = {repo!r}
 spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(repo, "__init__.py"), submodule_search_locations=[repo])
 pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_patcher
 import torch._dynamo.utils
-from ltx2q.nodes.patches import skip_transformer_options_guards
+from comfy.patcher_extension import WrappersMP
+from ltx2q.nodes.patches import COMPILE_KEY, compile_each_block
 
 class Block(torch.nn.Module):  # what an LTX block does with transformer_options: reads its branch flags and
     def forward(self, x, transformer_options):  # hands it to ComfyUI's attention
         out = comfy_attention.optimized_attention(x, x, x, 2, transformer_options=transformer_options)
+        if transformer_options.get("block_index", 0) > 99:  # never true: only a value Dynamo would guard on
+            out = -out
         return out if transformer_options.get("run_vx", True) else x
 
 def doubled(func, *args, **kwargs):
     return 2 * func(*args, **kwargs)
 
-block = torch.compile(Block(), backend="eager", dynamic=False,
-                      options={{"guard_filter_fn": skip_transformer_options_guards}})
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = torch.nn.Module()
+        self.diffusion_model.transformer_blocks = torch.nn.ModuleList([Block(), Block()])
+
+patcher = comfy.model_patcher.ModelPatcher(Model(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+keys = [f"diffusion_model.transformer_blocks.{{i}}" for i in range(2)]
+compiled = compile_each_block(patcher, keys, backend="eager", options={{}})
+wrappers = len(patcher.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY))
+# Block 1 compiles first: the filter must be on every block's compile, not only on the first one made.
+block = lambda x, options: compiled[keys[options["block_index"]]](x, options)
 x = torch.randn(1, 8, 16)
-plain = [block(x, {{"sigmas": torch.tensor(s), "block_index": i}}) for i, s in enumerate((1.0, 0.5))]
+plain = [block(x, {{"sigmas": torch.tensor(s), "block_index": i}}) for i, s in ((1, 1.0), (0, 0.5))][::-1]
 graphs_plain = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 patched = block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "optimized_attention_override": doubled}})
 again = block(x, {{"sigmas": torch.tensor(0.5), "block_index": 1}})
@@ -123,7 +137,7 @@ patched_twice = [block(x, {{"sigmas": torch.tensor(s), "block_index": i, "optimi
                  for i, s in enumerate((0.5, 0.25))]
 graphs_both = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 switched = [block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "run_vx": flag}}) for flag in (True, False, True)]
-print(json.dumps({{"graphs_plain": graphs_plain, "patched": torch.allclose(patched, 2 * plain[0]),
+print(json.dumps({{"wrappers": wrappers, "graphs_plain": graphs_plain, "patched": torch.allclose(patched, 2 * plain[0]),
                   "again": torch.equal(again, plain[0]), "graphs_both": graphs_both,
                   "patched_twice": all(torch.allclose(p, 2 * plain[0]) for p in patched_twice),
                   "switched": [torch.equal(switched[0], plain[0]), torch.equal(switched[1], x),
@@ -135,8 +149,10 @@ def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
     """Compile Blocks drops Dynamo's guards on transformer_options' per-call values (two calls with other
     sigmas and block index: one graph), but an attention override added (or removed) after a block
     compiled must still reach it, and so must a branch flag that changes value: a model compiled in an
-    earlier run of the workflow would otherwise ignore the Attention node without a word. Real ComfyUI
-    attention dispatch, real Dynamo (eager backend on the CPU)."""
+    earlier run of the workflow would otherwise ignore the Attention node without a word. The filter is on
+    every block's compile (torch.compile pops it from its options, so one dict shared by all blocks left it
+    on the first only): block 1 compiles first here. Blocks compiled by Compile Blocks' own function in a
+    real ModelPatcher, real ComfyUI attention dispatch, real Dynamo (eager backend on the CPU)."""
     import json
     import os
     import subprocess
@@ -148,5 +164,5 @@ def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines, out.stderr[-3000:]
     result = json.loads(lines[-1])
-    assert result == {"graphs_plain": 1, "patched": True, "again": True, "graphs_both": 2, "patched_twice": True,
+    assert result == {"wrappers": 1, "graphs_plain": 1, "patched": True, "again": True, "graphs_both": 2, "patched_twice": True,
                       "switched": [True, True, True]}, result
