@@ -14,37 +14,25 @@ from torch.utils._triton import has_triton
 
 from ..quant import runtime
 from ..quant.attention import choose_attention, comfy_override
-from comfy.patcher_extension import WrappersMP
-from comfy_api.torch_helpers.torch_compile import COMPILE_KEY, TORCH_COMPILE_KWARGS, apply_torch_compile_factory
+from comfy_api.torch_helpers import set_torch_compile_wrapper
 
 log = logging.getLogger("ltx2_quant")
 
-# Inductor options per mode (torch.compile takes either `mode` or `options`; the guard filter needs options).
+# Inductor options per mode (torch.compile takes either `mode` or `options`).
 # "cuda graphs" also records each block's kernels once and replays them (no per-kernel launch cost).
 COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cudagraphs": True},
                  "blocks, max-autotune": {"max_autotune": True}}
 
 
-# Guards on which keys transformer_options holds and on its type: its structure (an attention override
-# present or not), which changes the graph; kept.
-STRUCTURE_GUARDS = ("DICT_CONTAINS", "TYPE_MATCH")
+def compile_blocks(patcher, mode: str, backend: str = "inductor"):
+    """(a clone of `patcher` whose transformer blocks run through torch.compile at sampling time, report
+    line). Where Inductor has no fast target (a CPU model, or no Triton for the GPU) the model is returned
+    unchanged and the report says why: compiling there costs minutes and gains nothing. (`backend`: tests
+    pass Dynamo's "eager", which runs the captured graphs on the CPU without Inductor.)
 
-
-def skip_transformer_options_guards(guard_entries):
-    """transformer_options' values change per call (sigmas, block index): guarding on them would recompile.
-    Kept: its keys, the attention override, and values that are switches (True/False/None, such as LTX's
-    run_vx / run_ax branch flags), so a block compiled before the Attention patch was added or removed (or a
-    branch switched) runs the graph of the new setting, not a stale one."""
-    return [("transformer_options" not in entry.name or "optimized_attention_override" in entry.name
-             or entry.guard_type in STRUCTURE_GUARDS
-             or (entry.has_value and (entry.value is None or isinstance(entry.value, bool))))
-            for entry in guard_entries]
-
-
-def compile_blocks(patcher, mode: str):
-    """(a clone of `patcher` whose transformer blocks run through torch.compile (Inductor) at sampling
-    time, report line). Where Inductor has no fast target (a CPU model, or no Triton for the GPU) the
-    model is returned unchanged and the report says why: compiling there costs minutes and gains nothing."""
+    Dynamo keeps all its guards, those on `transformer_options` included: an LTX-2.3 block reads only its
+    branch flags and the attention override from it, so adding the Attention patch (or flipping a flag)
+    recompiles once, and nothing that changes per call (sigmas, block index) is guarded on."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"Unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
     if COMPILE_MODES[mode] is None:
@@ -53,34 +41,18 @@ def compile_blocks(patcher, mode: str):
     if blocks is None:
         raise ValueError(f"{type(patcher.model.diffusion_model).__name__} has no transformer_blocks to compile")
     device = torch.device(patcher.load_device)
-    if device.type != "cuda" or not has_triton():
+    if backend == "inductor" and (device.type != "cuda" or not has_triton()):
         why = "the model runs on the CPU" if device.type != "cuda" else "Triton is not installed"
         log.warning("LTX-2 Quant: Compile Blocks skipped: %s", why)
         return patcher, f"compile: skipped ({why}); the model runs uncompiled"
     # One cache entry per block instance and input shape would exceed Dynamo's default limit of 8.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
     clone = patcher.clone(disable_dynamic=True)
-    compile_each_block(clone, [f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))],
-                       backend="inductor", options=COMPILE_MODES[mode])
+    set_torch_compile_wrapper(model=clone, backend=backend, dynamic=False, options=dict(COMPILE_MODES[mode]) or None,
+                              keys=[f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))])
     text = f"compile: {mode}, {len(blocks)} transformer blocks (the first step at each new size compiles)"
     log.info("LTX-2 Quant: %s", text)
     return clone, text
-
-
-def compile_each_block(patcher, keys: list[str], backend: str, options: dict) -> dict:
-    """Install torch.compile of each module in `keys` on `patcher` the way ComfyUI's
-    set_torch_compile_wrapper does (its wrapper key, so a later compile node replaces ours), but with
-    one options dict per block: torch.compile pops `guard_filter_fn` out of the dict it is given, so a
-    dict shared by all blocks would leave the filter on the first block's compile only. Returns
-    {key: compiled module}."""
-    patcher.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)
-    compiled = {key: torch.compile(patcher.get_model_object(key), backend=backend, dynamic=False,
-                                   options={"guard_filter_fn": skip_transformer_options_guards, **options})
-                for key in keys}
-    patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY, apply_torch_compile_factory(compiled))
-    patcher.model_options[TORCH_COMPILE_KWARGS] = {"backend": backend, "options": options, "mode": None,
-                                                   "fullgraph": False, "dynamic": False}
-    return compiled
 
 
 def patch_attention(model, requested: str):

@@ -1,7 +1,7 @@
 """The attention patch (node and loader option) in a real ComfyUI server (headless, CPU) on a tiny
 random LTX-2.3 model: the patched model samples like the unpatched one, the CPU's fallback and its
-reason are reported and logged, and the patch stays on its own clone; and, in a ComfyUI subprocess,
-compiled blocks follow a patch added after they compiled. Skips when COMFYUI_PATH is unset."""
+reason are reported and logged, the patch stays on its own clone, and compiled blocks (Dynamo, eager
+backend) follow a patch added after they compiled. Skips when COMFYUI_PATH is unset."""
 
 from __future__ import annotations
 
@@ -91,78 +91,23 @@ def test_loader_attention_option(server, base):
     assert rel(v, ref_v) < 1e-5 and rel(a, ref_a) < 1e-5
 
 
-GUARD_SCRIPT = """
-import importlib.util, json, os, sys, torch
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-comfy.cli_args.args.use_pytorch_cross_attention = True
-repo = {repo!r}
-spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(repo, "__init__.py"), submodule_search_locations=[repo])
-pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
-import comfy.ldm.modules.attention as comfy_attention
-import comfy.model_patcher
-import torch._dynamo.utils
-from comfy.patcher_extension import WrappersMP
-from ltx2q.nodes.patches import COMPILE_KEY, compile_each_block
+def test_compiled_blocks_sample_like_uncompiled_and_follow_a_patch_added_after_they_compiled(server, base):
+    """Compile Blocks (Dynamo's eager backend, so it runs on the CPU) in real sampling: one graph serves
+    every block and step, the latent is bitwise the uncompiled one, and the Attention patch added after
+    the blocks compiled reaches them (a stale graph would silently ignore it). Runs last in this module:
+    Dynamo's graph count is per server process."""
+    def compiled(name, patch=None):
+        extra = {"20": {"class_type": "LTX2QTestCompileEager", "inputs": {"model": ["9" if patch else "1", 0]}},
+                 "21": {"class_type": "LTX2QTestDynamoStats", "inputs": {"samples": ["7", 0]}}}
+        if patch:
+            extra.update(attention_node(patch))
+        entry, latent = run(server, base, name, extra=extra, model_ref=["20", 0])
+        return int(report(entry, "21")), latent
 
-class Block(torch.nn.Module):  # what an LTX block does with transformer_options: reads its branch flags and
-    def forward(self, x, transformer_options):  # hands it to ComfyUI's attention
-        out = comfy_attention.optimized_attention(x, x, x, 2, transformer_options=transformer_options)
-        if transformer_options.get("block_index", 0) > 99:  # never true: only a value Dynamo would guard on
-            out = -out
-        return out if transformer_options.get("run_vx", True) else x
-
-def doubled(func, *args, **kwargs):
-    return 2 * func(*args, **kwargs)
-
-class Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.diffusion_model = torch.nn.Module()
-        self.diffusion_model.transformer_blocks = torch.nn.ModuleList([Block(), Block()])
-
-patcher = comfy.model_patcher.ModelPatcher(Model(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-keys = [f"diffusion_model.transformer_blocks.{{i}}" for i in range(2)]
-compiled = compile_each_block(patcher, keys, backend="eager", options={{}})
-wrappers = len(patcher.get_wrappers(WrappersMP.APPLY_MODEL, COMPILE_KEY))
-# Block 1 compiles first: the filter must be on every block's compile, not only on the first one made.
-block = lambda x, options: compiled[keys[options["block_index"]]](x, options)
-x = torch.randn(1, 8, 16)
-plain = [block(x, {{"sigmas": torch.tensor(s), "block_index": i}}) for i, s in ((1, 1.0), (0, 0.5))][::-1]
-graphs_plain = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-patched = block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "optimized_attention_override": doubled}})
-again = block(x, {{"sigmas": torch.tensor(0.5), "block_index": 1}})
-patched_twice = [block(x, {{"sigmas": torch.tensor(s), "block_index": i, "optimized_attention_override": doubled}})
-                 for i, s in enumerate((0.5, 0.25))]
-graphs_both = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-switched = [block(x, {{"sigmas": torch.tensor(1.0), "block_index": 0, "run_vx": flag}}) for flag in (True, False, True)]
-print(json.dumps({{"wrappers": wrappers, "graphs_plain": graphs_plain, "patched": torch.allclose(patched, 2 * plain[0]),
-                  "again": torch.equal(again, plain[0]), "graphs_both": graphs_both,
-                  "patched_twice": all(torch.allclose(p, 2 * plain[0]) for p in patched_twice),
-                  "switched": [torch.equal(switched[0], plain[0]), torch.equal(switched[1], x),
-                               torch.equal(switched[2], plain[0])]}}))
-"""
-
-
-def test_compiled_blocks_follow_an_attention_patch_added_after_they_compiled():
-    """Compile Blocks drops Dynamo's guards on transformer_options' per-call values (two calls with other
-    sigmas and block index: one graph), but an attention override added (or removed) after a block
-    compiled must still reach it, and so must a branch flag that changes value: a model compiled in an
-    earlier run of the workflow would otherwise ignore the Attention node without a word. The filter is on
-    every block's compile (torch.compile pops it from its options, so one dict shared by all blocks left it
-    on the first only): block 1 compiles first here. Blocks compiled by Compile Blocks' own function in a
-    real ModelPatcher, real ComfyUI attention dispatch, real Dynamo (eager backend on the CPU)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", GUARD_SCRIPT.format(repo=repo)], capture_output=True, text=True,
-                         timeout=300)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    assert lines, out.stderr[-3000:]
-    result = json.loads(lines[-1])
-    assert result == {"wrappers": 1, "graphs_plain": 1, "patched": True, "again": True, "graphs_both": 2, "patched_twice": True,
-                      "switched": [True, True, True]}, result
+    _, (plain_v, plain_a) = run(server, base, "uncompiled")
+    _, (math_v, math_a) = run(server, base, "uncompiled_math", extra=attention_node("sdpa-math"), model_ref=["9", 0])
+    assert not torch.equal(math_v, plain_v)  # the two attention paths round differently: a stale graph shows
+    graphs, (v, a) = compiled("compiled")
+    assert graphs == 1 and torch.equal(v, plain_v) and torch.equal(a, plain_a)
+    graphs, (v, a) = compiled("compiled_math", "sdpa-math")
+    assert graphs == 2 and torch.equal(v, math_v) and torch.equal(a, math_a)

@@ -1,10 +1,13 @@
 """Test-only ComfyUI nodes: deterministic text conditioning and an AV latent for a tiny LTX-2.3 model
-(a real run would use the Gemma text encoder and the audio VAE, far too big for CPU tests), and a
-node that writes the sampled latent to the output folder for the test to compare."""
+(a real run would use the Gemma text encoder and the audio VAE, far too big for CPU tests), a node
+that writes the sampled latent to the output folder for the test to compare, and the pack's Compile
+Blocks on Dynamo's eager backend with a node reporting Dynamo's graph count."""
 
 import os
+import sys
 
 import torch
+import torch._dynamo.utils
 from safetensors.torch import save_file
 
 import comfy.nested_tensor
@@ -55,4 +58,37 @@ class LTX2QTestSaveLatent:
         return {}
 
 
-NODE_CLASS_MAPPINGS = {"LTX2QTestInputs": LTX2QTestInputs, "LTX2QTestSaveLatent": LTX2QTestSaveLatent}
+class LTX2QTestCompileEager:
+    """The pack's Compile Blocks (nodes.patches.compile_blocks) with Dynamo's eager backend, which runs on
+    the CPU: the blocks run through Dynamo's captured graphs and guards, without Inductor."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "compile"
+    CATEGORY = "testing"
+
+    def compile(self, model):
+        patches = next(m for name, m in list(sys.modules.items())
+                       if name.endswith(".nodes.patches") and hasattr(m, "compile_blocks"))
+        return (patches.compile_blocks(model, "blocks", backend="eager")[0],)
+
+
+class LTX2QTestDynamoStats:
+    """After `samples` exist: the number of graphs Dynamo has captured in this server process."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "stats"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def stats(self, samples):
+        return {"ui": {"text": [str(torch._dynamo.utils.counters["stats"]["unique_graphs"])]}}
+
+
+NODE_CLASS_MAPPINGS = {"LTX2QTestInputs": LTX2QTestInputs, "LTX2QTestSaveLatent": LTX2QTestSaveLatent,
+                       "LTX2QTestCompileEager": LTX2QTestCompileEager, "LTX2QTestDynamoStats": LTX2QTestDynamoStats}
