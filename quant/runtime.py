@@ -270,7 +270,11 @@ _UNIT_ROW_SCALES: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 def _unit_row_scales(rows: int, device: torch.device) -> torch.Tensor:
     """A cached (rows, 1) tensor of ones: rowwise _scaled_mm wants a per-row activation scale even
-    when a static scale is already folded into the weight's (saves a launch per call)."""
+    when a static scale is already folded into the weight's (saves a launch per call). Under
+    torch.compile the ones are made in the graph: looking them up in this dict would be a Dynamo guard
+    that fails once the dict has changed (a second compile per new token count)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((rows, 1), dtype=torch.float32, device=device)
     key = (rows, device)
     if key not in _UNIT_ROW_SCALES:
         _UNIT_ROW_SCALES[key] = torch.ones((rows, 1), dtype=torch.float32, device=device)

@@ -152,3 +152,23 @@ def test_blackwell_paths_pass_the_right_layouts(monkeypatch, fmt, path, activati
         x_deq = formats.dequantize_nvfp4(xp, xs, xg, tuple(x.shape))
     expected = x_deq @ qw.dequantize().t() + bias
     assert relative_error(y.float(), expected) < 5e-3
+
+
+def test_static_scaled_mm_compiles_once_per_token_count():
+    """The static-scale W8A8 path under torch.compile (Compile Blocks): one graph per token count, and
+    the compiled result is the eager one. Its cached unit row scales were a dict lookup that Dynamo
+    guarded on, so a token count seen after another compiled twice."""
+    import torch._dynamo.utils
+    torch._dynamo.reset()
+    weight = (torch.randn(32, 64) / 8).to(torch.float8_e4m3fn)
+    weight_scale, input_scale = torch.full((1, 32), 0.01), torch.tensor(0.02)
+
+    def linear(x):
+        return runtime._scaled_mm_rowwise(x, weight, weight_scale, None, input_scale, torch.bfloat16)
+
+    compiled = torch.compile(linear, backend="eager", dynamic=False)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for rows in (16, 16, 24, 24, 16):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), linear(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
