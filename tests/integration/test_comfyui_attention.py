@@ -93,21 +93,32 @@ def test_loader_attention_option(server, base):
 
 def test_compiled_blocks_sample_like_uncompiled_and_follow_a_patch_added_after_they_compiled(server, base):
     """Compile Blocks (Dynamo's eager backend, so it runs on the CPU) in real sampling: one graph serves
-    every block and step, the latent is bitwise the uncompiled one, and the Attention patch added after
-    the blocks compiled reaches them (a stale graph would silently ignore it). Runs last in this module:
+    every block and step, the latent is bitwise the uncompiled one, and the Attention patch reaches blocks
+    that compiled without it, whether it is applied after Compile Blocks or before a new one, and leaves
+    them when removed (a stale graph would silently keep the old attention). Runs last in this module:
     Dynamo's graph count is per server process."""
-    def compiled(name, patch=None):
-        extra = {"20": {"class_type": "LTX2QTestCompileEager", "inputs": {"model": ["9" if patch else "1", 0]}},
-                 "21": {"class_type": "LTX2QTestDynamoStats", "inputs": {"samples": ["7", 0]}}}
-        if patch:
-            extra.update(attention_node(patch))
-        entry, latent = run(server, base, name, extra=extra, model_ref=["20", 0])
-        return int(report(entry, "21")), latent
+    compile_node = {"class_type": "LTX2QTestCompileEager", "inputs": {"model": ["1", 0]}}
+    stats_node = {"class_type": "LTX2QTestDynamoStats", "inputs": {"samples": ["7", 0]}}
+    math_after_compile = {"class_type": "LTX2QuantAttention", "inputs": {"model": ["20", 0], "attention": "sdpa-math"}}
 
-    _, (plain_v, plain_a) = run(server, base, "uncompiled")
-    _, (math_v, math_a) = run(server, base, "uncompiled_math", extra=attention_node("sdpa-math"), model_ref=["9", 0])
-    assert not torch.equal(math_v, plain_v)  # the two attention paths round differently: a stale graph shows
-    graphs, (v, a) = compiled("compiled")
-    assert graphs == 1 and torch.equal(v, plain_v) and torch.equal(a, plain_a)
-    graphs, (v, a) = compiled("compiled_math", "sdpa-math")
-    assert graphs == 2 and torch.equal(v, math_v) and torch.equal(a, math_a)
+    def sample(name, extra, model_ref, seed=42):
+        graph = sampling_graph(loader_node(MODEL, "bf16"), name, extra=extra, model_ref=model_ref)
+        graph["6"]["inputs"]["noise_seed"] = seed  # another seed: the sampler runs again, not from ComfyUI's cache
+        entry = server.run(graph)
+        return (int(report(entry, "21")) if "21" in extra else None), tuple(saved_latent(base, name).values())
+
+    _, plain = sample("uncompiled", {}, None)
+    _, plain_43 = sample("uncompiled_43", {}, None, seed=43)
+    _, math = sample("uncompiled_math", attention_node("sdpa-math"), ["9", 0])
+    assert not torch.equal(math[0], plain[0])  # the two attention paths round differently: a stale graph shows
+
+    graphs, latent = sample("compiled", {"20": compile_node, "21": stats_node}, ["20", 0])
+    assert graphs == 1 and all(map(torch.equal, latent, plain))
+    graphs, latent = sample("compiled_then_math", {"20": compile_node, "9": math_after_compile, "21": stats_node},
+                            ["9", 0])
+    assert graphs == 2 and all(map(torch.equal, latent, math))
+    graphs, latent = sample("math_then_compiled", {**attention_node("sdpa-math"), "20": dict(compile_node, inputs={
+        "model": ["9", 0]}), "21": stats_node}, ["20", 0])
+    assert graphs == 2 and all(map(torch.equal, latent, math))
+    graphs, latent = sample("compiled_43", {"20": compile_node, "21": stats_node}, ["20", 0], seed=43)
+    assert graphs == 2 and all(map(torch.equal, latent, plain_43))
