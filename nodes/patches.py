@@ -48,7 +48,7 @@ def compile_blocks(patcher, mode: str, backend: str = "inductor"):
     # One cache entry per block instance and input shape would exceed Dynamo's default limit of 8.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(blocks))
     clone = patcher.clone(disable_dynamic=True)
-    set_torch_compile_wrapper(model=clone, backend=backend, dynamic=False, options=dict(COMPILE_MODES[mode]) or None,
+    set_torch_compile_wrapper(model=clone, backend=backend, dynamic=False, options=COMPILE_MODES[mode],
                               keys=[f"diffusion_model.transformer_blocks.{i}" for i in range(len(blocks))])
     text = f"compile: {mode}, {len(blocks)} transformer blocks (the first step at each new size compiles)"
     log.info("LTX-2 Quant: %s", text)
