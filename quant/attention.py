@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
-from .formats import FP8_MAX
+from .formats import FP8_MAX, cast_to_fp8
 from .runtime import Capability
 
 log = logging.getLogger("ltx2_quant")
@@ -378,6 +378,131 @@ def _triton_8bit(qk_int8: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# cuDNN FP8 flash attention (Hopper and newer) through NVIDIA's cudnn-frontend package, which ComfyUI does
+# not bring: `pip install nvidia-cudnn-frontend`. cuDNN 9.19's FP8 forward runs ~1,050 TFLOP/s on an H200
+# where its bf16 one (torch SDPA's choice there) runs ~700 (cudnn-frontend's published benchmark, head size
+# 128, no mask); it takes one scale per tensor for Q, K and V.
+
+P_SCALE = 256.0  # softmax probabilities (<= 1) times this are E4M3; a power of two, so undone exactly
+
+
+def _cudnn_fp8_requires(cap: Capability) -> str | None:
+    why = _cuda_at_least(9, 0, "cuDNN FP8 attention")(cap)
+    if why is not None:
+        return why
+    try:
+        cudnn = importlib.import_module("cudnn")
+    except ImportError:
+        return "the cudnn-frontend package is not installed (pip install nvidia-cudnn-frontend)"
+    if cudnn.backend_version() < 90100:
+        return f"cuDNN {cudnn.backend_version()} has no FP8 attention (needs 9.1+)"
+    return None
+
+
+def _centred_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's per-channel mean over tokens (B, H, 1, D) fp32 and the largest |x - mean| (0-d fp32), in one
+    read of x: per channel the centred extremes are max - mean and mean - min."""
+    low, high = torch.aminmax(x, dim=2, keepdim=True)
+    mean = x.mean(dim=2, keepdim=True, dtype=torch.float32)
+    return mean, torch.maximum(high.float() - mean, mean - low.float()).amax()
+
+
+def fp8_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k, v (B, H, S, D) -> (q8, k8, v8, descales, v_mean): E4M3 in the inputs' layout with one fp32
+    decode scale each (descales, shape (3,)), K and V first centred on their per-channel means over tokens.
+    Softmax ignores K's mean (a constant per row of scores); V's, (B, H, 1, D) fp32, is added back to the
+    output exactly, since each row of probabilities sums to 1. E4M3 then carries only the deviations."""
+    k_mean, k_amax = _centred_range(k)
+    v_mean, v_amax = _centred_range(v)
+    operands, descales = [], []
+    for x, amax in ((q.float(), q.abs().amax().float()), (k - k_mean, k_amax), (v - v_mean, v_amax)):
+        descale = (amax / FP8_MAX).clamp_min(FP32_TINY)  # zero or denormal: a finite inverse; NaN stays NaN
+        operands.append(cast_to_fp8(x * (1.0 / descale)))
+        descales.append(descale)
+    return *operands, torch.stack(descales), v_mean
+
+
+_CUDNN_HANDLES: dict[int, object] = {}
+_CUDNN_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _cudnn_fp8_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, out: torch.Tensor, scale: float):
+    """The built cuDNN graph for these shapes, strides and scale (built once, kept for the process)."""
+    key = (q8.device.index, q8.shape, q8.stride(), k8.shape, k8.stride(), v8.shape, v8.stride(), out.stride(), scale)
+    if key in _CUDNN_GRAPHS:
+        return _CUDNN_GRAPHS[key]
+    cudnn = importlib.import_module("cudnn")
+    device = q8.device.index
+    if device not in _CUDNN_HANDLES:
+        _CUDNN_HANDLES[device] = cudnn.create_handle()
+    handle = _CUDNN_HANDLES[device]
+    fp32, e4m3 = cudnn.data_type.FLOAT, cudnn.data_type.FP8_E4M3
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+    operands = [graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=e4m3)
+                for name, t in (("q", q8), ("k", k8), ("v", v8))]
+    scalars = [graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
+               for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+    o, _, amax_s, amax_o = graph.sdpa_fp8(*operands, *scalars, generate_stats=False, attn_scale=scale,
+                                          use_causal_mask=False)
+    o.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride())).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):  # the ranges of P and O, for callers that scale by history; unused here
+        amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    _CUDNN_GRAPHS[key] = (handle, graph, [*operands, o, amax_s, amax_o], scalars, graph.get_workspace_size())
+    return _CUDNN_GRAPHS[key]
+
+
+def _cudnn_fp8_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """E4M3 output (B, H, Sq, D) in V's scale: on Hopper cuDNN's FP8 attention writes only FP8. Each output row
+    is a convex combination of V's rows, so V's scale cannot overflow it."""
+    cudnn = importlib.import_module("cudnn")
+    batch, heads, sq, dim = q8.shape
+    out = torch.empty((batch, sq, heads, dim), dtype=torch.float8_e4m3fn, device=q8.device).transpose(1, 2)
+    handle, graph, tensors, scalars, workspace_size = _cudnn_fp8_graph(q8, k8, v8, out, scale)
+    # One scalar per 16 bytes: descale q, k, v, then P's descale and scale, and the output's scale.
+    p_scale = torch.full((1,), P_SCALE, device=q8.device)  # made on the GPU: a host copy breaks CUDA graphs
+    values = torch.cat([descales.float(), 1 / p_scale, p_scale, 1 / descales[2:]])
+    values = F.pad(values[:, None], (0, 3))
+    amaxes = torch.empty(2, dtype=torch.float32, device=q8.device)
+    bindings = dict(zip(tensors, [q8, k8, v8, out, amaxes[0:1], amaxes[1:2]]))
+    bindings.update((t, values[i, :1]) for i, t in enumerate(scalars))
+    workspace = torch.empty(workspace_size, dtype=torch.uint8, device=q8.device)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+    graph.execute(bindings, workspace, handle=handle)
+    return out
+
+
+# A torch custom op, so torch.compile keeps the cuDNN call as one node and fuses the operands' preparation
+# and the output's decoding around it.
+@torch.library.custom_op("ltx2q::attention_fp8_cudnn", mutates_args=())
+def _cudnn_fp8_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    return _cudnn_fp8_launch(q8, k8, v8, descales, scale)
+
+
+@_cudnn_fp8_op.register_fake
+def _(q8, k8, v8, descales, scale):
+    batch, heads, sq, dim = q8.shape
+    return q8.new_empty((batch, sq, heads, dim)).transpose(1, 2)
+
+
+def attention_fp8_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """cuDNN FP8 attention: q (B, H, Sq, D), k/v (B, H, Skv, D), bf16 or fp16 on a CUDA device ->
+    (B, H, Sq, D) in q's dtype. Q, K, V, P and the output are E4M3 with one scale per tensor (K and V
+    centred, see fp8_attention_operands); softmax and accumulation in fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q8, k8, v8, descales, v_mean = fp8_attention_operands(q, k, v)
+    launch = _cudnn_fp8_op if torch.compiler.is_compiling() else _cudnn_fp8_launch
+    out8 = launch(q8, k8, v8, descales, scale)
+    return (out8.float() * descales[2] + v_mean).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -392,7 +517,12 @@ _FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor
 # session 9). The text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA too. Below
 # this, calls go to ComfyUI's attention.
 MIN_8BIT_TOKENS = 16384
+MIN_CUDNN_FP8_TOKENS = 16384
 IMPLEMENTATIONS = {a.name: a for a in [
+    Attention("cudnn-fp8", "cuDNN FP8 flash attention, E4M3 Q/K/P/V with one scale per tensor (K and V centred "
+              "on their means), fp32 softmax and accumulation (lossy)", exact=False, masks=False, dtypes=_HALF,
+              head_dims=(64, 128), requires=_cudnn_fp8_requires,
+              run=lambda q, k, v, scale, mask: attention_fp8_cudnn(q, k, v, scale), min_tokens=MIN_CUDNN_FP8_TOKENS),
     Attention("triton-int8", "Triton attention, INT8 Q (per token) and K (per 128 tokens), E4M3 P and V, fp32 "
               "softmax and accumulation (SageAttention2's split; lossy)", exact=False, masks=False,
               dtypes=_TRITON_DTYPES, head_dims=(64, 128), requires=_FP8_TRITON, run=_triton_8bit(qk_int8=True),

@@ -11,6 +11,7 @@ import torch
 from quant import attention, kernels
 from quant.attention import IMPLEMENTATIONS, choose_attention, comfy_override, probe, reference_attention, \
     relative_error
+from quant.formats import cast_to_fp8
 from quant.runtime import Capability, capability
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,7 +20,7 @@ HOPPER = Capability("cuda", (9, 0), True)
 CPU = Capability("cpu", None, False)
 # Relative error vs fp32 on unit-normal inputs; the 8-bit ones measured at these seeds with some margin
 # (INT8 Q/K with E4M3 P and V ~0.035, E4M3 Q/K/P/V ~0.05).
-LOSSY_BOUNDS = {"triton-int8": 0.045, "triton-fp8": 0.06, "kitchen-int8": 0.06}
+LOSSY_BOUNDS = {"cudnn-fp8": 0.06, "triton-int8": 0.045, "triton-fp8": 0.06, "kitchen-int8": 0.06}
 SHAPES = [(1, 2, 40, 64, 64), (2, 3, 37, 50, 128)]  # (B, H, Sq, Skv, D): one on the block grid, one off it
 
 
@@ -127,6 +128,71 @@ def test_8bit_kernel_edge_inputs_stay_finite():
         attention.attention_8bit(*inputs((1, 2, 20, 40, 96), torch.float32))
 
 
+def emulated_cudnn_fp8(q, k, v, scale=None):
+    """cuDNN's FP8 attention in plain fp32 torch on this pack's operands: P = exp(S - row max) times P_SCALE
+    in E4M3, the output divided by P's row sums in fp32 and written in E4M3 in V's scale, V's mean added."""
+    q8, k8, v8, descales, v_mean = attention.fp8_attention_operands(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q8.float() @ k8.float().transpose(-1, -2)) * (descales[0] * descales[1] * scale)
+    p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    p8 = cast_to_fp8(p * attention.P_SCALE).float()
+    out = (p8 @ v8.float()) * (descales[2] / attention.P_SCALE) / p.sum(dim=-1, keepdim=True)
+    return (cast_to_fp8(out / descales[2]).float() * descales[2] + v_mean).to(q.dtype)
+
+
+@pytest.mark.parametrize("k_offset, v_offset", [(0.0, 0.0), (3.0, 20.0)])
+def test_cudnn_fp8_operands_and_their_emulation_match_fp32(k_offset, v_offset):
+    """The operands cudnn-fp8 hands cuDNN, run through its arithmetic in plain torch, on any device: the
+    error stays that of unit-normal inputs when K and V carry large offsets (the centring takes them out;
+    the output's error is measured on its varying part)."""
+    q, k, v = inputs((1, 2, 70, 150, 128), torch.float32, seed=11)
+    k, v = k + k_offset * torch.randn(1, 2, 1, 128, device=DEVICE), v + v_offset
+    q8, k8, v8, descales, v_mean = attention.fp8_attention_operands(q, k, v)
+    assert q8.dtype == k8.dtype == v8.dtype == torch.float8_e4m3fn and q8.stride() == q.stride()
+    for x8, x, descale in ((q8, q, descales[0]), (k8, k - k.mean(2, keepdim=True), descales[1]),
+                           (v8, v - v.mean(2, keepdim=True), descales[2])):
+        assert x8.float().abs().max() == 448 and torch.allclose(descale, x.abs().max() / 448, rtol=1e-5)
+    ref = reference_attention(q, k, v)
+    err = relative_error(emulated_cudnn_fp8(q, k, v) - v_offset, ref - v_offset)
+    assert 1e-4 < err < LOSSY_BOUNDS["cudnn-fp8"], err
+
+
+def test_cudnn_fp8_operands_of_zeros_and_nan():
+    zeros = torch.zeros(1, 2, 10, 64, device=DEVICE)
+    *codes, descales, v_mean = attention.fp8_attention_operands(zeros, zeros, zeros)
+    assert all(torch.isfinite(descales)) and all(c.float().abs().max() == 0 for c in codes)
+    q, k, v = inputs(SHAPES[0], torch.float32)
+    for which in range(3):
+        tensors = [q.clone(), k.clone(), v.clone()]
+        tensors[which][0, 1, 3, 5] = float("nan")
+        assert emulated_cudnn_fp8(*tensors).isnan().any(), f"NaN in input {which} vanished"
+
+
+@pytest.mark.skipif(runs_here("cudnn-fp8") is not None, reason=runs_here("cudnn-fp8") or "")
+def test_cudnn_fp8_matches_its_emulation_eager_compiled_and_in_a_cuda_graph():
+    """On the GPU: cuDNN against the plain-torch emulation of its arithmetic (they differ by where the online
+    softmax takes its running maximum before rounding P), and the same result compiled (the custom op) and
+    replayed from a CUDA graph on new inputs (no host copies in the call)."""
+    q, k, v = inputs((1, 4, 300, 700, 128), torch.bfloat16, seed=12)
+    out = attention.attention_fp8_cudnn(q, k, v, scale=0.07)
+    ref = reference_attention(q, k, v, scale=0.07)
+    assert relative_error(out, emulated_cudnn_fp8(q, k, v, scale=0.07)) < 0.04
+    assert 1e-4 < relative_error(out, ref) < LOSSY_BOUNDS["cudnn-fp8"]
+    compiled = torch.compile(attention.attention_fp8_cudnn, fullgraph=True)(q, k, v, 0.07)
+    assert relative_error(compiled, out) < 0.01
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # builds the cuDNN plan outside the capture
+        attention.attention_fp8_cudnn(q, k, v, 0.07)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention.attention_fp8_cudnn(q, k, v, 0.07)
+    q.copy_(inputs((1, 4, 300, 700, 128), torch.bfloat16, seed=13)[0])
+    graph.replay()
+    assert torch.equal(captured, attention.attention_fp8_cudnn(q, k, v, 0.07))
+
+
 def test_auto_on_cpu_is_torch_sdpa_and_says_why():
     name, reason = choose_attention(CPU, "auto", "cpu", torch.float32)
     assert name == "sdpa"
@@ -147,9 +213,10 @@ def test_failing_probe_falls_back_to_the_next():
 
 
 @pytest.mark.skipif(not (kernels.AVAILABLE and kernels.INTERPRET), reason="needs Triton's interpreter (CPU tensors)")
-def test_auto_8bit_picks_the_triton_kernel_on_hopper():
+def test_auto_8bit_picks_the_triton_kernel_on_hopper_without_cudnn_fp8():
     name, reason = choose_attention(HOPPER, "auto-8bit", "cpu", torch.bfloat16)
-    assert name == "triton-int8" and "passed over" not in reason
+    assert name == "triton-int8"
+    assert reason.endswith(f"passed over: cudnn-fp8 ({IMPLEMENTATIONS['cudnn-fp8'].requires(HOPPER)})")
 
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="the reasons name Triton's requirement; without Triton they differ")
@@ -179,7 +246,7 @@ def test_wrong_dtype_is_refused_at_choice():
 
 
 def test_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="unknown attention 'flash3'.*auto, auto-8bit, triton-int8"):
+    with pytest.raises(ValueError, match="unknown attention 'flash3'.*auto, auto-8bit, cudnn-fp8, triton-int8"):
         choose_attention(CPU, "flash3")
 
 
