@@ -8,6 +8,10 @@ logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
 (`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
 mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
 
+  cudnn-fp8       cuDNN's FP8 flash attention (Hopper and newer; needs the optional nvidia-cudnn-frontend
+                  package): E4M3 Q/K/V/P and output with one scale per tensor, K and V centred on their
+                  means by torch ops that Compile Blocks fuses around the call. ~1.5x bf16 SDPA on long
+                  calls; calls shorter than MIN_CUDNN_FP8_TOKENS go to ComfyUI's attention.
   triton-int8     Triton flash attention for Hopper (TMA-fed, 64x128 tiles): Q INT8 with one scale per
                   token, K INT8 with one scale per 128 tokens (K smoothed by its mean over tokens,
                   which softmax ignores), P and V E4M3 (V centred on its per-channel mean, scaled
@@ -517,7 +521,11 @@ _FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor
 # session 9). The text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA too. Below
 # this, calls go to ComfyUI's attention.
 MIN_8BIT_TOKENS = 16384
-MIN_CUDNN_FP8_TOKENS = 16384
+# cudnn-fp8 vs bf16 SDPA on the video self-attention, H200 (docs/BENCHMARKS.md, session 11): the call alone 1.51x
+# at 12,288 tokens, 1.50x at 16,384 and 1.53x at 24,576, with its compiled preparation 1.35x, 1.33x and 1.39x;
+# at 6,144 the call alone is 0.95x. Inside the model at 24,576 it kept its speed (10.8 ms against cuDNN bf16's
+# 15.8).
+MIN_CUDNN_FP8_TOKENS = 12288
 IMPLEMENTATIONS = {a.name: a for a in [
     Attention("cudnn-fp8", "cuDNN FP8 flash attention, E4M3 Q/K/P/V with one scale per tensor (K and V centred "
               "on their means), fp32 softmax and accumulation (lossy)", exact=False, masks=False, dtypes=_HALF,

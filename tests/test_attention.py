@@ -231,10 +231,11 @@ def test_auto_8bit_passes_over_what_fails():
 
 def test_8bit_kernels_take_only_long_calls():
     """Short calls (LTX-2.3's text, audio and audio-video attention) go back to ComfyUI's attention."""
-    impl = IMPLEMENTATIONS["triton-int8"]
-    long_q, short = torch.empty(1, 2, attention.MIN_8BIT_TOKENS, 128), torch.empty(1, 2, 1024, 128)
-    assert impl.takes(long_q, long_q, None, True)
-    assert not impl.takes(long_q, short, None, True) and not impl.takes(short, long_q, None, True)
+    for name, min_tokens in (("triton-int8", attention.MIN_8BIT_TOKENS), ("cudnn-fp8", attention.MIN_CUDNN_FP8_TOKENS)):
+        impl = IMPLEMENTATIONS[name]
+        long_q, short = torch.empty(1, 2, min_tokens, 128, dtype=torch.bfloat16), torch.empty(1, 2, 1024, 128)
+        assert impl.takes(long_q, long_q, None, True)
+        assert not impl.takes(long_q, short, None, True) and not impl.takes(short, long_q, None, True)
     func = ComfyAttention()
     q, k, v = comfy_inputs(d=128, dtype=torch.bfloat16)
     assert comfy_override("triton-int8")(func, q, k, v, 4) == "comfy" and func.calls == 1
