@@ -113,6 +113,13 @@ def _triton_requires(major: int, minor: int, what: str) -> Callable[[Capability]
     return requires
 
 
+def _empty_output(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, Sq, D) output like q, laid out (B, Sq, H, D) underneath, so ComfyUI's
+    reshape back to (B, Sq, H*D) is a view."""
+    batch, heads, sq, dim = q.shape
+    return q.new_empty((batch, sq, heads, dim)).transpose(1, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton 8-bit flash attention
 
@@ -337,7 +344,7 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     # TMA descriptors per head (3-D): a block past the end of a head reads zeros, not the next head.
     k_desc = TensorDescriptor(k8, list(k8.shape), list(k8.stride()), [1, block_n, dim])
     vt_desc = TensorDescriptor(vt8, list(vt8.shape), list(vt8.stride()), [1, dim, block_n])
-    out = torch.empty((batch, sq, heads, dim), dtype=q.dtype, device=device).transpose(1, 2)
+    out = _empty_output(q)
     _attn_kernel[(triton.cdiv(sq, block_m), batch * heads)](
         q, k_desc, k_scale, vt_desc, v_mean, v_scale, out, q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2), heads, sq, skv, k_blocks, scale * LOG2E, HEAD_DIM=dim,
@@ -354,8 +361,7 @@ def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 @_attention_8bit_op.register_fake
 def _(q, k, v, scale, qk_int8):
-    batch, heads, sq, dim = q.shape
-    return q.new_empty((batch, sq, heads, dim)).transpose(1, 2)
+    return _empty_output(q)
 
 
 def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -465,8 +471,7 @@ def _cudnn_fp8_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, desc
     """E4M3 output (B, H, Sq, D) in V's scale: on Hopper cuDNN's FP8 attention writes only FP8. Each output row
     is a convex combination of V's rows, so V's scale cannot overflow it."""
     cudnn = importlib.import_module("cudnn")
-    batch, heads, sq, dim = q8.shape
-    out = torch.empty((batch, sq, heads, dim), dtype=torch.float8_e4m3fn, device=q8.device).transpose(1, 2)
+    out = _empty_output(q8)
     handle, graph, tensors, scalars, workspace_size = _cudnn_fp8_graph(q8, k8, v8, out, scale)
     # One scalar per 16 bytes: descale q, k, v, then P's descale and scale, and the output's scale.
     p_scale = torch.full((1,), P_SCALE, device=q8.device)  # made on the GPU: a host copy breaks CUDA graphs
@@ -491,8 +496,7 @@ def _cudnn_fp8_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales
 
 @_cudnn_fp8_op.register_fake
 def _(q8, k8, v8, descales, scale):
-    batch, heads, sq, dim = q8.shape
-    return q8.new_empty((batch, sq, heads, dim)).transpose(1, 2)
+    return _empty_output(q8)
 
 
 def attention_fp8_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
