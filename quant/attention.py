@@ -394,6 +394,10 @@ def _triton_8bit(qk_int8: bool):
 # 128, no mask); it takes one scale per tensor for Q, K and V.
 
 P_SCALE = 256.0  # softmax probabilities (<= 1) times this are E4M3; a power of two, so undone exactly
+# The output is E4M3 in V's scale times this. Exact softmax weights keep each output row inside V's range,
+# but cuDNN rounds P to E4M3 before P V and divides by the fp32 row sum, so a row can exceed it by several
+# percent. A power of two: only the output's subnormal range moves.
+O_HEADROOM = 2.0
 
 
 def _cudnn_fp8_requires(cap: Capability) -> str | None:
@@ -404,8 +408,12 @@ def _cudnn_fp8_requires(cap: Capability) -> str | None:
         cudnn = importlib.import_module("cudnn")
     except ImportError:
         return "the cudnn-frontend package is not installed (pip install nvidia-cudnn-frontend)"
-    if cudnn.backend_version() < 90100:
-        return f"cuDNN {cudnn.backend_version()} has no FP8 attention (needs 9.1+)"
+    try:  # the package can import and still fail to load libcudnn (none, or several, found)
+        version = cudnn.backend_version()
+    except Exception as e:
+        return f"cudnn-frontend cannot load cuDNN: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if version < 90100:
+        return f"cuDNN {version} has no FP8 attention (needs 9.1+)"
     return None
 
 
@@ -468,21 +476,21 @@ def _cudnn_fp8_graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, out: 
 
 def _cudnn_fp8_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """E4M3 output (B, H, Sq, D) in V's scale: on Hopper cuDNN's FP8 attention writes only FP8. Each output row
-    is a convex combination of V's rows, so V's scale cannot overflow it."""
+    """E4M3 output (B, H, Sq, D) in V's scale times O_HEADROOM: on Hopper cuDNN's FP8 attention writes only FP8."""
     cudnn = importlib.import_module("cudnn")
-    out = _empty_output(q8)
-    handle, graph, tensors, scalars, workspace_size = _cudnn_fp8_graph(q8, k8, v8, out, scale)
-    # One scalar per 16 bytes: descale q, k, v, then P's descale and scale, and the output's scale.
-    p_scale = torch.full((1,), P_SCALE, device=q8.device)  # made on the GPU: a host copy breaks CUDA graphs
-    values = torch.cat([descales.float(), 1 / p_scale, p_scale, 1 / descales[2:]])
-    values = F.pad(values[:, None], (0, 3))
-    amaxes = torch.empty(2, dtype=torch.float32, device=q8.device)
-    bindings = dict(zip(tensors, [q8, k8, v8, out, amaxes[0:1], amaxes[1:2]]))
-    bindings.update((t, values[i, :1]) for i, t in enumerate(scalars))
-    workspace = torch.empty(workspace_size, dtype=torch.uint8, device=q8.device)
-    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
-    graph.execute(bindings, workspace, handle=handle)
+    with torch.cuda.device(q8.device):  # a cuDNN handle belongs to the device current when it is made
+        out = _empty_output(q8)
+        handle, graph, tensors, scalars, workspace_size = _cudnn_fp8_graph(q8, k8, v8, out, scale)
+        # One scalar per 16 bytes: descale q, k, v, then P's descale and scale, and the output's scale.
+        p_scale = torch.full((1,), P_SCALE, device=q8.device)  # made on the GPU: a host copy breaks CUDA graphs
+        values = torch.cat([descales.float(), 1 / p_scale, p_scale, 1 / (descales[2:] * O_HEADROOM)])
+        values = F.pad(values[:, None], (0, 3))
+        amaxes = torch.empty((2, 4), dtype=torch.float32, device=q8.device)
+        bindings = dict(zip(tensors, [q8, k8, v8, out, amaxes[0, :1], amaxes[1, :1]]))
+        bindings.update((t, values[i, :1]) for i, t in enumerate(scalars))
+        workspace = torch.empty(workspace_size, dtype=torch.uint8, device=q8.device)
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q8.device).cuda_stream)
+        graph.execute(bindings, workspace, handle=handle)
     return out
 
 
@@ -507,7 +515,7 @@ def attention_fp8_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     q8, k8, v8, descales, v_mean = fp8_attention_operands(q, k, v)
     launch = _cudnn_fp8_op if torch.compiler.is_compiling() else _cudnn_fp8_launch
     out8 = launch(q8, k8, v8, descales, scale)
-    return (out8.float() * descales[2] + v_mean).to(q.dtype)
+    return (out8.float() * (descales[2] * O_HEADROOM) + v_mean).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +605,9 @@ def probe(impl: Attention, device: torch.device | str, dtype: torch.dtype) -> st
     for b, h, sq, skv, d in PROBE_SHAPES:
         if impl.head_dims is not None and d not in impl.head_dims:
             continue
-        q, k, v = (torch.randn(b, h, n, d, generator=g).to(device=device, dtype=dtype) for n in (sq, skv, skv))
+        # (B, S, H, D) underneath, as ComfyUI hands q, k and v over
+        q, k, v = (torch.randn(b, n, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+                   for n in (sq, skv, skv))
         try:
             out = impl.run(q, k, v, None, None)
         except Exception as e:  # a backend missing from this build or driver says so only when called
