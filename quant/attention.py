@@ -120,6 +120,14 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((batch, sq, heads, dim)).transpose(1, 2)
 
 
+def _centred_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, S, D) -> its per-channel mean over tokens and the per-channel largest |x - mean|, both
+    (B, H, 1, D) fp32, in one read of x: per channel the centred extremes are max - mean and mean - min."""
+    low, high = torch.aminmax(x, dim=2, keepdim=True)
+    mean = x.mean(dim=2, keepdim=True, dtype=torch.float32)
+    return mean, torch.maximum(high.float() - mean, mean - low.float())
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton 8-bit flash attention
 
@@ -328,9 +336,8 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     # V centred on its per-channel mean (SageAttention2's V smoothing: the output's mean part stays exact,
     # E4M3 carries only the deviations; on the full-size model it took the final error's excess over
     # exact attention from +31% to +1%, docs/BENCHMARKS.md session 8), then one scale per channel.
-    v_min, v_max = torch.aminmax(v, dim=2)
-    v_mean = v.mean(dim=2, dtype=torch.float32).contiguous()
-    v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+    v_mean, v_amax = _centred_range(v)  # (B, H, 1, D): the kernels index them as (B*H, D)
+    v_mean = v_mean.contiguous()
     v_scale = (v_amax / FP8_MAX).clamp_min(FP32_TINY).contiguous()  # NaN stays NaN
     s_pad = (skv + 15) // 16 * 16  # 16-byte aligned rows of V^T (a TMA rule)
     vt8 = torch.empty((batch * heads, dim, s_pad), dtype=torch.uint8, device=device)
@@ -417,14 +424,6 @@ def _cudnn_fp8_requires(cap: Capability) -> str | None:
     return None
 
 
-def _centred_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's per-channel mean over tokens (B, H, 1, D) fp32 and the largest |x - mean| (0-d fp32), in one
-    read of x: per channel the centred extremes are max - mean and mean - min."""
-    low, high = torch.aminmax(x, dim=2, keepdim=True)
-    mean = x.mean(dim=2, keepdim=True, dtype=torch.float32)
-    return mean, torch.maximum(high.float() - mean, mean - low.float()).amax()
-
-
 def fp8_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """q, k, v (B, H, S, D) -> (q8, k8, v8, descales, v_mean): E4M3 in the inputs' layout with one fp32
     decode scale each (descales, shape (3,)), K and V first centred on their per-channel means over tokens.
@@ -433,7 +432,8 @@ def fp8_attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     k_mean, k_amax = _centred_range(k)
     v_mean, v_amax = _centred_range(v)
     operands, descales = [], []
-    for x, amax in ((q.float(), q.abs().amax().float()), (k - k_mean, k_amax), (v - v_mean, v_amax)):
+    centred = ((q.float(), q.abs().amax().float()), (k - k_mean, k_amax.amax()), (v - v_mean, v_amax.amax()))
+    for x, amax in centred:
         descale = (amax / FP8_MAX).clamp_min(FP32_TINY)  # zero or denormal: a finite inverse; NaN stays NaN
         operands.append(cast_to_fp8(x * (1.0 / descale)))
         descales.append(descale)
