@@ -5,7 +5,7 @@ run. The transformer has the real LTX-2.3 widths and random weights (`--blocks 4
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_model.py [--blocks 48] [--sizes 768x512x121,1536x1024x121]
 
 A mode may carry model patches after '+': `fp8-scaled-mm+compile` (the Compile Blocks node; `+graphs`:
-its CUDA-graph mode),
+its CUDA-graph mode, `+tuned`: its tuned-kernels mode),
 `nvfp4+compile+attn=sdpa-cudnn` (and an attention implementation). Compiled modes are timed after a
 full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A policy may carry a
 scope after ':' (see parse_mode), added to the policy's own: `fp8-cast:connectors+compile`,
@@ -176,17 +176,21 @@ def sample(patcher, latent, positive, sigmas):
     return out
 
 
+# Mode patches -> the Compile Blocks node's modes.
+COMPILE_PATCHES = {"compile": "blocks", "graphs": "blocks, cuda graphs", "tuned": "blocks, tuned kernels"}
+
+
 def split_patches(mode: str) -> tuple[str, list[str]]:
     """'fp8-scaled-mm+static+compile+attn=triton-int8' -> ('fp8-scaled-mm+static', ['compile', 'attn=triton-int8'])."""
     parts = mode.split("+")
-    patches = [p for p in parts[1:] if p in ("compile", "graphs") or p.startswith("attn=")]
+    patches = [p for p in parts[1:] if p in COMPILE_PATCHES or p.startswith("attn=")]
     return "+".join(p for p in parts if p not in patches), patches
 
 
 def apply_patches(patcher, patches: list[str]):
     for patch in patches:
-        if patch in ("compile", "graphs"):
-            patcher, text = compile_blocks(patcher, "blocks" if patch == "compile" else "blocks, cuda graphs")
+        if patch in COMPILE_PATCHES:
+            patcher, text = compile_blocks(patcher, COMPILE_PATCHES[patch])
             print(f"{patch}: {text}", flush=True)
         elif patch.startswith("attn="):
             patcher, text = patch_attention(patcher, patch[len("attn="):])

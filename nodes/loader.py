@@ -28,9 +28,9 @@ SCOPE_PRESETS = {
     "keep blocks 0, 1, 46, 47": {"keep_first_blocks": 2, "keep_last_blocks": 2},
     "keep first and last block": {"keep_first_blocks": 1, "keep_last_blocks": 1},
     "keep audio branch": {"keep_audio": True},
-    # fp8-scaled-mm's default, for the other 8-bit policies: the audio->video cross-attention in bf16
-    # (its two video-token GEMMs per block). fp8-scaled-mm on the H200, 48 blocks: 11-16% less video
-    # error for 1.1 GiB (docs/QUALITY.md); mxfp8 and fp8-cast: not measured on the GPU.
+    # For the other 8-bit policies: the whole audio->video cross-attention in bf16 (fp8-scaled-mm's default
+    # keeps three of its four Linears). fp8-scaled-mm on the H200, 48 blocks: 11-16% less video error for
+    # 1.1 GiB (docs/QUALITY.md); mxfp8 and fp8-cast: not measured on the GPU.
     "keep audio-to-video attention": {"exclude": list(KEEP_AUDIO_TO_VIDEO_ATTENTION)},
     # The release's text connectors hold 4 GB in bf16 and run once per prompt (8-bit, weight-only).
     "policy default + text connectors": {"connectors": True},

@@ -185,9 +185,9 @@ def test_model_cast_to_fp8_by_comfyui_quantizes(tmp_path):
     norm = "transformer_blocks.0.attn1.q_norm.weight"
     assert loaded.state_dict[norm].dtype == torch.float8_e4m3fn and loaded.state_dict[norm].shape == (64,)
     changed = {d.layer for d in loaded.decisions if d.changed}
-    assert len(changed) == 2 * 24  # fp8-scaled-mm keeps the 4 audio->video attention Linears per block
-    kept = loaded.state_dict["transformer_blocks.0.audio_to_video_attn.to_q.weight"]
-    assert "transformer_blocks.0.audio_to_video_attn.to_q" not in changed and kept.dtype == torch.float8_e4m3fn
+    assert len(changed) == 2 * 25  # fp8-scaled-mm keeps 3 audio->video attention Linears per block
+    kept = loaded.state_dict["transformer_blocks.0.audio_to_video_attn.to_out.0.weight"]
+    assert "transformer_blocks.0.audio_to_video_attn.to_out.0" not in changed and kept.dtype == torch.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------------------------

@@ -209,3 +209,24 @@ def test_compile_node_on_the_cpu_passes_the_model_through_and_says_why(server, b
     assert "skipped (the model runs on the CPU)" in json.dumps(entry["outputs"]["20"])
     server.run(two_stage_graph("uncompiled"))
     assert torch.equal(saved_latent(base, "compiled")["video"], saved_latent(base, "uncompiled")["video"])
+
+
+def test_every_compile_mode_sets_options_inductor_has():
+    """Inductor checks option names only when a GPU compiles (this CPU test run never does): a
+    misspelt option would fail the first step on a user's GPU. config.patch raises on unknown names."""
+    script = f"""
+import importlib.util, sys, torch._inductor.config
+sys.path.insert(0, {os.environ.get('COMFYUI_PATH', '')!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+spec = importlib.util.spec_from_file_location("ltx2q", {os.path.join(HERE, '..', '..', '__init__.py')!r},
+                                              submodule_search_locations=[{os.path.dirname(os.path.dirname(HERE))!r}])
+pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+from ltx2q.nodes.patches import COMPILE_MODES
+for mode, options in COMPILE_MODES.items():
+    with torch._inductor.config.patch(options or {{}}):
+        print("valid:", mode)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "valid: blocks, tuned kernels" in out.stdout and out.stdout.count("valid:") == 5, out.stdout
