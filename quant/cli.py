@@ -17,7 +17,7 @@ from .weights import FormatError
 def _add_scope_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every-block-linear", action="store_true",
                    help="start from every block linear, without the policy's own bf16 layers "
-                        "(fp8-scaled-mm keeps the audio-to-video attention in bf16)")
+                        "(fp8-scaled-mm keeps the audio-to-video attention's to_k, to_v and to_out.0 in bf16)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="also quantize layers matching this fnmatch pattern (unprefixed names)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

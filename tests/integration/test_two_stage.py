@@ -181,24 +181,30 @@ def test_vae_from_checkpoint_decodes(server):
     assert entry["outputs"]["4"]["images"]
 
 
-def test_a_non_ltx_model_is_refused():
-    """check_ltx_model on a model whose diffusion_model is not LTX (ComfyUI imported in a subprocess,
-    as the server would)."""
-    script = f"""
-import importlib.util, sys, types, torch
+def with_the_pack(body: str) -> str:
+    """A Python script that imports ComfyUI (CPU) and this pack as ComfyUI does (a package named after
+    its folder, here `ltx2q`), then runs `body`: for checks in a fresh process, as the server would."""
+    return f"""import importlib.util, sys, types, torch
 sys.path.insert(0, {os.environ.get('COMFYUI_PATH', '')!r})
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 spec = importlib.util.spec_from_file_location("ltx2q", {os.path.join(HERE, '..', '..', '__init__.py')!r},
                                               submodule_search_locations=[{os.path.dirname(os.path.dirname(HERE))!r}])
 pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+""" + body
+
+
+def test_a_non_ltx_model_is_refused():
+    """check_ltx_model on a model whose diffusion_model is not LTX (ComfyUI imported in a subprocess,
+    as the server would)."""
+    script = with_the_pack("""
 from ltx2q.nodes import pipeline
 patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
 try:
     pipeline.check_ltx_model(patcher, "stage-2 model")
 except ValueError as e:
     print(e)
-"""
+""")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "The stage-2 model is a Linear, not an LTX-2 model" in out.stdout, out.stderr[-2000:]
 
@@ -214,19 +220,13 @@ def test_compile_node_on_the_cpu_passes_the_model_through_and_says_why(server, b
 def test_every_compile_mode_sets_options_inductor_has():
     """Inductor checks option names only when a GPU compiles (this CPU test run never does): a
     misspelt option would fail the first step on a user's GPU. config.patch raises on unknown names."""
-    script = f"""
-import importlib.util, sys, torch._inductor.config
-sys.path.insert(0, {os.environ.get('COMFYUI_PATH', '')!r})
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-spec = importlib.util.spec_from_file_location("ltx2q", {os.path.join(HERE, '..', '..', '__init__.py')!r},
-                                              submodule_search_locations=[{os.path.dirname(os.path.dirname(HERE))!r}])
-pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+    script = with_the_pack("""
+import torch._inductor.config
 from ltx2q.nodes.patches import COMPILE_MODES
 for mode, options in COMPILE_MODES.items():
-    with torch._inductor.config.patch(options or {{}}):
+    with torch._inductor.config.patch(options or {}):
         print("valid:", mode)
-"""
+""")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "valid: blocks, tuned kernels" in out.stdout and out.stdout.count("valid:") == 5, out.stdout
