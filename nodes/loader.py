@@ -84,8 +84,8 @@ def scope_inputs() -> list:
                        tooltip="Which Linears are quantized (nvfp4 presets: which of them are FP8 instead); everything "
                                "else stays bf16. policy default: every block Linear except what the policy keeps "
                                "bf16 (fp8-scaled-mm: the audio-to-video attention's to_k, to_v and to_out.0, "
-                               "measured 11-16% less video error for 0.7 GiB); all block linears: every one. The other presets add to the "
-                               "policy default"),
+                               "measured 11-16% less video error for 0.7 GiB); all block linears: every one. The "
+                               "other presets add to the policy default"),
         io.String.Input("exclude", default="", multiline=True, optional=True,
                         tooltip="Extra layers to keep bf16: fnmatch patterns, one per line, e.g. *.attn2.*"),
         io.String.Input("include", default="", multiline=True, optional=True,

@@ -101,7 +101,7 @@ KEEP_AUDIO_TO_VIDEO_ATTENTION = ("*.audio_to_video_attn.*",)
 # and -8% of the -20%), with to_k. Its video-token to_q runs W8A8: on the 48-block model at 24,576 tokens
 # the same error (0.0339 / 0.0291 vs 0.0340 / 0.0291), 0.4 GiB less and ~0.5% faster (docs/BENCHMARKS.md,
 # session 12).
-FP8_SCALED_MM_KEEPS = tuple(f"*.audio_to_video_attn.{name}" for name in ("to_k", "to_v", "to_out.0"))
+FP8_SCALED_MM_KEEPS = ("*.audio_to_video_attn.to_k", "*.audio_to_video_attn.to_v", "*.audio_to_video_attn.to_out.0")
 
 POLICIES: dict[str, Policy] = {
     "bf16": Policy("bf16", None),
