@@ -1,0 +1,347 @@
+"""INT8 kernels (quant.kernels_int8) vs their plain-torch twins (quant.int8_reference) and comfy-kitchen,
+on fresh random inputs: each test draws its own seed and prints it (set LTX2Q_TEST_SEED to replay one).
+On a CPU-only machine they run under TRITON_INTERPRET=1 (set by conftest.py) at small shapes; the
+tests marked `gpu` run at the LTX-2 shapes on a CUDA device."""
+
+import os
+
+import pytest
+import torch
+
+from quant import int8_reference as reference
+from quant import kernels, kernels_int8
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = int(os.environ.get("LTX2Q_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"LTX2Q_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_loops():
+    """Triton 3.6's interpreter turns a loop bound computed at run time into a 1-element array that
+    numpy >= 2.4 refuses to convert to an int (triton-lang/triton#9171, fixed after 3.6); the GEMM
+    kernels loop over K and over tiles with such bounds."""
+    if not kernels.INTERPRET:
+        yield
+        return
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    yield
+    interpreter._patch_lang_tensor = patch_tensor
+
+
+def codes_close(codes, ref_codes, max_mismatch=1e-3):
+    """INT8 codes equal except a few off by one (float rounding of the input moved them across a
+    rounding boundary)."""
+    diff = (codes.cpu().int() - ref_codes.cpu().int()).abs()
+    return bool(diff.max() <= 1) and (diff != 0).float().mean().item() <= max_mismatch
+
+
+def random_rows(shape, dtype, outliers=True):
+    x = torch.randn(shape) * 3
+    if outliers:  # a few large channels, as LTX activations have
+        x[:, torch.randint(0, shape[1], (max(1, shape[1] // 256),))] *= 40
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantization
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(7, 300), (3, 2048), (1, 16), (5, 4100), (2, 20000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_match_reference_exactly(shape, dtype):
+    x = random_rows(shape, dtype)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE))
+    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    assert data.dtype == torch.int8 and scale.shape == (shape[0], 1)
+    assert torch.equal(data.cpu(), ref_data) and torch.equal(scale.cpu(), ref_scale)
+
+
+def test_rows_match_comfy_kitchen():
+    """fp32 inputs: comfy-kitchen's quantize_int8_rowwise divides by the scale where the kernel
+    multiplies by its reciprocal; scales are equal, codes may differ by one on a rare tie."""
+    ck = pytest.importorskip("comfy_kitchen.backends.eager.quantization")
+    x = random_rows((64, 4096), torch.float32)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE))
+    ck_data, ck_scale = ck.quantize_int8_rowwise(x)
+    assert torch.equal(scale.cpu(), ck_scale)
+    assert codes_close(data, ck_data, max_mismatch=1e-4)
+
+
+def test_rows_special_values():
+    x = torch.randn(6, 64) * 3
+    x[0, 5] = float("nan")  # a NaN row: scale NaN, codes 0, so its GEMM output row is NaN
+    x[1] = 0.0  # zero row: comfy-kitchen's floor scale, zero codes
+    x[2, :4] = torch.tensor([float("inf"), -1e30, 1e-30, -0.0])
+    x[3, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5])  # scale 1: ties to even
+    x[3, 8:] = x[3, 8:].clamp(-100, 100)
+    x[4] = -x[4].abs()  # all negative: the amax is of |x|
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE))
+    data, scale = data.cpu(), scale.cpu()
+    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    assert torch.equal(data, ref_data) and torch.allclose(scale, ref_scale, equal_nan=True)
+    assert scale[0].isnan().all() and (data[0] == 0).all()
+    assert scale[1].item() == torch.tensor(reference.SCALE_FLOOR).item() and (data[1] == 0).all()
+    assert scale[3].item() == 1.0 and data[3, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -126]
+    assert data[4].min().item() == -127
+
+
+def test_static_matches_reference_and_clamps():
+    x = torch.randn(4, 96) * 10
+    x[0, :4] = torch.tensor([1e9, -1e9, float("inf"), float("-inf")])
+    x[1, 1] = float("nan")
+    scale = torch.tensor(0.05)
+    out = kernels_int8.quantize_int8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
+    assert torch.equal(out, reference.quantize_int8_static(x, scale))
+    assert out[0, :4].tolist() == [127, -127, 127, -127] and out[1, 1].item() == 0
+
+
+@pytest.mark.parametrize("shape", [(7, 300), (3, 2048), (2, 20000)])
+def test_gelu_quant_matches_gelu_then_quant(shape):
+    """The kernel's GELU (one exp, quant.kernels._gelu_tanh) differs from torch's tanh by float
+    rounding, which moves a few elements across an INT8 rounding boundary, never more than one step."""
+    x = random_rows(shape, torch.bfloat16)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=True)
+    ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=True)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert codes_close(data, ref_data)
+    static = kernels_int8.quantize_int8_static(x.to(DEVICE), ref_scale.amax().to(DEVICE), gelu=True)
+    assert codes_close(static, reference.quantize_int8_static(x, ref_scale.amax(), gelu=True))
+
+
+@pytest.mark.parametrize("group", kernels_int8.ROTATE_GROUPS)
+@pytest.mark.parametrize("rows,cols", [(1, 1024), (5, 3072), (2, 16384), (3, 5120)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotation_matches_reference(group, rows, cols, dtype):
+    """The rotation sums in another order than torch's matmul (fp32 either way): the rotated values
+    agree to ~1e-7, so the scales to 1e-6 and the codes up to a rare boundary case. Rows of 16,384
+    and 5,120 features are read in chunks (two passes), 5,120 with a partial last chunk."""
+    x = random_rows((rows, cols), dtype)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
+    ref_data, ref_scale = reference.quantize_int8_rows(x, rotate_groupsize=group)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert codes_close(data, ref_data)
+
+
+def test_rotation_matches_comfy_kitchen():
+    """Against comfy-kitchen's own online rotation and row quantizer (fp32 input, where it computes in
+    fp32 too), and the rotation undoes itself: H is symmetric and orthogonal."""
+    pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.backends.eager.quantization import quantize_int8_rowwise
+    from comfy_kitchen.tensor.int8_utils import _build_hadamard, _rotate_activation
+    x = random_rows((16, 4096), torch.float32)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=256)
+    ck_data, ck_scale = quantize_int8_rowwise(_rotate_activation(x, _build_hadamard(256), 256))
+    assert torch.allclose(scale.cpu(), ck_scale, rtol=1e-6, atol=0)
+    assert codes_close(data, ck_data)
+    back = reference.rotate(data.cpu().float() * scale.cpu(), 256)
+    assert ((back - x).norm() / x.norm()).item() < 0.01
+
+
+def test_rotation_one_pass_equals_chunked():
+    """A row read whole and the same row read in 4,096-feature chunks give the same bytes."""
+    x = random_rows((3, 16384), torch.bfloat16).to(DEVICE)
+    chunked = kernels_int8._quantize_int8_launch(x, None, True, 256)
+    whole = kernels_int8._quantize_int8_launch(x, None, True, 256, block_k=16384)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+def test_rotated_gelu_and_static():
+    x = random_rows((4, 2048), torch.bfloat16)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=True, rotate_groupsize=256)
+    ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=True, rotate_groupsize=256)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0) and codes_close(data, ref_data)
+    input_scale = ref_scale.amax() * 0.5  # half the range: the largest values clamp
+    static = kernels_int8.quantize_int8_static(x.to(DEVICE), input_scale.to(DEVICE), rotate_groupsize=256)
+    ref_static = reference.quantize_int8_static(x, input_scale, rotate_groupsize=256)
+    assert codes_close(static, ref_static) and (ref_static.abs() == 127).any()
+
+
+def test_rotation_rejects_groups_it_cannot_run():
+    x = torch.randn(2, 768, device=DEVICE)
+    with pytest.raises(ValueError):
+        kernels_int8.quantize_int8_rows(x, rotate_groupsize=512)
+    with pytest.raises(ValueError):
+        kernels_int8.quantize_int8_rows(x, rotate_groupsize=1024)
+
+
+def test_no_rows():
+    x = torch.randn(0, 512, device=DEVICE)
+    data, scale = kernels_int8.quantize_int8_rows(x, rotate_groupsize=256)
+    assert data.shape == (0, 512) and scale.shape == (0, 1)
+    b = torch.randint(-127, 128, (32, 512), dtype=torch.int8, device=DEVICE)
+    for mm in (kernels_int8.int8_scaled_mm, kernels_int8.int8_scaled_mm_int_mm):
+        y = mm(data, b, scale, torch.ones(32, device=DEVICE))
+        assert y.shape == (0, 32) and y.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM
+# ---------------------------------------------------------------------------------------------
+
+def gemm_operands(m, n, k, b_scale_shape, bias_dtype):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    a_scale = torch.rand(m, 1) * 0.02 + 1e-3
+    per_tensor = b_scale_shape in ((), (1,))
+    b_scale = (torch.tensor(3e-3) if per_tensor else torch.rand(n) * 0.01 + 1e-4).reshape(b_scale_shape)
+    bias = None if bias_dtype is None else (torch.randn(n) * 0.5).to(bias_dtype)
+    return a, b, a_scale, b_scale, bias
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+GEMMS = {
+    "triton": lambda *args, out_dtype: kernels_int8._int8_mm_launch(*args, out_dtype, persistent=False),
+    "triton persistent": lambda *args, out_dtype: kernels_int8._int8_mm_launch(*args, out_dtype, persistent=True),
+    "torch._int_mm": lambda *args, out_dtype: kernels_int8.int8_scaled_mm_int_mm(*args, out_dtype=out_dtype),
+}
+
+
+@pytest.mark.parametrize("gemm", list(GEMMS))
+@pytest.mark.parametrize("m,n,k,b_scale_shape,bias_dtype,out_dtype", [
+    (1, 16, 16, (16,), None, torch.bfloat16),
+    (45, 48, 64, (1, 48), torch.bfloat16, torch.bfloat16),
+    (77, 112, 80, (), torch.float32, torch.float16),  # K = 2.5 tiles of 32
+    (130, 64, 48, (1,), torch.float16, torch.float32),
+    (33, 96, 512, (96,), torch.bfloat16, torch.bfloat16),
+])
+def test_gemm_matches_reference_exactly(gemm, m, n, k, b_scale_shape, bias_dtype, out_dtype):
+    if DEVICE == "cuda" and gemm == "triton persistent" and kernels_int8.gemm_class(DEVICE) != "hopper":
+        pytest.skip("the persistent TMA kernel needs Hopper or datacenter Blackwell")
+    operands = gemm_operands(m, n, k, b_scale_shape, bias_dtype)
+    y = GEMMS[gemm](*on_device(*operands), out_dtype=out_dtype).cpu()
+    ref = reference.int8_scaled_mm(*operands, out_dtype=out_dtype)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    if DEVICE == "cpu":
+        assert torch.equal(y, ref)
+    else:  # the GPU fuses (acc * a_scale) * b_scale + bias into one FMA: one rounding less
+        assert torch.allclose(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_gemm_extremes_and_other_tiles():
+    """Every product at +-127^2 over K = 4096 (|acc| = 66,064,384, above 2^24: the fp32 conversion
+    rounds, the same way as the reference's), and tiles other than the interpreter's default."""
+    m, n, k = 40, 48, 4096
+    a = torch.full((m, k), -127, dtype=torch.int8)
+    a[1::2] = 127
+    b = torch.full((n, k), 127, dtype=torch.int8)
+    a_scale, b_scale = torch.rand(m, 1) + 0.5, torch.rand(n) + 0.5
+    ref = reference.int8_scaled_mm(a, b, a_scale, b_scale, out_dtype=torch.float32)
+    for tile in ((16, 16, 64, 1), (64, 16, 128, 3)):
+        for persistent in (False, True):
+            if DEVICE == "cuda" and persistent and kernels_int8.gemm_class(DEVICE) != "hopper":
+                continue
+            y = kernels_int8._int8_mm_launch(*on_device(a, b, a_scale, b_scale), None, torch.float32,
+                                             persistent=persistent, tile=tile)
+            assert torch.equal(y.cpu(), ref), (tile, persistent)
+
+
+def test_public_gemm_checks_its_operands():
+    a, b, a_scale, b_scale, _ = gemm_operands(8, 32, 48, (32,), None)
+    with pytest.raises(ValueError):
+        kernels_int8.int8_scaled_mm(a[:, :40], b[:, :40], a_scale, b_scale)  # K not a multiple of 16
+    with pytest.raises(ValueError):
+        kernels_int8.int8_scaled_mm(a.float(), b, a_scale, b_scale)
+    with pytest.raises(ValueError):
+        kernels_int8.int8_scaled_mm(a, b, a_scale[:4], b_scale)
+    y = kernels_int8.int8_scaled_mm(*on_device(a, b, a_scale, b_scale))  # no bias: exact on the GPU too
+    assert torch.equal(y.cpu(), reference.int8_scaled_mm(a, b, a_scale, b_scale))
+
+
+def test_quantize_then_gemm_approximates_the_float_linear():
+    """End to end, with and without rotation: INT8 W8A8 error on Gaussian data is ~1%."""
+    x = random_rows((64, 1024), torch.bfloat16, outliers=False)
+    w = torch.randn(256, 1024) * 1024 ** -0.5
+    bias = torch.randn(256) * 0.1
+    exact = x.float() @ w.t() + bias
+    for group in (0, 256):
+        w_values = reference.rotate(w, group) if group else w  # H symmetric: W H^T = W H
+        w_codes, w_scale = reference.quantize_int8_rows(w_values)
+        a, a_scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
+        y = kernels_int8.int8_scaled_mm(a, w_codes.to(DEVICE), a_scale, w_scale.reshape(-1).to(DEVICE),
+                                        bias.to(DEVICE))
+        error = ((y.cpu().float() - exact).norm() / exact.norm()).item()
+        assert error < 0.02, (group, error)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the LTX-2 shapes, the Ampere tile lists, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("m,k", [(6144, 4096), (2048, 16384), (777, 2048)])
+def test_gpu_quantizers_at_model_shapes(m, k):
+    x = random_rows((m, k), torch.bfloat16).cuda()
+    data, scale = kernels_int8.quantize_int8_rows(x)
+    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    assert torch.equal(data, ref_data) and torch.equal(scale, ref_scale)
+    static = kernels_int8.quantize_int8_static(x, ref_scale.amax() * 0.5)
+    assert torch.equal(static, reference.quantize_int8_static(x, ref_scale.amax() * 0.5))
+    for gelu, group in ((True, 0), (False, 256), (True, 256)):
+        data, scale = kernels_int8.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
+        ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
+        assert torch.allclose(scale, ref_scale, rtol=1e-5, atol=0), (gelu, group)
+        assert codes_close(data, ref_data), (gelu, group)
+
+
+@gpu
+@pytest.mark.parametrize("gemm", list(GEMMS))
+@pytest.mark.parametrize("m,n,k", [(6144 + 7, 4096, 4096), (1000, 16384, 4096), (333, 2048, 16384)])
+def test_gpu_gemm_at_model_shapes(gemm, m, n, k):
+    if gemm == "triton persistent" and kernels_int8.gemm_class("cuda") != "hopper":
+        pytest.skip("the persistent TMA kernel needs Hopper or datacenter Blackwell")
+    operands = on_device(*gemm_operands(m, n, k, (n,), torch.bfloat16))
+    y = GEMMS[gemm](*operands, out_dtype=torch.bfloat16)
+    ref = reference.int8_scaled_mm(*operands)
+    assert torch.allclose(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6)])
+def test_gpu_ampere_tile_lists(monkeypatch, capability):
+    """The Ampere tile lists compile and compute the same product (on this GPU's architecture:
+    what they cost on an Ampere card is not measured here)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    operands = on_device(*gemm_operands(4096, 2048, 4096, (2048,), torch.bfloat16))
+    assert not kernels_int8.default_persistent(operands[0], operands[1], torch.bfloat16)
+    y = kernels_int8.int8_scaled_mm(*operands)
+    assert torch.allclose(y.float(), reference.int8_scaled_mm(*operands).float(), rtol=2 ** -7, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("gelu,group,static", [(False, 0, False), (True, 256, False), (False, 256, True)])
+def test_gpu_compiled_linear_matches_eager(gelu, group, static):
+    x = random_rows((4096, 4096), torch.bfloat16).cuda()
+    w_codes = torch.randint(-127, 128, (2048, 4096), dtype=torch.int8, device="cuda")
+    w_scale = torch.rand(2048, device="cuda") * 1e-3
+    bias = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    input_scale = torch.tensor(0.05, device="cuda")
+
+    def linear(x):
+        if static:
+            a = kernels_int8.quantize_int8_static(x, input_scale, gelu, group)
+            a_scale = torch.ones((x.shape[0], 1), device=x.device)
+        else:
+            a, a_scale = kernels_int8.quantize_int8_rows(x, gelu, group)
+        return kernels_int8.int8_scaled_mm(a, w_codes, a_scale, w_scale, bias)
+
+    eager = linear(x)
+    compiled = torch.compile(linear, fullgraph=True)(x)
+    assert torch.allclose(compiled.float(), eager.float(), rtol=2 ** -6, atol=1e-2)
