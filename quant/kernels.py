@@ -5,9 +5,13 @@
   ones twice (amax, then quantize), the second time from L2. With `gelu` it applies the tanh GELU
   first, in the same pass: the FFN's second Linear quantizes its input straight from the
   first one's output.
-- `nvfp4_to_fp8_rows`: just-in-time conversion of a packed NVFP4 weight to E4M3 with one scale per
-  output row (for W8A8 on Hopper/Ada), or to bf16 (the exact dequantize path). Block scales are
-  read straight from the swizzled layout through its closed-form offset.
+- `nvfp4_to_fp8` / `nvfp4_to_bf16`: just-in-time conversion of a packed NVFP4 weight to E4M3 with
+  one scale per output row (for W8A8 on Hopper/Ada), or to bf16/fp16 (the exact dequantize path).
+  Block scales are read straight from the swizzled layout through its closed-form offset.
+- `fp8_rows_to_bf16`: an E4M3 weight with per-row scales to bf16/fp16 (the fp8-cast path).
+
+The expansions to bf16/fp16 decode E4M3 from its bits, so they also run before sm_89 (Turing,
+Ampere), where Triton has no FP8 type; the E4M3 outputs need sm_89.
 
 Each has a plain-torch twin in quant.formats / quant.reference that the tests compare with, and
 runs on the CPU under TRITON_INTERPRET=1.
@@ -136,6 +140,19 @@ if AVAILABLE:
         return (bits | ((nibble & 8) << 28)).to(tl.float32, bitcast=True)  # sign kept, also for -0
 
     @triton.jit
+    def _e4m3_value(code):
+        """E4M3 code (int32, 0..255) -> fp32 built from bits: exact, and without Triton's FP8 type,
+        which exists only from sm_89 (the expansion kernels also run on Turing and Ampere).
+        Codes 0x7F and 0xFF are NaN."""
+        exponent = (code >> 3) & 0xF
+        mantissa = code & 7
+        normal = ((exponent + 120) << 23) | (mantissa << 20)  # 2^(e - 7) * (1 + m / 8): bias 7 -> 127
+        subnormal = (mantissa.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # m * 2^-9, exact
+        bits = tl.where(exponent == 0, subnormal, normal)
+        bits = tl.where((code & 0x7F) == 0x7F, 0x7FC00000, bits)
+        return (bits | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _nvfp4_rows_kernel(packed_ptr, scales_ptr, global_scale_ptr, row_ratio_ptr, out_ptr,
                            N, K, stride_packed, stride_out, scale_cols_padded,
                            TO_FP8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -154,7 +171,7 @@ if AVAILABLE:
             + (rows[:, None] % 32) * 16 + ((rows[:, None] % 128) // 32) * 4 + (block[None, :] % 4)
         scale_mask = (rows[:, None] < N) & (block[None, :] * 16 < K)
         block_scale = tl.load(scales_ptr + offset, mask=scale_mask, other=0)
-        block_scale = block_scale.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        block_scale = _e4m3_value(block_scale.to(tl.int32))
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < N) & (cols[None, :] < K)
         if TO_FP8:
@@ -167,7 +184,8 @@ if AVAILABLE:
             factor = block_scale * tl.load(global_scale_ptr)
             scaled = tl.reshape(tl.reshape(values, (BLOCK_N, BLOCK_K // 16, 16)) * factor[:, :, None],
                                 (BLOCK_N, BLOCK_K))
-            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _to_bf16(scaled, INTERPRET), mask=mask)
+            tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                     _to_output(scaled, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
     @triton.jit
     def _to_bf16(x, INTERPRET: tl.constexpr):
@@ -177,6 +195,13 @@ if AVAILABLE:
         return x.to(tl.bfloat16)
 
     @triton.jit
+    def _to_output(x, OUT: tl.constexpr, INTERPRET: tl.constexpr):
+        """RNE fp32 -> OUT (bf16, fp16 or fp32: an output pointer's element type)."""
+        if OUT == tl.bfloat16:
+            x = _to_bf16(x, INTERPRET)
+        return x.to(OUT)
+
+    @triton.jit
     def _fp8_rows_to_bf16_kernel(data_ptr, scale_ptr, out_ptr, N, K, stride_data, stride_out,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,10 +209,10 @@ if AVAILABLE:
         mask = (rows[:, None] < N) & (cols[None, :] < K)
         rows64 = rows.to(tl.int64)
         bits = tl.load(data_ptr + rows64[:, None] * stride_data + cols[None, :], mask=mask, other=0)
-        value = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        value = _e4m3_value(bits.to(tl.int32))
         scale = tl.load(scale_ptr + rows, mask=rows < N, other=1.0)
-        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], _to_bf16(value * scale[:, None], INTERPRET),
-                 mask=mask)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                 _to_output(value * scale[:, None], out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool = False,
@@ -222,9 +247,11 @@ def nvfp4_row_ratio(block_scales: torch.Tensor, shape: tuple[int, int]) -> torch
 
 
 def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                  ratio: torch.Tensor | None, n: int, k: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+                  ratio: torch.Tensor | None, n: int, k: int, out_dtype: torch.dtype = torch.bfloat16,
+                  wrap=lambda kernel: kernel) -> torch.Tensor:
+    """To E4M3 with `ratio` (Ada and newer), else to `out_dtype` (bf16, or fp16 on Turing)."""
     to_fp8 = ratio is not None
-    out = torch.empty((n, k), dtype=torch.uint8 if to_fp8 else torch.bfloat16, device=packed.device)
+    out = torch.empty((n, k), dtype=torch.uint8 if to_fp8 else out_dtype, device=packed.device)
     scale_cols_padded = round_up(round_up(k, NVFP4_BLOCK) // NVFP4_BLOCK, 4)
     block_n, block_k = 16, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
@@ -248,13 +275,14 @@ def _nvfp4_to_fp8_op(packed: torch.Tensor, block_scales: torch.Tensor, global_sc
 
 @torch.library.triton_op("ltx2q::nvfp4_to_bf16", mutates_args=())
 def _nvfp4_to_bf16_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                      n: int, k: int) -> torch.Tensor:
-    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k, wrap=torch.library.wrap_triton)
+                      n: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k, out_dtype, wrap=torch.library.wrap_triton)
 
 
-def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, wrap=lambda kernel: kernel) -> torch.Tensor:
+def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype,
+                             wrap=lambda kernel: kernel) -> torch.Tensor:
     n, k = data.shape
-    out = torch.empty((n, k), dtype=torch.bfloat16, device=data.device)
+    out = torch.empty((n, k), dtype=out_dtype, device=data.device)
     grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
     wrap(_fp8_rows_to_bf16_kernel)[grid](data.view(torch.uint8), row_scale.float().contiguous(), out, n, k,
                                          data.stride(0), out.stride(0), BLOCK_N=16, BLOCK_K=256,
@@ -263,8 +291,8 @@ def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, wrap=l
 
 
 @torch.library.triton_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
-def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    return _fp8_rows_to_bf16_launch(data, row_scale, wrap=torch.library.wrap_triton)
+def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return _fp8_rows_to_bf16_launch(data, row_scale, out_dtype, wrap=torch.library.wrap_triton)
 
 
 # Under torch.compile the GELU + quantization stays our kernel: Inductor's own fusion of the formula
@@ -309,15 +337,18 @@ def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale:
 
 
 def nvfp4_to_bf16(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
-                  n: int, k: int) -> torch.Tensor:
-    """Packed NVFP4 (N, K) -> bf16, exact up to the final bf16 rounding of block * global."""
+                  n: int, k: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Packed NVFP4 (N, K) -> bf16 (or `out_dtype` fp16, for Turing), exact up to the final rounding of
+    block * global. Runs on any GPU Triton supports (sm_75 and newer)."""
     if torch.compiler.is_compiling():
-        return _nvfp4_to_bf16_op(packed, block_scales, global_scale, n, k)
-    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k)
+        return _nvfp4_to_bf16_op(packed, block_scales, global_scale, n, k, out_dtype)
+    return _nvfp4_launch(packed, block_scales, global_scale, None, n, k, out_dtype)
 
 
-def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 (N, K) times an fp32 per-row scale (N values) -> bf16, one pass (the fp8-cast path)."""
+def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+                     ) -> torch.Tensor:
+    """E4M3 (N, K) times an fp32 per-row scale (N values) -> bf16 (or `out_dtype` fp16, for Turing), one
+    pass (the fp8-cast path). Runs on any GPU Triton supports (sm_75 and newer)."""
     if torch.compiler.is_compiling():
-        return _fp8_rows_to_bf16_op(data, row_scale)
-    return _fp8_rows_to_bf16_launch(data, row_scale)
+        return _fp8_rows_to_bf16_op(data, row_scale, out_dtype)
+    return _fp8_rows_to_bf16_launch(data, row_scale, out_dtype)

@@ -120,3 +120,57 @@ def test_nvfp4_fp8_expansion_error_is_small():
     exact = formats.dequantize_nvfp4(packed, block_scales, global_scale, shape)
     extra = float((expanded - exact).norm() / exact.norm())
     assert 0 < extra < 0.025, extra
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_every_e4m3_code_decodes_like_torch(out_dtype):
+    """The expansion kernels decode E4M3 from its bits (no FP8 type before sm_89): all 256 codes,
+    NaN codes included, against torch's float8_e4m3fn -> float32 (every E4M3 value is exact in bf16
+    and fp16, so the output rounding changes nothing)."""
+    codes = torch.arange(256, dtype=torch.uint8).reshape(2, 128)
+    out = kernels.fp8_rows_to_bf16(codes.view(torch.float8_e4m3fn).to(DEVICE), torch.ones(2, device=DEVICE),
+                                   out_dtype=out_dtype).cpu()
+    expected = codes.view(torch.float8_e4m3fn).float()
+    assert out.dtype == out_dtype
+    assert torch.equal(out.float().isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out.float()[finite], expected[finite])
+    assert torch.equal(out.float().signbit()[finite], expected.signbit()[finite])  # -0 stays -0
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (17, 300)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_rows_dequantize_matches_reference(shape, out_dtype):
+    w = torch.randn(shape) * 0.05
+    data, scale = formats.quantize_fp8_rowwise_dynamic(w)
+    out = kernels.fp8_rows_to_bf16(data.to(DEVICE), scale.reshape(-1).to(DEVICE), out_dtype=out_dtype).cpu()
+    assert torch.equal(out, formats.dequantize_fp8(data, scale, out_dtype))
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (300, 13 * 16)])
+def test_nvfp4_expansion_to_fp16(shape):
+    """Turing's output dtype: the same values rounded to fp16 (E2M1 x E4M3 x global is exact in fp32)."""
+    w = torch.randn(shape)
+    packed, block_scales, global_scale = formats.quantize_nvfp4(w)
+    out = kernels.nvfp4_to_bf16(packed.to(DEVICE), block_scales.to(DEVICE), global_scale.to(DEVICE), *shape,
+                                out_dtype=torch.float16).cpu()
+    assert out.dtype == torch.float16
+    assert torch.equal(out, formats.dequantize_nvfp4(packed, block_scales, global_scale, shape).half())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_expansions_under_compile(out_dtype):
+    shape = (4096, 2048)
+    data, scale = formats.quantize_fp8_rowwise_dynamic(torch.randn(shape, device="cuda") * 0.05)
+    packed, block_scales, global_scale = formats.quantize_nvfp4(torch.randn(shape, device="cuda"))
+
+    def expand(data, scale, packed, block_scales, global_scale):
+        return (kernels.fp8_rows_to_bf16(data, scale.reshape(-1), out_dtype),
+                kernels.nvfp4_to_bf16(packed, block_scales, global_scale, *shape, out_dtype))
+
+    eager = expand(data, scale, packed, block_scales, global_scale)
+    compiled = torch.compile(expand, fullgraph=True)(data, scale, packed, block_scales, global_scale)
+    assert torch.equal(eager[0], formats.dequantize_fp8(data, scale, out_dtype))
+    assert torch.equal(eager[1], formats.dequantize_nvfp4(packed, block_scales, global_scale, shape).to(out_dtype))
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
