@@ -28,7 +28,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .kernels import _gelu_tanh, _to_bf16
+    from .kernels import _gelu_tanh, _to_output
 
 # Rotation group sizes the quantizer takes: powers of 4 that split into a 16 x (size/16) Kronecker
 # product (ComfyUI's default is 256).
@@ -218,12 +218,6 @@ if AVAILABLE:
         if HAS_BIAS:
             y = y + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         return y
-
-    @triton.jit
-    def _to_output(y, OUT: tl.constexpr, INTERPRET: tl.constexpr):
-        if OUT == tl.bfloat16:
-            y = _to_bf16(y, INTERPRET)
-        return y.to(OUT)
 
     @triton.jit
     def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
