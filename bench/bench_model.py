@@ -13,7 +13,11 @@ scope after ':' (see parse_mode), added to the policy's own: `fp8-cast:connector
 `fp8-scaled-mm:all` (every block Linear, without the policy's default bf16 layers).
 `--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
 so they only matter for memory); the pack's modes stream them from host memory unless the scope says
-`gpu-connectors`; `--unprocessed` makes them run in each sampling run.
+`gpu-connectors`; `--unprocessed` makes them run in each sampling run. `--seed` draws other weights.
+
+`--capability 8.0` makes every CUDA capability query answer sm_80 before ComfyUI or the pack look, so
+both take the paths of a GPU without FP8 tensor cores (an Ampere card simulated on Hopper: the kernels
+still run at Hopper's speed, so this times the paths, not an Ampere card). A benchmark switch only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ["COMFYUI_PATH"])
+
+
+def _forced_capability(argv: list[str]) -> tuple[int, int] | None:
+    """`--capability M.m` from the command line, read before anything asks the GPU what it is."""
+    for index, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--capability=") else (
+            argv[index + 1] if arg == "--capability" and index + 1 < len(argv) else None)
+        if value is not None:
+            major, minor = value.split(".")
+            return int(major), int(minor)
+    return None
+
+
+FORCED_CAPABILITY = _forced_capability(sys.argv)
+if FORCED_CAPABILITY is not None:
+    torch.cuda.get_device_capability = lambda device=None: FORCED_CAPABILITY
+    _properties = torch.cuda.get_device_properties
+
+    class _ForcedProperties:
+        def __init__(self, real):
+            self._real = real
+            self.major, self.minor = FORCED_CAPABILITY
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+    torch.cuda.get_device_properties = lambda device=None: _ForcedProperties(_properties(device))
 
 if not torch.cuda.is_available():  # CPU dry runs of the benches that import this bootstrap
     from comfy.cli_args import args as comfy_args
@@ -56,7 +86,7 @@ from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
 STAGE1 = [1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0]
 CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core prequant fp8", "core prequant nvfp4",
               "core prequant mxfp8"]
-OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4"]
+OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "int8-scaled-mm", "int8-convrot", "mxfp8", "nvfp4"]
 
 
 def random_state(config: dict, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -110,9 +140,12 @@ def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax:
     the files users have). FP8 files come in three kinds: `core prequant fp8` has no `input_scale`
     (ComfyUI then takes each call's per-tensor amax), `core prequant fp8 scale1` has `input_scale` 1.0
     on every W8A8 layer (the anchors' measurement), `core prequant fp8+static` calibrated per-tensor
-    `input_scale`s from `amax`, as Lightricks' files carry (bench_quality only)."""
+    `input_scale`s from `amax`, as Lightricks' files carry (bench_quality only). `core prequant int8` and
+    `core prequant int8-convrot` are ComfyUI's int8_tensorwise files (per-row scales; with ConvRot), which
+    ComfyUI from v0.33 on runs natively and v0.20.1 cannot read."""
     words = mode.removesuffix("+static").split()
-    policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8"}[words[2]]
+    policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-scaled-mm",
+              "int8-convrot": "int8-convrot"}[words[2]]
     loaded = checkpoint.load_converted(MemoryTensors(state, metadata), get_policy(policy, fp8_per_tensor=True),
                                        device=device)
     for d in loaded.decisions:
@@ -240,14 +273,17 @@ def main() -> None:
     parser.add_argument("--connector-layers", type=int, default=1)
     parser.add_argument("--unprocessed", action="store_true",
                         help="raw text context: the text connectors run in every sampling run")
+    parser.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    parser.add_argument("--capability", help="answer every CUDA capability query with this (e.g. 8.0)")
     parser.add_argument("--out")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=args.connector_layers)
     metadata = ltx2.header_metadata(config)
-    state = random_state(config)
+    state = random_state(config, seed=args.seed)
+    forced = f", capability forced to sm_{FORCED_CAPABILITY[0]}{FORCED_CAPABILITY[1]}" if FORCED_CAPABILITY else ""
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.blocks} blocks, "
-          f"{sum(t.numel() for t in state.values()) / 1e9:.2f} B params", flush=True)
+          f"{sum(t.numel() for t in state.values()) / 1e9:.2f} B params, weight seed {args.seed}{forced}", flush=True)
     rows = []
     for mode in args.modes.split(";" if ";" in args.modes else ","):
         try:

@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..quant import hub
 from ..quant.calibration import load_amax
 from ..quant.policies import KEEP_AUDIO_TO_VIDEO_ATTENTION, POLICIES
-from ..quant.runtime import NVFP4_MODES
+from ..quant.modes import NVFP4_MODES
 from . import model_io
 from .attention import KEEP, LOADER_CHOICES
 from .patches import patch_attention
@@ -19,6 +19,12 @@ from .patches import patch_attention
 CATEGORY = "LTX-2 Quant"
 CALIBRATION_FOLDER = "ltx2_calibration"
 POLICY_CHOICES = ["auto", *POLICIES]
+POLICY_TOOLTIP = ("auto picks the fastest policy your GPU runs that fits its free memory: fp8-scaled-mm on Ada/Hopper, "
+                  "int8-scaled-mm on Turing/Ampere, nvfp4 on Blackwell (nvfp4 when the 8-bit one does not fit). "
+                  "int8-convrot: INT8 with ComfyUI's Hadamard rotation of the input (spreads outliers)")
+NVFP4_MODE_TOOLTIP = ("fast = Blackwell: native W4A4; Ada/Hopper: 4-bit weights expanded to FP8 per layer (W8A8, ~1 "
+                      "point more error); exact = expanded to 16 bits everywhere. The FP8 layers of an 8-bit scope "
+                      "preset run W8A8 in both")
 # Scope presets: the issue-level defaults, and the blocks third-party presets keep in bf16.
 # Every preset but "all block linears" adds to the policy's own scope (policies.POLICIES: fp8-scaled-mm
 # keeps three of the audio-to-video attention's four Linears in bf16).
@@ -109,12 +115,8 @@ class LTX2QuantLoader(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=checkpoint_choices(),
                                tooltip="From diffusion_models or checkpoints; [download] marks official files "
                                        "not on disk yet"),
-                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto",
-                               tooltip="auto picks the fastest policy your GPU runs that fits its free memory"),
-                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast",
-                               tooltip="Hopper/Ada: fast = 4-bit weights expanded to FP8 per layer (W8A8, ~1 point "
-                                       "more error); exact = expanded to bf16. The FP8 layers of an 8-bit scope preset "
-                                       "run W8A8 in both"),
+                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto", tooltip=POLICY_TOOLTIP),
+                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast", tooltip=NVFP4_MODE_TOOLTIP),
                 *scope_inputs(),
                 io.Combo.Input("calibration", options=["none", *folder_paths.get_filename_list(CALIBRATION_FOLDER)],
                                default="none", optional=True,
@@ -166,8 +168,8 @@ class LTX2QuantQuantizeModel(io.ComfyNode):
             description="Quantizes an LTX-2 MODEL loaded by any loader (its LoRA patches carry over).",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto"),
-                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast"),
+                io.Combo.Input("policy", options=POLICY_CHOICES, default="auto", tooltip=POLICY_TOOLTIP),
+                io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast", tooltip=NVFP4_MODE_TOOLTIP),
                 *scope_inputs(),
                 connectors_on_cpu_input(),
             ],

@@ -17,8 +17,9 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..quant import checkpoint, ltx2, memory, runtime, weights
-from ..quant.calibration import input_scale
+from ..quant import advice, checkpoint, ltx2, memory, runtime, weights
+from ..quant.capability import capability
+from ..quant.calibration import gets_input_scale, input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
@@ -62,7 +63,7 @@ def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = Fa
 
 def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    return runtime.choose_auto_policy(runtime.capability(device), free, sizes, ACTIVATION_HEADROOM)
+    return advice.choose_auto_policy(capability(device), free, sizes, ACTIVATION_HEADROOM)
 
 
 def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
@@ -74,9 +75,9 @@ def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_
         _, _, frames, height, width = latent_shapes[0]
         width, height, frames = width * LATENT_PIXELS, height * LATENT_PIXELS, (frames - 1) * LATENT_FRAMES + 1
         device = compute_device()
-        capability = runtime.capability(device) if device.type == "cuda" else memory.FP8_GPU
+        device_capability = capability(device) if device.type == "cuda" else memory.FP8_GPU
         needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
-                                            config=config, capability=capability,
+                                            config=config, capability=device_capability,
                                             text_connectors_on_cpu=text_connectors_on_cpu).total_bytes
                  for name in POLICIES}
         return needs, f"estimated for {width}x{height}x{frames}"
@@ -90,15 +91,15 @@ def advise_on_oom(stage: str, policy_name: str, needs, call):
     first (ComfyUI then unloads its models, as for any OOM)."""
     device = compute_device()
 
-    def advice() -> str:
+    def advice_text() -> str:
         total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
         need_bytes, basis = needs()
-        return runtime.out_of_memory_advice(stage, policy_name, need_bytes, total, basis)
+        return advice.out_of_memory_advice(stage, policy_name, need_bytes, total, basis)
 
     def release() -> None:
         gc.collect()
         comfy.model_management.soft_empty_cache()
-    return runtime.call_or_advise_on_oom(call, advice, release)
+    return advice.call_or_advise_on_oom(call, advice_text, release)
 
 
 def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
@@ -114,15 +115,16 @@ def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dic
 
 
 def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
-    """Static input scales for the layers a calibration file covers: FP8 scales for W8A8 layers,
-    the NVFP4 activation global scale for NVFP4 layers; returns how many."""
+    """Static input scales for the layers a calibration file covers: FP8 or INT8 scales for W8A8
+    layers (not ConvRot ones: a calibrated amax bounds their input, not its rotation), the NVFP4
+    activation global scale for NVFP4 layers; returns how many."""
     count = 0
     for layer, value in amax.items():
         conf_key = layer + ".comfy_quant"
         if conf_key not in loaded.state_dict:
             continue
         conf = json.loads(bytes(loaded.state_dict[conf_key].tolist()).decode("utf-8"))
-        if runtime.layer_activation(conf) == "fp8" or conf.get("format") == weights.NVFP4:
+        if gets_input_scale(conf):
             loaded.state_dict[layer + ".input_scale"] = input_scale(value, conf.get("format"))
             count += 1
     return count
@@ -278,8 +280,8 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
         fmt = module.quant.format
         if fmt == weights.FP8_ROWWISE and comfy_compatible:
             fmt = weights.FP8_TENSOR
-        conf = {k: v for k, v in module.quant.conf.items() if k != "format"}
-        conf["format"] = fmt
+        conf = {k: v for k, v in module.quant.conf.items() if k not in ("format", "convrot", "convrot_groupsize")}
+        conf.update(weights.conf_for_format(fmt))
         quant_layers[layer] = conf
         layer_specs = checkpoint.layer_specs(layer, fmt, module.quant.shape, "input_scale" in module._parameters)
         specs += layer_specs

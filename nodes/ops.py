@@ -29,7 +29,9 @@ import comfy.ops
 from comfy.ldm.lightricks.model import FeedForward, GELU_approx
 
 from ..quant import runtime
-from ..quant.weights import MXFP8, QuantizedWeight, requantize_like
+from ..quant.capability import capability as device_capability
+from ..quant.modes import layer_activation
+from ..quant.weights import MXFP8, QuantizedWeight, format_from_conf, requantize_like
 
 log = logging.getLogger("ltx2_quant")
 
@@ -45,7 +47,7 @@ class LayerQuant:
 
 def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
     """An op namespace bound to the device the model will run on (which decides each layer's path)."""
-    capability = runtime.capability(compute_device)
+    capability = device_capability(compute_device)
 
     class LTX2QuantOps(comfy.ops.manual_cast):
         paths: dict[tuple[str, str], str] = {}  # (format, path) -> reason, for the load report
@@ -67,10 +69,9 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                     tensor = state_dict.pop(prefix + suffix, None)
                     if tensor is not None:
                         stored[suffix] = tensor
-                qw = QuantizedWeight.from_tensors(conf["format"], shape, stored)
-                activation = runtime.layer_activation(conf)
-                path, reason = runtime.choose_path(qw.format, activation, capability, shape,
-                                                   runtime.layer_nvfp4_mode(conf, nvfp4_mode))
+                qw = QuantizedWeight.from_tensors(format_from_conf(conf), shape, stored)
+                activation = layer_activation(conf, nvfp4_mode)
+                path, reason = runtime.choose_path(qw.format, activation, capability, shape)
                 LTX2QuantOps.paths[(qw.format, path)] = reason
                 # Re-blocking MXFP8 is real work: do it on the GPU, keep the result where the weight was.
                 prepare_on = compute_device if qw.format == MXFP8 else qw.data.device

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch.utils._triton import has_triton
 
-from ..quant import runtime
+from ..quant.capability import capability
 from ..quant.attention import choose_attention, comfy_override
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
@@ -64,7 +64,7 @@ def patch_attention(model, requested: str):
     The choice is probed on the model's device in its compute dtype; ComfyUI's own attention still
     takes the calls the implementation cannot (masks, other dtypes or head sizes)."""
     device = model.load_device
-    name, reason = choose_attention(runtime.capability(device), requested, device,
+    name, reason = choose_attention(capability(device), requested, device,
                                     model.model.get_dtype_inference())
     patched = model.clone()
     options = patched.model_options["transformer_options"]

@@ -9,7 +9,8 @@ import comfy.model_management
 from aiohttp import web
 from server import PromptServer
 
-from ..quant import memory, runtime
+from ..quant import memory
+from ..quant.capability import capability
 from .loader import scope_options
 from .model_io import ACTIVATION_HEADROOM, connectors_stream
 from .ops import compute_device
@@ -36,7 +37,7 @@ async def estimate(request: web.Request) -> web.Response:
     # unified memory): estimate that. A CPU-only server estimates for an FP8 GPU, where they stream.
     if device.type != "cpu" and not connectors_stream(device, True):
         query["text_connectors_on_cpu"] = "false"
-    answer = await asyncio.to_thread(memory.estimate_answer, query, scope, runtime.capability(device), free,
+    answer = await asyncio.to_thread(memory.estimate_answer, query, scope, capability(device), free,
                                      ACTIVATION_HEADROOM)
     return web.json_response(answer)
 

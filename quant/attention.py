@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
 from .formats import FP8_MAX, cast_to_fp8
-from .runtime import Capability
+from .capability import Capability
 
 log = logging.getLogger("ltx2_quant")
 

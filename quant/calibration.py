@@ -10,10 +10,11 @@ import math
 
 import torch
 
-from . import formats
+from . import formats, weights
 from .ltx2 import CHECKPOINT_PREFIX, strip_prefix
 from .safetensors_io import write_text
-from .weights import NVFP4
+from .modes import Activation, layer_activation
+from .weights import INT8_FORMATS, NVFP4
 
 SUFFIX = ".input_quantizer"
 
@@ -79,11 +80,20 @@ def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.T
     write_text(path, json.dumps(content, indent=1))
 
 
+def gets_input_scale(conf: dict) -> bool:
+    """Whether a calibrated amax gives a layer (its ComfyUI per-layer config) a static input_scale:
+    the layers that quantize their input (W8A8, and NVFP4 layers, whose input_scale is the global
+    scale of NVFP4 activations), except ConvRot ones (an amax bounds their input, not its rotation)."""
+    fmt = weights.format_from_conf(conf)
+    return (fmt == NVFP4 or layer_activation(conf) != Activation.NONE) and not weights.rotation(fmt)
+
+
 def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
-    """The static activation decode scale for an amax: amax/448 for FP8 activations (clamped to it
-    before the cast), amax/2688 for an NVFP4 layer (the activation global scale of NVFP4 activation
-    quantization, as ComfyUI's NVFP4 files store it)."""
-    divisor = formats.NVFP4_GLOBAL_DIVISOR if fmt == NVFP4 else formats.FP8_MAX
+    """The static activation decode scale for an amax: amax/448 for FP8 activations and amax/127 for
+    INT8 ones (clamped to it before the cast), amax/2688 for an NVFP4 layer (the activation global
+    scale of NVFP4 activation quantization, as ComfyUI's NVFP4 files store it)."""
+    divisor = (formats.NVFP4_GLOBAL_DIVISOR if fmt == NVFP4 else formats.INT8_MAX if fmt in INT8_FORMATS
+               else formats.FP8_MAX)
     return torch.tensor(amax / divisor, dtype=torch.float32)
 
 

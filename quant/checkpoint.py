@@ -100,11 +100,10 @@ def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
 def _discover_format(f: SafetensorsFile, layer_key: str, conf: dict | None) -> str:
     weight = f.tensors[layer_key + ".weight"]
     if conf is not None:
-        fmt = conf.get("format")
-        if fmt not in weights.FORMATS:
-            raise CheckpointError(f"{f.path}: layer {layer_key!r} has quantization format {fmt!r}, which this pack "
-                                  f"cannot read (known: {', '.join(weights.FORMATS)})")
-        return fmt
+        try:
+            return weights.format_from_conf(conf)
+        except weights.FormatError as e:
+            raise CheckpointError(f"{f.path}: layer {layer_key!r}: {e}") from None
     has_scale = layer_key + ".weight_scale" in f
     if weight.dtype == torch.float8_e4m3fn and len(weight.shape) == 2:
         if has_scale and f.tensors[layer_key + ".weight_scale"].shape not in ((), (1,)):
@@ -144,8 +143,9 @@ def _check_layer_tensors(f: SafetensorsFile, source: LayerSource) -> None:
             raise CheckpointError(f"{f.path}: layer {source.layer!r} ({source.format}) lacks tensor {suffix!r}")
         info = f.tensors[key]
         numel_ok = _numel(info.shape) == _numel(shape)
-        dtype_ok = info.dtype.itemsize == dtype.itemsize and (info.dtype.is_floating_point or dtype == torch.uint8
-                                                               or info.dtype == dtype)
+        if suffix == "weight_scale" and source.format in weights.INT8_FORMATS:
+            numel_ok = numel_ok or _numel(info.shape) == 1  # ComfyUI's int8_tensorwise: per row or per tensor
+        dtype_ok = _stored_dtype_ok(info.dtype, dtype, suffix, source.format)
         if suffix == "weight":
             numel_ok = tuple(info.shape) == tuple(shape)
         if not (numel_ok and dtype_ok):
@@ -156,6 +156,18 @@ def _check_layer_tensors(f: SafetensorsFile, source: LayerSource) -> None:
     if input_scale is not None and _numel(f.tensors[input_scale].shape) != 1:
         raise CheckpointError(f"{f.path}: tensor {input_scale!r} must be a scalar, got shape "
                               f"{list(f.tensors[input_scale].shape)}")
+
+
+def _stored_dtype_ok(stored: torch.dtype, expected: torch.dtype, suffix: str, fmt: str) -> bool:
+    """Whether a tensor stored as `stored` holds what `fmt` needs as `expected` without a silent
+    reinterpretation: wider floats may come in another float type of the same size; 1-byte data only
+    in its own type, except block scales, which ComfyUI writes as raw bytes (U8) or as their FP8 type."""
+    if stored == expected:
+        return True
+    if expected.itemsize == 1:
+        scale_types = (torch.uint8, torch.float8_e8m0fnu if fmt == weights.MXFP8 else torch.float8_e4m3fn)
+        return suffix == "weight_scale" and stored in scale_types
+    return stored.is_floating_point and expected.is_floating_point and stored.itemsize == expected.itemsize
 
 
 def _numel(shape) -> int:
@@ -459,7 +471,7 @@ def layer_conf(decision: LayerDecision) -> dict:
     """ComfyUI per-layer config. A weight-only layer asks stock ComfyUI for its dequantize path
     (`full_precision_matrix_mult`), as our ops read it too; `shape` lets readers recover the
     logical shape of padded formats."""
-    conf: dict = {"format": decision.target_format, "shape": list(decision.shape)}
+    conf: dict = {**weights.conf_for_format(decision.target_format), "shape": list(decision.shape)}
     if decision.weight_only:
         conf["full_precision_matrix_mult"] = True
     return conf

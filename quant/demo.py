@@ -9,7 +9,7 @@ from . import ltx2
 from .checkpoint import layer_conf
 from .policies import POLICIES, Policy, plan, summarize
 from .reference import reference_linear, relative_error
-from .runtime import layer_activation
+from .modes import Nvfp4Mode, layer_activation
 from .weights import QuantizedWeight, quantize_weight
 
 # One block's main path per stream: attention values and output, then the feed-forward.
@@ -37,7 +37,9 @@ def quantize_block(state: dict[str, torch.Tensor], policy: Policy, block: int, n
              for k, v in state.items() if k.startswith(prefix) and k.endswith(".weight")]
     decisions = plan(policy, table, num_blocks)
     targets = {d.layer: d.target_format for d in decisions}
-    activations = {d.layer[len(prefix):]: layer_activation(layer_conf(d)) for d in decisions if d.changed}
+    # NVFP4 layers as the exact mode runs them (weight-only): the fast modes differ per GPU.
+    activations = {d.layer[len(prefix):]: layer_activation(layer_conf(d), Nvfp4Mode.EXACT)
+                   for d in decisions if d.changed}
     out = {}
     for key, value in state.items():
         if not key.startswith(prefix):

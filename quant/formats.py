@@ -364,3 +364,71 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, global_sc
     scales = unswizzle_scales(block_scales.view(FP8_DTYPE), rows, cols // NVFP4_BLOCK).float()
     values = values * (scales * global_scale.float()).unsqueeze(-1)
     return values.reshape(rows, cols)[: shape[0], : shape[1]].to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8: symmetric, one scale per output row (weights) or per token (activations); ConvRot
+# ---------------------------------------------------------------------------------------------
+
+INT8_MAX = 127.0
+# ComfyUI's ConvRot: a block-diagonal regular Hadamard rotation of the input dimension, one block per
+# CONVROT_GROUP_SIZE features (comfy-kitchen's default and the official LTX-2.5 int8 files').
+CONVROT_GROUP_SIZE = 256
+_HADAMARD_4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+
+
+def hadamard(size: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """comfy-kitchen's normalized regular Hadamard matrix of `size` (a power of 4): Kronecker powers of
+    one symmetric 4x4 block over sqrt(size). Symmetric and orthogonal, so it is its own inverse; its
+    entries +-2^-k are exact in every float dtype."""
+    if size < 4 or size & (size - 1) or (size.bit_length() - 1) % 2:
+        raise ValueError(f"a ConvRot group size must be a power of 4 (16, 64, 256, ...), got {size}")
+    block = torch.tensor(_HADAMARD_4, dtype=dtype, device=device)
+    h = block
+    while h.shape[0] < size:
+        h = torch.kron(h, block)
+    return h / (size ** 0.5)
+
+
+def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x @ blockdiag(H, H, ...) over the last dimension, in x's dtype (comfy-kitchen's rotation of
+    weights, W @ H^T, and of activations, x @ H, are the same product since H is symmetric)."""
+    features = x.shape[-1]
+    if features % group_size:
+        raise ValueError(f"{features} features are not a whole number of ConvRot groups of {group_size}")
+    h = hadamard(group_size, x.dtype, x.device)
+    return torch.matmul(x.reshape(-1, features // group_size, group_size), h).reshape(x.shape)
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8 of a weight: (int8 data, fp32 (rows, 1) scales amax/127). Byte-identical
+    to comfy-kitchen's quantize_int8_rowwise (and so to ComfyUI's int8 files): the scale is floored
+    at 1e-30 and the division runs in w's own dtype, rounding half to even."""
+    scale = (w.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp(min=1e-30)
+    divisor = scale.to(w.dtype)
+    divisor = torch.where(divisor == 0, torch.full_like(divisor, torch.finfo(w.dtype).tiny), divisor)
+    return (w / divisor).round_().clamp_(-128.0, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_int8(data: torch.Tensor, scale: torch.Tensor, rotation: int = 0,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """INT8 codes times their scales in fp32; a ConvRot weight (`rotation` = its group size) is rotated
+    back to the original basis."""
+    values = data.float() * scale.float()
+    if rotation:
+        values = rotate_groups(values, rotation)
+    return values.to(dtype)
+
+
+def quantize_int8_rowwise_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of an activation in fp32: (int8 codes, fp32 (rows, 1) scales amax/127; a zero
+    row gets scale 1). The reference the GPU kernels reproduce."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / INT8_MAX)
+    return (x32 * (1.0 / scale)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """INT8 of an activation with one calibrated scale, clamped to the range before the cast."""
+    return (x.float() * (1.0 / input_scale.float())).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)

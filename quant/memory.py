@@ -18,7 +18,9 @@ from typing import Mapping
 
 import torch
 
-from . import ltx2, runtime, sampling, weights
+from . import advice, ltx2, runtime, sampling, weights
+from .capability import Capability
+from .modes import NVFP4_MODES, layer_activation
 from .checkpoint import layer_conf
 from .policies import POLICIES, get_policy, plan, summarize
 from .safetensors_io import DTYPE_NAMES
@@ -44,17 +46,7 @@ UPSAMPLER_BLOCKS_PER_STAGE = 4
 # Mid-width tensors alive at once in an upsampler ResBlock at full size (input, conv, norm, SiLU).
 UPSAMPLER_LIVE_TENSORS = 4
 # Default hardware: an FP8 GPU (Ada/Hopper), where fp8-cast and NVFP4 expand weights per call.
-FP8_GPU = runtime.Capability("cuda", (9, 0), True)
-# Per-call behaviour of each execution path (runtime.choose_path): bytes per weight element that a
-# call expands into a temporary, and whether the call quantizes its input to FP8 (W8A8).
-PATH_PER_CALL = {
-    "bf16-dequant": (BF16, False), "nvfp4-jit-bf16": (BF16, False),
-    "reference": (FP32, False),  # the slow fallback also copies activations to fp32 (not modelled)
-    "nvfp4-jit-fp8": (1, True), "fp8-rowwise": (0, True), "mxfp8-as-fp8": (0, True),
-    "mxfp8-native": (0, True), "nvfp4-native": (0, True),
-}
-# Ada/Hopper re-block MXFP8 at load to per-row FP8 (runtime.prepare), 3% smaller than MXFP8 storage.
-MXFP8_AS_ROWWISE_PATHS = ("mxfp8-as-fp8", "bf16-dequant")
+FP8_GPU = Capability("cuda", (9, 0), True)
 
 
 @dataclass(frozen=True)
@@ -112,22 +104,20 @@ def planned_bytes(policy_name: str, scope: dict | None = None, config: dict | No
     return summarize(decisions)["bytes_after"] + other
 
 
-def _runtime_layers(decisions, capability: runtime.Capability, nvfp4_mode: str) -> tuple[int, int, bool]:
+def _runtime_layers(decisions, capability: Capability, nvfp4_mode: str) -> tuple[int, int, bool]:
     """(bytes the quantized layers hold on the GPU, the largest per-call weight temporary, whether
-    any layer quantizes its input to FP8), from the execution path each layer takes."""
+    any layer quantizes its input to 8 or 4 bits), from the execution path each layer takes
+    (runtime.ExecutionPath's declared per-call costs)."""
     held, expanded, w8a8 = 0, 0, False
     for d in decisions:
         if not d.changed:
             continue
         conf = layer_conf(d)  # the path our ops choose when they load this layer
-        path, _ = runtime.choose_path(d.target_format, runtime.layer_activation(conf), capability, d.shape,
-                                      runtime.layer_nvfp4_mode(conf, nvfp4_mode))
-        per_element, quantizes_input = PATH_PER_CALL[path]
-        resident = (weights.FP8_ROWWISE if d.target_format == weights.MXFP8 and path in MXFP8_AS_ROWWISE_PATHS
-                    else d.target_format)
-        held += weights.storage_nbytes(resident, d.shape)
-        expanded = max(expanded, per_element * math.prod(d.shape))
-        w8a8 = w8a8 or quantizes_input
+        name, _ = runtime.choose_path(d.target_format, layer_activation(conf, nvfp4_mode), capability, d.shape)
+        path = runtime.BY_NAME[name]
+        held += weights.storage_nbytes(runtime.resident_format(name, d.target_format), d.shape)
+        expanded = max(expanded, path.expanded_bytes_per_weight * math.prod(d.shape))
+        w8a8 = w8a8 or path.quantizes_input
     return held, expanded, w8a8
 
 
@@ -142,7 +132,7 @@ def upsampler_bytes() -> int:
 
 def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: bool = False,
                   scope: dict | None = None, nvfp4_mode: str = "fast", config: dict | None = None,
-                  capability: runtime.Capability = FP8_GPU, frame_rate: float = 24.0,
+                  capability: Capability = FP8_GPU, frame_rate: float = 24.0,
                   text_connectors_on_cpu: bool = True) -> VramEstimate:
     """Peak VRAM of sampling `width` x `height` x `frames` (two-stage: stage 2 at that size after
     stage 1 at half size, and the upsampler between them) with the transformer resident, except,
@@ -182,12 +172,12 @@ def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: 
     return estimate
 
 
-def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: runtime.Capability,
+def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: Capability,
                     free_bytes: int | None, auto_headroom_bytes: int) -> dict:
     """The JSON the web widget shows for a query (policy, width, height, frames, two_stage,
     nvfp4_mode, text_connectors_on_cpu: default true): the estimate in GiB, or `errors` naming each bad value. `auto` is resolved the way
-    the loader resolves it on this server's device; the estimate assumes an FP8 GPU when the server
-    has none."""
+    the loader resolves it on this server's device; the estimate is for this server's GPU, or an FP8
+    GPU when the server has none."""
     answer: dict = {"policy": query.get("policy", "auto"), "auto_reason": None, "errors": [],
                     "weights_gib": None, "activations_gib": None, "overhead_gib": None, "total_gib": None}
     numbers = {}
@@ -205,15 +195,15 @@ def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: ru
         answer["errors"].append(f"unknown policy {answer['policy']!r}; choose one of: auto, {', '.join(POLICIES)}")
     text_connectors_on_cpu = query.get("text_connectors_on_cpu", "true").lower() in ("1", "true", "yes", "on")
     nvfp4_mode = query.get("nvfp4_mode", "fast")
-    if nvfp4_mode not in runtime.NVFP4_MODES:
-        answer["errors"].append(f"unknown nvfp4_mode {nvfp4_mode!r}; choose one of: {', '.join(runtime.NVFP4_MODES)}")
+    if nvfp4_mode not in NVFP4_MODES:
+        answer["errors"].append(f"unknown nvfp4_mode {nvfp4_mode!r}; choose one of: {', '.join(NVFP4_MODES)}")
     if answer["errors"]:
         return answer
     if answer["policy"] == "auto":
         sizes = {name: planned_bytes(name, scope, text_connectors_on_cpu=text_connectors_on_cpu) for name in POLICIES}
-        answer["policy"], answer["auto_reason"] = runtime.choose_auto_policy(capability, free_bytes, sizes,
-                                                                             auto_headroom_bytes)
-    target = capability if capability.fp8_tensor_cores else FP8_GPU
+        answer["policy"], answer["auto_reason"] = advice.choose_auto_policy(capability, free_bytes, sizes,
+                                                                            auto_headroom_bytes)
+    target = capability if capability.device_type == "cuda" else FP8_GPU
     estimate = estimate_vram(answer["policy"], numbers["width"], numbers["height"], numbers["frames"], two_stage,
                              scope=scope, nvfp4_mode=nvfp4_mode, capability=target,
                              text_connectors_on_cpu=text_connectors_on_cpu)

@@ -11,10 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from . import weights
 from .ltx2 import BLOCK_LINEAR_RE, CONNECTOR_LINEAR_RE, is_audio_side, reads_few_tokens
-
-# Activation handling at run time: "none" = weight-only (dequantize, matmul in bf16);
-# "fp8" = W8A8: dynamic per-token FP8 activations, or the static `input_scale` when a layer has one.
-ACTIVATIONS = ("none", "fp8")
+from .modes import Activation
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class Scope:
 class Policy:
     name: str
     weight_format: str | None
-    activation: str = "none"
+    activation: Activation = Activation.NONE  # what its block Linears' activations become where the GPU can
     scope: Scope = field(default_factory=Scope)
     outer_fp8_per_tensor: bool = False  # NVFP4 policies: their FP8 outer layers with one scale per tensor
 
@@ -105,11 +102,18 @@ FP8_SCALED_MM_KEEPS = ("*.audio_to_video_attn.to_k", "*.audio_to_video_attn.to_v
 
 POLICIES: dict[str, Policy] = {
     "bf16": Policy("bf16", None),
-    "fp8-cast": Policy("fp8-cast", weights.FP8_ROWWISE, "none"),
-    "fp8-scaled-mm": Policy("fp8-scaled-mm", weights.FP8_ROWWISE, "fp8",
+    "fp8-cast": Policy("fp8-cast", weights.FP8_ROWWISE, Activation.NONE),
+    "fp8-scaled-mm": Policy("fp8-scaled-mm", weights.FP8_ROWWISE, Activation.FP8,
                             Scope(exclude=FP8_SCALED_MM_KEEPS)),
-    "mxfp8": Policy("mxfp8", weights.MXFP8, "fp8"),
-    "nvfp4": Policy("nvfp4", weights.NVFP4, "none"),
+    # INT8 W8A8: per-output-row INT8 weights, per-token INT8 activations; INT8 tensor cores run on every
+    # NVIDIA GPU from Turing on (2x bf16 on Ampere). `int8-convrot` also rotates each 256-feature group
+    # of the input by a Hadamard (ComfyUI's ConvRot: folded into the weights at load, applied to the
+    # activations inside their quantization kernel), which spreads outlier channels over the group.
+    "int8-scaled-mm": Policy("int8-scaled-mm", weights.INT8, Activation.INT8),
+    "int8-convrot": Policy("int8-convrot", weights.INT8_CONVROT, Activation.INT8),
+    "mxfp8": Policy("mxfp8", weights.MXFP8, Activation.FP8),
+    # W4A4 on Blackwell; on Ada/Hopper the nvfp4_mode `fast` expands weights to FP8 per call (W8A8).
+    "nvfp4": Policy("nvfp4", weights.NVFP4, Activation.NVFP4),
 }
 
 
@@ -161,14 +165,16 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
             eight_bit = in_block and policy.scope.wants_8bit(layer)
             target = policy.weight_format if in_block and not eight_bit else policy.outer_format
             mixed_8bit = eight_bit and policy.weight_format == weights.NVFP4
+            if target == weights.INT8_CONVROT and shape[1] % weights.rotation(target):
+                target = weights.INT8  # ConvRot rotates whole groups of input features; LTX-2's widths all are
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
-        # A weight-only policy's FP8 layers (fp8-cast's, an NVFP4 policy's connectors and `include`d
-        # outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
+        # The FP8 layers of a policy that is not W8A8 FP8 (fp8-cast's, an NVFP4 policy's connectors and
+        # `include`d outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
         # (checkpoint.plan_conversion) besides the few-token rule.
         weight_only = target in weights.FORMATS and (
             reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
-            or (target != source and policy.activation == "none" and not mixed_8bit
-                and target in (weights.FP8_TENSOR, weights.FP8_ROWWISE)))
+            or (target != source and policy.activation != Activation.FP8 and not mixed_8bit
+                and target in weights.FP8_FORMATS))
         decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
     return decisions
 

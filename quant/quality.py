@@ -15,14 +15,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .calibration import input_scale
+from .calibration import gets_input_scale, input_scale
 from .checkpoint import inspect_checkpoint, layer_conf, read_layer
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error
-from .runtime import layer_activation
+from .modes import Nvfp4Mode, layer_activation
 from .safetensors_io import SafetensorsFile, write_text
-from .weights import NVFP4, QuantizedWeight, quantize_weight
+from .weights import QuantizedWeight, quantize_weight
 
 # Branches of an LTX-2 block, the unit the scope options keep or quantize.
 _BRANCHES = (("video self-attn", r"\.attn1\."), ("video cross-attn", r"\.attn2\."),
@@ -109,8 +109,10 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
             qw = quantize_weight(weight.float(), decision.target_format)
-            activation = layer_activation(layer_conf(decision))
-            if amax and decision.layer in amax and (activation == "fp8" or qw.format == NVFP4):
+            conf = layer_conf(decision)
+            # NVFP4 layers as the exact mode runs them (weight-only): the fast modes differ per GPU.
+            activation = layer_activation(conf, Nvfp4Mode.EXACT)
+            if amax and decision.layer in amax and gets_input_scale(conf):
                 qw.tensors["input_scale"] = input_scale(amax[decision.layer], qw.format)
             x = evaluation_inputs(weight.shape[1], tokens, seed, (channel_amax or {}).get(decision.layer))
             rows.append(layer_quality(decision.layer, weight, qw, bias, x, activation))

@@ -1,7 +1,8 @@
 """Plain PyTorch reference linears: the correctness oracle every faster path is compared with.
 
-Everything is computed in fp32 from the dequantized weight; W8A8 policies also quantize the
-activation exactly as the fast paths must (per-token dynamic FP8, or the static `input_scale`).
+Everything is computed in fp32 from the dequantized weight; W8A8 and W4A4 layers also quantize the
+activation exactly as the fast paths must (per-token dynamic FP8 or INT8, NVFP4 blocks, or the
+static `input_scale`).
 """
 
 from __future__ import annotations
@@ -9,34 +10,52 @@ from __future__ import annotations
 import torch
 
 from . import formats
-from .weights import QuantizedWeight
+from .modes import Activation
+from .weights import QuantizedWeight, rotation
 
 
-def quantize_activation_reference(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """What an FP8 activation becomes after quantization and dequantization, in fp32."""
+def quantize_activation_reference(x: torch.Tensor, input_scale: torch.Tensor | None,
+                                  activation: str = Activation.FP8, rotation_group: int = 0) -> torch.Tensor:
+    """What an activation becomes after quantization to `activation`'s format and back, in fp32.
+    With `rotation_group` (a ConvRot INT8 layer) it is quantized in the rotated basis, as the fast
+    path does, and rotated back (the Hadamard is its own inverse)."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    if input_scale is not None:
-        data = formats.quantize_fp8_static(rows, input_scale)
-        return formats.dequantize_fp8(data, input_scale).reshape(x.shape)
-    data, scale = formats.quantize_fp8_rowwise_dynamic(rows)
-    return formats.dequantize_fp8(data, scale).reshape(x.shape)
+    if rotation_group:
+        rows = formats.rotate_groups(rows, rotation_group)
+    if activation == Activation.FP8:
+        if input_scale is not None:
+            values = formats.dequantize_fp8(formats.quantize_fp8_static(rows, input_scale), input_scale)
+        else:
+            values = formats.dequantize_fp8(*formats.quantize_fp8_rowwise_dynamic(rows))
+    elif activation == Activation.INT8:
+        if input_scale is not None and not rotation_group:
+            values = formats.quantize_int8_static(rows, input_scale).float() * input_scale.float()
+        else:
+            data, scale = formats.quantize_int8_rowwise_dynamic(rows)
+            values = data.float() * scale
+    elif activation == Activation.NVFP4:
+        packed, block_scales, global_scale = formats.quantize_nvfp4(rows, input_scale)
+        values = formats.dequantize_nvfp4(packed, block_scales, global_scale, tuple(rows.shape))
+    else:
+        raise ValueError(f"unknown activation mode {activation!r}")
+    if rotation_group:
+        values = formats.rotate_groups(values, rotation_group)
+    return values.reshape(x.shape)
 
 
 def reference_linear(x: torch.Tensor, weight: QuantizedWeight | torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str = "none") -> torch.Tensor:
-    """y = act(x) @ W^T + b in fp32. `activation` is a policy's: "none" or "fp8"."""
+                     activation: str = Activation.NONE) -> torch.Tensor:
+    """y = act(x) @ W^T + b in fp32; `activation` is a modes.Activation."""
     if isinstance(weight, QuantizedWeight):
         w = weight.dequantize(torch.float32)
-        input_scale = weight.input_scale
+        input_scale, group = weight.input_scale, rotation(weight.format)
     else:
         w = weight.float()
-        input_scale = None
-    if activation == "fp8":
-        x32 = quantize_activation_reference(x, input_scale)
-    elif activation == "none":
+        input_scale, group = None, 0
+    if activation == Activation.NONE:
         x32 = x.float()
     else:
-        raise ValueError(f"unknown activation mode {activation!r}")
+        x32 = quantize_activation_reference(x, input_scale, activation, group)
     y = x32 @ w.t()
     if bias is not None:
         y = y + bias.float()

@@ -1,8 +1,10 @@
 """A quantized Linear weight: its format, logical shape and the tensors a checkpoint stores for it.
 
-Format names are ComfyUI's (`float8_e4m3fn`, `mxfp8`, `nvfp4`) plus one of ours,
-`float8_e4m3fn_rowwise` (per-output-channel FP8 scales), which stock ComfyUI cannot read: files
-meant for stock ComfyUI are written with per-tensor scales.
+Format names are ComfyUI's (`float8_e4m3fn`, `mxfp8`, `nvfp4`, `int8_tensorwise`) plus two of ours:
+`float8_e4m3fn_rowwise` (per-output-channel FP8 scales), which stock ComfyUI cannot read (files
+meant for stock ComfyUI are written with per-tensor scales), and `int8_tensorwise_convrot`, our name
+for ComfyUI's `int8_tensorwise` layer with `"convrot": true` (weights stored rotated by a
+block Hadamard of CONVROT_GROUP_SIZE; format_from_conf / conf_for_format translate).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ FP8_TENSOR = "float8_e4m3fn"
 FP8_ROWWISE = "float8_e4m3fn_rowwise"
 MXFP8 = "mxfp8"
 NVFP4 = "nvfp4"
-FORMATS = (FP8_TENSOR, FP8_ROWWISE, MXFP8, NVFP4)
-# Formats a stock ComfyUI v0.20 reads from `_quantization_metadata`.
-COMFY_NATIVE_FORMATS = (FP8_TENSOR, MXFP8, NVFP4)
+INT8 = "int8_tensorwise"  # per-output-row scales (ComfyUI's int8_tensorwise takes a scalar or one per row)
+INT8_CONVROT = "int8_tensorwise_convrot"
+FORMATS = (FP8_TENSOR, FP8_ROWWISE, MXFP8, NVFP4, INT8, INT8_CONVROT)
+FP8_FORMATS = (FP8_TENSOR, FP8_ROWWISE)
+INT8_FORMATS = (INT8, INT8_CONVROT)
 
 
 class FormatError(ValueError):
@@ -30,6 +34,36 @@ def check_format(name: str) -> str:
     if name not in FORMATS:
         raise FormatError(f"unknown quantization format {name!r}; known formats: {', '.join(FORMATS)}")
     return name
+
+
+def rotation(fmt: str) -> int:
+    """The ConvRot group size a format's weights are stored rotated by (0: not rotated)."""
+    return formats.CONVROT_GROUP_SIZE if fmt == INT8_CONVROT else 0
+
+
+def format_from_conf(conf: dict) -> str:
+    """This pack's format name for a ComfyUI per-layer quantization config (`.comfy_quant` or
+    `_quantization_metadata`): its `format`, except that an INT8 layer with ConvRot (top-level keys,
+    or under `params` as some writers put them) is INT8_CONVROT. Raises FormatError for formats and
+    rotations this pack cannot run."""
+    fmt = conf.get("format")
+    params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    if fmt == INT8 and conf.get("convrot", params.get("convrot", False)):
+        group = conf.get("convrot_groupsize", params.get("convrot_groupsize", formats.CONVROT_GROUP_SIZE))
+        if group != formats.CONVROT_GROUP_SIZE:
+            raise FormatError(f"ConvRot group size {group!r}: this pack runs ConvRot INT8 layers of group size "
+                              f"{formats.CONVROT_GROUP_SIZE} (ComfyUI's default and the official files')")
+        return INT8_CONVROT
+    if fmt == INT8_CONVROT or not isinstance(fmt, str):  # our internal name is never a file's
+        raise FormatError(f"unknown quantization format {fmt!r}; known formats: {', '.join(FORMATS[:-1])}")
+    return check_format(fmt)
+
+
+def conf_for_format(fmt: str) -> dict:
+    """The ComfyUI per-layer config entries that say `fmt` (the inverse of format_from_conf)."""
+    if fmt == INT8_CONVROT:
+        return {"format": INT8, "convrot": True, "convrot_groupsize": formats.CONVROT_GROUP_SIZE}
+    return {"format": check_format(fmt)}
 
 
 @dataclass
@@ -72,10 +106,15 @@ class QuantizedWeight:
             tensors["weight_scale"] = tensors["weight_scale"].view(torch.uint8)
         elif fmt == FP8_TENSOR:
             tensors["weight_scale"] = tensors.get("weight_scale", torch.ones(())).float().reshape(())
+        elif fmt in INT8_FORMATS:  # ComfyUI's int8_tensorwise: one scale per tensor or per row
+            scale = tensors["weight_scale"].float()
+            tensors["weight_scale"] = scale.reshape(()) if scale.numel() == 1 else scale.reshape(shape[0], 1)
         if "input_scale" in tensors:
             tensors["input_scale"] = tensors["input_scale"].float().reshape(())
         stored = storage_specs(fmt, shape)
         for suffix in ("weight", "weight_scale"):
+            if fmt in INT8_FORMATS and suffix == "weight_scale":
+                continue  # shaped above: a scalar is valid too
             tensors[suffix] = tensors[suffix].reshape(stored[suffix][1])
         return cls(fmt, tuple(shape), tensors)
 
@@ -84,6 +123,8 @@ class QuantizedWeight:
             return formats.dequantize_fp8(self.data, self.scale, dtype)
         if self.format == MXFP8:
             return formats.dequantize_mxfp8(self.data, self.scale, self.shape, dtype)
+        if self.format in INT8_FORMATS:
+            return formats.dequantize_int8(self.data, self.scale, rotation(self.format), dtype)
         return formats.dequantize_nvfp4(self.data, self.scale, self.tensors["weight_scale_2"], self.shape, dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
@@ -132,6 +173,14 @@ def quantize_weight(w: torch.Tensor, fmt: str) -> QuantizedWeight:
         data = torch.cat([p[0] for p in parts])
         scale_bytes = torch.cat([p[1] for p in parts])
         return QuantizedWeight(fmt, shape, {"weight": data, "weight_scale": formats.swizzle_scales(scale_bytes)})
+    if fmt in INT8_FORMATS:  # rows are independent, the rotation too (it mixes features within a row)
+        group = rotation(fmt)
+        if group and shape[1] % group:
+            raise FormatError(f"{fmt} rotates whole ConvRot groups of {group} input features; this weight has "
+                              f"{shape[1]} (policies.plan gives such layers {INT8})")
+        parts = [formats.quantize_int8_rows(formats.rotate_groups(c, group) if group else c) for c in chunks]
+        return QuantizedWeight(fmt, shape, {"weight": torch.cat([p[0] for p in parts]),
+                                            "weight_scale": torch.cat([p[1] for p in parts])})
     global_scale = _amax(w).float() / formats.NVFP4_GLOBAL_DIVISOR
     # Searched block scales: 15% less weight error than amax/6 for the same bytes (formats.py).
     parts = [formats.quantize_nvfp4_rows(c, global_scale, search_scales=True) for c in chunks]
@@ -150,6 +199,8 @@ def storage_specs(fmt: str, shape: tuple[int, int]) -> dict[str, tuple[torch.dty
         return {"weight": (formats.FP8_DTYPE, (rows, cols)), "weight_scale": (torch.float32, ())}
     if fmt == FP8_ROWWISE:
         return {"weight": (formats.FP8_DTYPE, (rows, cols)), "weight_scale": (torch.float32, (rows, 1))}
+    if fmt in INT8_FORMATS:
+        return {"weight": (torch.int8, (rows, cols)), "weight_scale": (torch.float32, (rows, 1))}
     if fmt == MXFP8:
         r, c = formats.round_up(rows, formats.MXFP8_BLOCK), formats.round_up(cols, formats.MXFP8_BLOCK)
         return {"weight": (formats.FP8_DTYPE, (r, c)),
@@ -184,6 +235,16 @@ def requantize_like(qw: QuantizedWeight, dense: torch.Tensor, seed: int | None =
     if seed is not None:
         generator = torch.Generator(device=dense.device).manual_seed(seed % (2 ** 63))
     to_fp8 = formats.cast_to_fp8 if generator is None else (lambda v: formats.stochastic_round_fp8(v, generator))
+    if qw.format in INT8_FORMATS:
+        group = rotation(qw.format)
+        scaled = (formats.rotate_groups(dense, group) if group else dense) * (1.0 / qw.scale.float())
+        if generator is not None:
+            noise = torch.rand(scaled.shape, generator=generator, device=generator.device).to(scaled.device)
+            rounded = torch.floor(scaled + noise)  # up with probability frac(x): unbiased
+        else:
+            rounded = scaled.round()
+        data = rounded.clamp(-128.0, formats.INT8_MAX).to(torch.int8)
+        return QuantizedWeight(qw.format, qw.shape, {**qw.tensors, "weight": data})
     to_e2m1 = formats.e2m1_encode if generator is None else (lambda v: formats.stochastic_round_e2m1(v, generator))
     if qw.format in (FP8_TENSOR, FP8_ROWWISE):
         data = to_fp8(dense * (1.0 / qw.scale.float()))

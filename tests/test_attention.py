@@ -12,7 +12,7 @@ from quant import attention, kernels
 from quant.attention import IMPLEMENTATIONS, choose_attention, comfy_override, probe, reference_attention, \
     relative_error
 from quant.formats import cast_to_fp8
-from quant.runtime import Capability, capability
+from quant.capability import Capability, capability
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HERE = capability(DEVICE)

@@ -20,7 +20,7 @@ from quant.cli import main
 from quant.safetensors_io import SafetensorsFile
 
 REPO = Path(__file__).resolve().parents[1]
-POLICY_NAMES = ("bf16", "fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4")
+POLICY_NAMES = ("bf16", "fp8-cast", "fp8-scaled-mm", "int8-scaled-mm", "int8-convrot", "mxfp8", "nvfp4")
 DEMO_ROW = re.compile(r"^(?P<policy>[\w-]+)\s+(?P<bytes>[\d,]+)\s+(?P<ratio>[\d.]+)x\s+(?P<video>\S+)\s+(?P<audio>\S+)$")
 
 
@@ -67,7 +67,7 @@ def test_demo(capsys):
         assert math.isfinite(r["video"]) and math.isfinite(r["audio"]), (name, r)
         assert r["bytes"] > 0
     assert rows["bf16"]["ratio"] == 1.0 and rows["bf16"]["video"] == 0 and rows["bf16"]["audio"] == 0
-    for name in ("fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4"):
+    for name in POLICY_NAMES[1:]:
         assert rows[name]["ratio"] > 1, (name, rows[name])
         assert rows[name]["bytes"] < rows["bf16"]["bytes"]
         assert 0 < rows[name]["video"] < 0.5 and 0 < rows[name]["audio"] < 0.5, (name, rows[name])
@@ -76,6 +76,9 @@ def test_demo(capsys):
         assert rows["bf16"][stream] < rows["fp8-cast"][stream] < rows["nvfp4"][stream]
         assert rows["fp8-cast"][stream] <= rows["fp8-scaled-mm"][stream] < rows["nvfp4"][stream]
         assert rows["mxfp8"][stream] < rows["nvfp4"][stream]
+        # INT8's 8 uniform bits per row beat E4M3's 3 mantissa bits on Gaussian weights and activations.
+        assert rows["int8-scaled-mm"][stream] < rows["fp8-scaled-mm"][stream] / 2
+        assert rows["int8-convrot"][stream] < rows["fp8-scaled-mm"][stream] / 2
     # Bytes ratio is consistent with the bytes column.
     for r in rows.values():
         assert r["ratio"] == pytest.approx(rows["bf16"]["bytes"] / r["bytes"], abs=0.006)

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from quant import ltx2, memory, runtime
+from quant import ltx2, memory
+from quant.capability import Capability
 from quant.policies import POLICIES
 
 GIB = 2 ** 30
@@ -129,7 +130,7 @@ def test_bad_sizes_are_refused(width, height, frames, two_stage, needle):
     assert needle in str(err.value)
 
 
-CPU = runtime.Capability("cpu", None, False)
+CPU = Capability("cpu", None, False)
 
 
 def answer(**query):
@@ -163,7 +164,7 @@ def test_answer_lists_every_bad_value():
 
 
 def test_auto_resolves_like_the_loader():
-    hopper = runtime.Capability("cuda", (9, 0), True)
+    hopper = Capability("cuda", (9, 0), True)
     query = {"policy": "auto", "width": "768", "height": "512", "frames": "121"}
     roomy = memory.estimate_answer(query, None, hopper, 80 * GIB, 6 * GIB)
     assert roomy["policy"] == "fp8-scaled-mm" and "fits" in roomy["auto_reason"]

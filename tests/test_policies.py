@@ -82,7 +82,7 @@ def table4(config4):
 # ---------------------------------------------------------------------------------------------
 
 def test_policy_names():
-    assert set(POLICIES) == {"fp8-cast", "fp8-scaled-mm", "mxfp8", "nvfp4", "bf16"}
+    assert set(POLICIES) == {"fp8-cast", "fp8-scaled-mm", "int8-scaled-mm", "int8-convrot", "mxfp8", "nvfp4", "bf16"}
     for name, policy in POLICIES.items():
         assert policy.name == name
         assert get_policy(name) is policy or get_policy(name) == policy
@@ -334,6 +334,10 @@ def test_bytes_after_matches_storage_nbytes_and_real_weights(name, per_tensor, c
 @pytest.mark.parametrize("shape", [(1, 1), (17, 33), (130, 40), (300, 208), (64, 4096)])
 def test_storage_nbytes_equals_quantized_nbytes_odd_shapes(fmt, shape):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+    if weights.rotation(fmt) and shape[1] % weights.rotation(fmt):
+        with pytest.raises(weights.FormatError, match="ConvRot"):  # plan() gives such layers plain INT8
+            weights.quantize_weight(w, fmt)
+        return
     assert weights.quantize_weight(w, fmt).nbytes == weights.storage_nbytes(fmt, shape)
 
 
@@ -426,6 +430,10 @@ def test_row_chunked_quantize_weight_matches_one_pass(fmt, shape):
         ref = dict(zip(("weight", "weight_scale", "weight_scale_2"), formats.quantize_nvfp4(w, search_scales=True)))
     elif fmt == weights.MXFP8:
         ref = dict(zip(("weight", "weight_scale"), formats.quantize_mxfp8(w)))
+    elif fmt in weights.INT8_FORMATS:
+        group = weights.rotation(fmt)
+        ref = dict(zip(("weight", "weight_scale"),
+                       formats.quantize_int8_rows(formats.rotate_groups(w, group) if group else w)))
     else:
         scale = formats.fp8_scale(w, per_channel=fmt == weights.FP8_ROWWISE)
         ref = {"weight": formats.quantize_fp8(w, scale), "weight_scale": scale}

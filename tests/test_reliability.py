@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import checkpoint, ltx2, runtime, safetensors_io
+from quant import advice, checkpoint, ltx2, safetensors_io
 from quant.checkpoint import load_converted, nonfinite_count, quantize_file
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
@@ -425,20 +425,20 @@ BASIS = "estimated for 768x512x121"
 
 
 def test_oom_advice_names_the_policies_that_fit():
-    advice = runtime.out_of_memory_advice("sampling", "bf16", NEEDS, 32 * GIB, BASIS)
-    assert advice.startswith("LTX-2 Quant: out of GPU memory while sampling with policy bf16: it needs about 45.1 GiB "
-                             "(estimated for 768x512x121) on this 32.0 GiB GPU.")
+    text = advice.out_of_memory_advice("sampling", "bf16", NEEDS, 32 * GIB, BASIS)
+    assert text.startswith("LTX-2 Quant: out of GPU memory while sampling with policy bf16: it needs about 45.1 GiB "
+                           "(estimated for 768x512x121) on this 32.0 GiB GPU.")
     assert "Policies that fit: mxfp8 (about 26.7 GiB), fp8-cast (about 26.6 GiB), fp8-scaled-mm (about 26.0 GiB), " \
-           "nvfp4 (about 19.3 GiB)." in advice
-    assert "smaller video" in advice
-    on_24 = runtime.out_of_memory_advice("sampling", "fp8-scaled-mm", NEEDS, 24 * GIB, BASIS)
+           "nvfp4 (about 19.3 GiB)." in text
+    assert "smaller video" in text
+    on_24 = advice.out_of_memory_advice("sampling", "fp8-scaled-mm", NEEDS, 24 * GIB, BASIS)
     assert "Policies that fit: nvfp4 (about 19.3 GiB)." in on_24 and "bf16 (" not in on_24
 
 
 def test_oom_advice_when_no_policy_fits():
-    advice = runtime.out_of_memory_advice("loading and quantizing the model", "fp8-cast", NEEDS, 16 * GIB, BASIS)
-    assert "nvfp4 needs the least (about 19.3 GiB)" in advice and "system memory" in advice
-    smallest = runtime.out_of_memory_advice("sampling", "nvfp4", NEEDS, 16 * GIB, BASIS)
+    text = advice.out_of_memory_advice("loading and quantizing the model", "fp8-cast", NEEDS, 16 * GIB, BASIS)
+    assert "nvfp4 needs the least (about 19.3 GiB)" in text and "system memory" in text
+    smallest = advice.out_of_memory_advice("sampling", "nvfp4", NEEDS, 16 * GIB, BASIS)
     assert "Policies" not in smallest and "needs the least" not in smallest and "smaller video" in smallest
 
 
@@ -452,7 +452,7 @@ def test_oom_error_releases_the_failed_calls_tensors_first():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     with pytest.raises(torch.OutOfMemoryError) as exc:
-        runtime.call_or_advise_on_oom(sampling_step, lambda: "the advice",
+        advice.call_or_advise_on_oom(sampling_step, lambda: "the advice",
                                       lambda: seen_by_release.append(allocated[0]() is None))
     assert str(exc.value) == "the advice"
     assert seen_by_release == [True]  # the failed frame's tensors were gone when release() ran
@@ -460,8 +460,8 @@ def test_oom_error_releases_the_failed_calls_tensors_first():
 
 
 def test_call_or_advise_passes_results_and_other_errors_through():
-    assert runtime.call_or_advise_on_oom(lambda: 7, lambda: "unused", lambda: None) == 7
+    assert advice.call_or_advise_on_oom(lambda: 7, lambda: "unused", lambda: None) == 7
     with pytest.raises(ValueError, match="not memory"):
-        runtime.call_or_advise_on_oom(lambda: (_ for _ in ()).throw(ValueError("not memory")), lambda: "x",
+        advice.call_or_advise_on_oom(lambda: (_ for _ in ()).throw(ValueError("not memory")), lambda: "x",
                                       lambda: None)
 

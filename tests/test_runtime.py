@@ -4,33 +4,98 @@ tensor plumbing (through an emulated block-scaled GEMM, since no Blackwell card 
 import pytest
 import torch
 
-from quant import formats, runtime
+from quant import formats, ltx2, runtime
+from quant.capability import Capability
+from quant.checkpoint import layer_conf
+from quant.modes import Activation, layer_activation
+from quant.policies import POLICIES, plan
 from quant.reference import reference_linear, relative_error
-from quant.weights import FORMATS, FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, quantize_weight
+from quant.weights import FORMATS, FP8_ROWWISE, FP8_TENSOR, INT8, INT8_CONVROT, MXFP8, NVFP4, quantize_weight
 
-CPU = runtime.Capability("cpu", None, False)
-AMPERE = runtime.Capability("cuda", (8, 0), True)
-ADA = runtime.Capability("cuda", (8, 9), True)
-HOPPER = runtime.Capability("cuda", (9, 0), True)
-HOPPER_NO_TRITON = runtime.Capability("cuda", (9, 0), False)
+CPU = Capability("cpu", None, False)
+HOPPER = Capability("cuda", (9, 0), True)
+HOPPER_NO_TRITON = Capability("cuda", (9, 0), False)
+GENERATIONS = {"cpu": CPU, **{f"sm_{major}{minor}": Capability("cuda", (major, minor), True)
+                              for major, minor in ((7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0))}}
+NATIVE = hasattr(torch.nn.functional, "scaled_mm")  # Blackwell's block-scaled GEMMs need it
+PRE_FP8, FP8_GPUS, BLACKWELL = ("sm_75", "sm_80", "sm_86"), ("sm_89", "sm_90"), ("sm_100", "sm_120")
 
 
-@pytest.mark.parametrize("fmt,activation,cap,mode,expected", [
-    (FP8_ROWWISE, "fp8", HOPPER, "fast", "fp8-rowwise"),
-    (FP8_TENSOR, "fp8", ADA, "fast", "fp8-rowwise"),
-    (FP8_ROWWISE, "none", HOPPER, "fast", "bf16-dequant"),
-    (MXFP8, "fp8", HOPPER, "fast", "mxfp8-as-fp8"),
-    (MXFP8, "none", HOPPER, "fast", "bf16-dequant"),  # a weight-only (few-token) MXFP8 layer
-    (NVFP4, "none", HOPPER, "fast", "nvfp4-jit-fp8"),
-    (NVFP4, "none", HOPPER, "exact", "nvfp4-jit-bf16"),
-    (NVFP4, "none", HOPPER_NO_TRITON, "fast", "reference"),
-    (FP8_ROWWISE, "fp8", AMPERE, "fast", "reference"),
-    (MXFP8, "fp8", CPU, "fast", "reference"),
+def _expected_video_path(policy: str, mode: str, gpu: str) -> str:
+    """The path a video-token block Linear (many tokens: W8A8/W4A4 where the GPU can) takes."""
+    if gpu == "cpu":
+        return "reference"
+    family = "pre" if gpu in PRE_FP8 else "fp8" if gpu in FP8_GPUS else "blackwell"
+    if family == "blackwell" and not NATIVE:
+        family = "fp8"
+    return {
+        "fp8-cast": "bf16-dequant",
+        "fp8-scaled-mm": {"pre": "bf16-dequant"}.get(family, "fp8-rowwise"),
+        "int8-scaled-mm": "int8-rowwise", "int8-convrot": "int8-rowwise",
+        "mxfp8": {"pre": "bf16-dequant", "fp8": "mxfp8-as-fp8", "blackwell": "mxfp8-native"}[family],
+        "nvfp4": "nvfp4-jit-bf16" if mode == "exact" else
+                 {"pre": "nvfp4-jit-bf16", "fp8": "nvfp4-jit-fp8", "blackwell": "nvfp4-native"}[family],
+    }[policy]
+
+
+# Few-token layers (audio stream, text keys/values) run weight-only under every policy.
+WEIGHT_ONLY_PATH = {FP8_ROWWISE: "bf16-dequant", FP8_TENSOR: "bf16-dequant", MXFP8: "bf16-dequant",
+                    INT8: "bf16-dequant", INT8_CONVROT: "bf16-dequant", NVFP4: "nvfp4-jit-bf16"}
+
+
+def _planned_paths(policy: str, mode: str, cap: Capability) -> dict[str, str]:
+    """Every quantized layer of a tiny LTX-2.3 model -> the path our ops would take, from the policy's
+    plan and the per-layer config the loader writes (no hand-picked arguments)."""
+    config = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=16)
+    layers = [(key[: -len(".weight")], shape, "BF16", 0) for key, shape in ltx2.model_shapes(config).items()
+              if key.endswith(".weight")]
+    paths = {}
+    for decision in plan(POLICIES[policy], layers, config["num_layers"]):
+        if decision.changed:
+            conf = layer_conf(decision)
+            paths[decision.layer] = runtime.choose_path(decision.target_format, layer_activation(conf, mode), cap,
+                                                        decision.shape)[0]
+    return paths
+
+
+@pytest.mark.parametrize("gpu", list(GENERATIONS))
+@pytest.mark.parametrize("policy,mode", [(name, "fast") for name in POLICIES if name != "bf16"] + [("nvfp4", "exact")])
+def test_every_policy_on_every_generation(policy, mode, gpu):
+    """The dispatch table: each policy's layers on each GPU generation, through policies.plan(). No
+    CUDA GPU ever runs the fp32 reference."""
+    paths = _planned_paths(policy, mode, GENERATIONS[gpu])
+    assert paths
+    video = "transformer_blocks.0.attn1.to_q"
+    assert paths[video] == _expected_video_path(policy, mode, gpu)
+    few_tokens = "transformer_blocks.0.audio_attn1.to_q"
+    if few_tokens in paths:  # fp8-scaled-mm keeps some layers in bf16, never this one
+        fmt = POLICIES[policy].weight_format
+        assert paths[few_tokens] == ("reference" if gpu == "cpu" else WEIGHT_ONLY_PATH[fmt])
+    if gpu != "cpu":
+        assert "reference" not in paths.values()
+
+
+@pytest.mark.parametrize("fmt,activation,cap,expected", [
+    (FP8_ROWWISE, "fp8", HOPPER, "fp8-rowwise"),
+    (FP8_TENSOR, "fp8", GENERATIONS["sm_89"], "fp8-rowwise"),
+    (MXFP8, "none", HOPPER, "bf16-dequant"),  # a weight-only (few-token) MXFP8 layer
+    (NVFP4, "nvfp4", HOPPER_NO_TRITON, "nvfp4-jit-bf16"),  # the FP8 expansion kernel is Triton
+    (INT8, "int8", HOPPER_NO_TRITON, "bf16-dequant"),
+    (INT8_CONVROT, "int8", GENERATIONS["sm_75"], "int8-rowwise"),
+    (MXFP8, "fp8", CPU, "reference"),
 ])
-def test_choose_path(fmt, activation, cap, mode, expected):
-    path, reason = runtime.choose_path(fmt, activation, cap, (4096, 4096), mode)
+def test_choose_path(fmt, activation, cap, expected):
+    path, reason = runtime.choose_path(fmt, activation, cap, (4096, 4096))
     assert path == expected
     assert reason  # every choice says why
+
+
+def test_fallbacks_say_why():
+    """A W8A8 policy on a GPU without FP8 tensor cores runs weight-only and the reason names the cause."""
+    path, reason = runtime.choose_path(FP8_ROWWISE, "fp8", GENERATIONS["sm_86"], (4096, 4096))
+    assert path == "bf16-dequant" and "fp8 activations not run here" in reason and "sm_89" in reason
+    path, reason = runtime.choose_path(INT8, "int8", HOPPER_NO_TRITON, (4096, 4096))
+    assert path == "bf16-dequant" and "Triton" in reason
 
 
 def test_odd_shapes_avoid_scaled_mm():
@@ -38,23 +103,27 @@ def test_odd_shapes_avoid_scaled_mm():
     assert path == "bf16-dequant" and "16" in reason
 
 
-def test_blackwell_uses_native_block_scaled_paths():
-    if not hasattr(torch.nn.functional, "scaled_mm"):
-        pytest.skip("this torch has no torch.nn.functional.scaled_mm")
-    blackwell = runtime.Capability("cuda", (10, 0), True)
-    assert runtime.choose_path(MXFP8, "fp8", blackwell, (4096, 4096))[0] == "mxfp8-native"
+def test_every_path_declares_its_costs():
+    """quant.memory reads each path's per-call temporaries; the registry's names are unique and every
+    format has a path on every CUDA generation for weight-only use."""
+    names = [path.name for path in runtime.PATHS] + [runtime.REFERENCE.name]
+    assert len(names) == len(set(names))
+    for path in runtime.PATHS:
+        assert path.expanded_bytes_per_weight in (0, 1, 2) and path.summary
+        assert not path.quantizes_input or path.expanded_bytes_per_weight <= 1
+    for cap in GENERATIONS.values():
+        for fmt in FORMATS:
+            runtime.choose_path(fmt, Activation.NONE, cap, (64, 64))
 
 
 def test_weight_only_layers_choose_exact_paths():
     """A layer whose config asks for full-precision matmuls never quantizes its input: NVFP4 goes
-    exact whatever the model's mode; FP8 and MXFP8 dequantize to bf16."""
-    conf = {"full_precision_matrix_mult": True}
-    assert runtime.layer_nvfp4_mode(conf, "fast") == "exact"
-    assert runtime.layer_nvfp4_mode({}, "fast") == "fast"
-    for fmt, expected in ((NVFP4, "nvfp4-jit-bf16"), (MXFP8, "bf16-dequant"), (FP8_ROWWISE, "bf16-dequant")):
-        path, _ = runtime.choose_path(fmt, runtime.layer_activation({"format": fmt, **conf}), HOPPER, (4096, 4096),
-                                      runtime.layer_nvfp4_mode(conf, "fast"))
-        assert path == expected, fmt
+    exact whatever the model's mode; FP8, MXFP8 and INT8 expand to 16 bits."""
+    for fmt, expected in ((NVFP4, "nvfp4-jit-bf16"), (MXFP8, "bf16-dequant"), (FP8_ROWWISE, "bf16-dequant"),
+                          (INT8, "bf16-dequant")):
+        activation = layer_activation({"format": fmt, "full_precision_matrix_mult": True}, "fast")
+        assert activation == Activation.NONE
+        assert runtime.choose_path(fmt, activation, HOPPER, (4096, 4096))[0] == expected, fmt
 
 
 def test_weight_only_mxfp8_runs_the_reblocked_weight_in_bf16():
@@ -72,19 +141,19 @@ def test_weight_only_mxfp8_runs_the_reblocked_weight_in_bf16():
 
 def test_unknown_nvfp4_mode():
     with pytest.raises(ValueError, match="nvfp4 mode"):
-        runtime.choose_path(NVFP4, "none", HOPPER, (64, 64), "turbo")
+        layer_activation({"format": NVFP4}, "turbo")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("activation", ["none", "fp8"])
+@pytest.mark.parametrize("activation", list(Activation))
 def test_cpu_reference_path_matches_oracle(fmt, activation):
     torch.manual_seed(0)
-    w = torch.randn(96, 160) * 0.08
+    w = torch.randn(96, 256) * 0.08
     bias = torch.randn(96)
     qw = quantize_weight(w, fmt)
     layer = runtime.PreparedLinear(qw, bias, activation, "cpu")
     assert layer.path == "reference"
-    x = torch.randn(2, 7, 160).bfloat16()
+    x = torch.randn(2, 7, 256).bfloat16()
     y = layer(x)
     assert y.shape == (2, 7, 96) and y.dtype == torch.bfloat16
     assert relative_error(y.float(), reference_linear(x, qw, bias, activation)) < 4e-3  # bf16 output rounding

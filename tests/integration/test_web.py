@@ -16,10 +16,11 @@ import urllib.parse
 import pytest
 
 from comfy_server import ComfyServer, missing_requirements
-from quant import memory, runtime
+from quant import memory
+from quant.capability import Capability
 
 GIB = 2 ** 30
-CPU = runtime.Capability("cpu", None, False)  # the test server runs with --cpu
+CPU = Capability("cpu", None, False)  # the test server runs with --cpu
 
 
 def browser_requirements() -> str | None:
