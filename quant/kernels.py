@@ -9,6 +9,8 @@
   one scale per output row (for W8A8 on Hopper/Ada), or to bf16/fp16 (the exact dequantize path).
   Block scales are read straight from the swizzled layout through its closed-form offset.
 - `fp8_rows_to_bf16`: an E4M3 weight with per-row scales to bf16/fp16 (the fp8-cast path).
+- `quantize_nvfp4_activation`: activations to NVFP4 (E2M1 codes, one E4M3 scale per 16 elements in
+  the swizzled layout, one fp32 global scale) for Blackwell's native W4A4 GEMM, in one pass.
 
 The expansions to bf16/fp16 decode E4M3 from its bits, so they also run before sm_89 (Turing,
 Ampere), where Triton has no FP8 type; the E4M3 outputs need sm_89.
@@ -352,3 +354,77 @@ def fp8_rows_to_bf16(data: torch.Tensor, row_scale: torch.Tensor, out_dtype: tor
     if torch.compiler.is_compiling():
         return _fp8_rows_to_bf16_op(data, row_scale, out_dtype)
     return _fp8_rows_to_bf16_launch(data, row_scale, out_dtype)
+
+
+if AVAILABLE:
+    @triton.jit
+    def _e2m1_code(y):
+        """Round-to-nearest-even of fp32 y (within +-6) onto E2M1: its 4-bit code, the sign kept (also
+        for values that round to 0, as comfy-kitchen's encoder keeps it)."""
+        a = tl.abs(y)
+        code = tl.where(a <= 0.25, 0, tl.where(a < 0.75, 1, tl.where(a <= 1.25, 2, tl.where(a < 1.75, 3, tl.where(
+            a <= 2.5, 4, tl.where(a < 3.5, 5, tl.where(a <= 5.0, 6, 7)))))))
+        return tl.where((y.to(tl.int32, bitcast=True) >> 31) != 0, code | 8, code)
+
+    @triton.jit
+    def _nvfp4_activation_kernel(x_ptr, packed_ptr, scales_ptr, global_ptr, M, K, stride_x, stride_packed,
+                                 scale_cols_padded, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 INTERPRET: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rows64 = rows.to(tl.int64)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        global_scale = tl.load(global_ptr)
+        blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
+        # The block scale as formats.quantize_nvfp4_rows computes it: (amax / 6) / global, RNE to E4M3.
+        wanted = tl.math.div_rn(tl.math.div_rn(tl.max(tl.abs(blocks), axis=2), 6.0), global_scale)
+        wanted = tl.where(global_scale == 0.0, 0.0, tl.minimum(wanted, _FP8_MAX))
+        scale_code = _to_fp8_bits(wanted, INTERPRET).to(tl.int32)
+        total = global_scale * _e4m3_value(scale_code)
+        scaled = tl.math.div_rn(blocks, tl.where(total == 0.0, 1.0, total)[:, :, None])
+        scaled = tl.where(total[:, :, None] == 0.0, 0.0, tl.minimum(tl.maximum(scaled, -6.0), 6.0))
+        high, low = tl.split(tl.reshape(_e2m1_code(scaled), (BLOCK_M, BLOCK_K // 2, 2)))  # element 2j: high
+        pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        tl.store(packed_ptr + rows64[:, None] * stride_packed + pairs[None, :], ((high << 4) | low).to(tl.uint8),
+                 mask=(rows[:, None] < M) & (pairs[None, :] * 2 < K))
+        block = tl.program_id(1) * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+        offset = ((rows[:, None] // 128) * (scale_cols_padded // 4) + block[None, :] // 4) * 512 \
+            + (rows[:, None] % 32) * 16 + ((rows[:, None] % 128) // 32) * 4 + (block[None, :] % 4)
+        tl.store(scales_ptr + offset, scale_code.to(tl.uint8), mask=(rows[:, None] < M) & (block[None, :] * 16 < K))
+
+
+def _nvfp4_activation_launch(x: torch.Tensor, global_scale: torch.Tensor, wrap=lambda kernel: kernel
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x.shape
+    padded_rows, padded_cols = round_up(rows, NVFP4_BLOCK), round_up(cols, NVFP4_BLOCK)
+    packed = torch.zeros((padded_rows, padded_cols // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.zeros(formats.swizzled_shape(padded_rows, padded_cols // NVFP4_BLOCK), dtype=torch.uint8,
+                         device=x.device)
+    if rows:
+        block_m, block_k = 16, 128
+        wrap(_nvfp4_activation_kernel)[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_k))](
+            x, packed, scales, global_scale, rows, cols, x.stride(0), packed.stride(0), scales.shape[1],
+            BLOCK_M=block_m, BLOCK_K=block_k, INTERPRET=INTERPRET, num_warps=4)
+    return packed, scales
+
+
+@torch.library.triton_op("ltx2q::quantize_nvfp4_activation", mutates_args=())
+def _quantize_nvfp4_activation_op(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _nvfp4_activation_launch(x, global_scale, wrap=torch.library.wrap_triton)
+
+
+def quantize_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> NVFP4 as formats.quantize_nvfp4 lays it out, byte for byte: (packed uint8
+    (roundup(M,16), roundup(K,16)/2), swizzled E4M3 block scales, fp32 global scale). The global scale
+    is the calibrated one (an NVFP4 layer's input_scale, amax/2688) or this call's amax/2688."""
+    if global_scale is None:
+        global_scale = x.abs().amax().float() / formats.NVFP4_GLOBAL_DIVISOR
+    global_scale = global_scale.float().reshape(1).contiguous()
+    x = x.contiguous()
+    if torch.compiler.is_compiling():
+        packed, scales = _quantize_nvfp4_activation_op(x, global_scale)
+    else:
+        packed, scales = _nvfp4_activation_launch(x, global_scale)
+    return packed, scales.view(torch.float8_e4m3fn), global_scale.reshape(())

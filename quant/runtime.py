@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from . import formats, kernels
+from . import formats, kernels, kernels_int8
 from .capability import Capability, capability
 from .modes import Activation
 from .reference import reference_linear
@@ -211,7 +211,6 @@ def _run_fp8(path: ExecutionPath) -> PathRun:
 
 
 def _run_int8(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
-    from . import kernels_int8
     group = rotation(fmt)
     if "static_weight_scale" in tensors:
         a = kernels_int8.quantize_int8_static(x2d, tensors["input_scale"], gelu, group)
@@ -231,7 +230,7 @@ def _run_dequant16(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
         if group:  # the weight stays rotated: rotate the (few-token) input instead, (x H)(W H)^T = x W^T
             x2d = formats.rotate_groups(x2d.to(out_dtype), group)
     else:
-        w = (kernels.fp8_rows_to_bf16(data, row_scale).to(out_dtype) if fast
+        w = (kernels.fp8_rows_to_bf16(data, row_scale, out_dtype) if fast
              else formats.dequantize_fp8(data, row_scale.reshape(n, 1), out_dtype))
     return torch.nn.functional.linear(x2d.to(out_dtype), w, None if bias is None else bias.to(out_dtype))
 
@@ -239,8 +238,8 @@ def _run_dequant16(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
 def _run_nvfp4_16bit(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
     n, k = shape
     if kernels.AVAILABLE and x2d.is_cuda:
-        w = kernels.nvfp4_to_bf16(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], n, k
-                                  ).to(out_dtype)
+        w = kernels.nvfp4_to_bf16(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], n, k,
+                                  out_dtype)
     else:
         w = formats.dequantize_nvfp4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], shape,
                                      out_dtype)
@@ -262,7 +261,8 @@ def _run_mxfp8_native(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtyp
 def _run_nvfp4_native(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
     """Blackwell: activations to NVFP4 (global scale from input_scale or the live amax), native GEMM."""
     from torch.nn.functional import ScalingType, SwizzleType
-    a, a_scales, global_a = formats.quantize_nvfp4(x2d, tensors.get("input_scale"))
+    quantize = kernels.quantize_nvfp4_activation if kernels.AVAILABLE and x2d.is_cuda else formats.quantize_nvfp4
+    a, a_scales, global_a = quantize(x2d, tensors.get("input_scale"))
     y = torch.nn.functional.scaled_mm(
         a.view(torch.float4_e2m1fn_x2), tensors["weight"].view(torch.float4_e2m1fn_x2).t(),
         [a_scales.reshape(-1), global_a.reshape(())], [ScalingType.BlockWise1x16, ScalingType.TensorWise],

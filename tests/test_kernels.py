@@ -1,6 +1,8 @@
 """Triton kernels vs their plain-torch twins, bit for bit, on fresh random inputs.
 On a CPU-only machine they run under TRITON_INTERPRET=1 (set by conftest.py) at small shapes."""
 
+import os
+
 import pytest
 import torch
 
@@ -174,3 +176,21 @@ def test_gpu_expansions_under_compile(out_dtype):
     assert torch.equal(eager[0], formats.dequantize_fp8(data, scale, out_dtype))
     assert torch.equal(eager[1], formats.dequantize_nvfp4(packed, block_scales, global_scale, shape).to(out_dtype))
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (37, 96), (130, 304), (300, 2048)])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_nvfp4_activation_quant_matches_reference(shape, calibrated):
+    """Blackwell's W4A4 input: the kernel's codes, swizzled block scales and global scale are
+    formats.quantize_nvfp4's bytes (comfy-kitchen's layout), with the live amax or a calibrated
+    global scale (values beyond it saturate at 6 x the block scale)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3).bfloat16()
+    x[0, :16] = 0  # a zero block: scale code 0, zero codes
+    global_scale = (x.abs().amax().float() / 2688 * 0.5) if calibrated else None
+    packed, scales, global_out = kernels.quantize_nvfp4_activation(x.to(DEVICE), global_scale)
+    ref_packed, ref_scales, ref_global = formats.quantize_nvfp4(x, global_scale)
+    assert torch.equal(packed.cpu(), ref_packed), seed
+    assert torch.equal(scales.cpu().view(torch.uint8), ref_scales.view(torch.uint8)), seed
+    assert torch.equal(global_out.cpu(), ref_global), seed
