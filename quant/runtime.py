@@ -69,6 +69,11 @@ class ExecutionPath:
     fuses_gelu: bool = False  # its activation-quantization kernel applies the FFN GELU (run's gelu_fused)
     reblocks_mxfp8: bool = False  # holds an MXFP8 layer as per-row FP8 (3% smaller than MXFP8 storage)
 
+    def activation_for(self, fmt: str) -> Activation | None:
+        """What this path makes of a `fmt` layer's input (the reference's: the layer's own request)."""
+        served = {act for served_fmt, act in self.serves if served_fmt == fmt}
+        return served.pop() if len(served) == 1 else None
+
 
 def _every(*checks: Requirement) -> Requirement:
     def requires(cap: Capability, shape: tuple[int, int]) -> str | None:
@@ -446,12 +451,15 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
 
 
 class PreparedLinear:
-    """One quantized linear bound to a device path: `y = layer(x)`. Logs its path once."""
+    """One quantized linear bound to a device path: `y = layer(x)`. Logs its path once. `activation`
+    is what the layer asks for; after construction it is what the path runs (the closest the device
+    has, see ACTIVATION_FALLBACK)."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: str,
                  device: torch.device | str, name: str = ""):
-        self.shape, self.format, self.activation = qw.shape, qw.format, Activation(activation)
-        self.path, self.reason = choose_path(qw.format, self.activation, capability(device), qw.shape)
+        self.shape, self.format = qw.shape, qw.format
+        self.path, self.reason = choose_path(qw.format, Activation(activation), capability(device), qw.shape)
+        self.activation = BY_NAME[self.path].activation_for(qw.format) or Activation(activation)
         self.tensors = prepare(qw, self.path, device)
         self.bias = None if bias is None else bias.to(device)
         log.debug("%s %s -> %s (%s)", name, qw.format, self.path, self.reason)
