@@ -83,11 +83,15 @@ class ComfyServer:
                     f"  latent_upscale_models: models/latent_upscale_models\n  custom_nodes: {os.path.basename(nodes)}\n")
         self.output = os.path.join(base, "output")
         os.makedirs(os.path.join(base, "user"), exist_ok=True)
+        # ComfyUI's own folders (custom_nodes, input, temp, models) under `base`: the source tree may
+        # be read-only and, as a bare source snapshot, lack custom_nodes/ (startup lists it).
+        os.makedirs(os.path.join(base, "custom_nodes"), exist_ok=True)
         self.log_path = os.path.join(base, f"server_{self.port}.log")
         self.log = open(self.log_path, "w")
         comfy = os.environ["COMFYUI_PATH"]
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", base,
              "--extra-model-paths-config", config, "--database-url", "sqlite:///:memory:",
              "--output-directory", self.output, "--user-directory", os.path.join(base, "user"),
              "--use-pytorch-cross-attention",
