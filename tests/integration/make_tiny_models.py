@@ -7,6 +7,7 @@ usage: python make_tiny_models.py CHECKPOINT_PATH UPSAMPLER_PATH
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -52,12 +53,21 @@ def randomized(module: torch.nn.Module, generator: torch.Generator) -> dict[str,
     return out
 
 
+def upsampler_operations() -> dict:
+    """The op namespace argument, where this ComfyUI's LatentUpsampler takes one (newer trees build
+    its convs and norms from `operations`, as their upscale-model loader does)."""
+    if "operations" in inspect.signature(LatentUpsampler.from_config).parameters:
+        import comfy.ops
+        return {"operations": comfy.ops.disable_weight_init}
+    return {}
+
+
 def main(checkpoint_path: str, upsampler_path: str) -> None:
     generator = torch.Generator().manual_seed(11)
     tensors = {ltx2.CHECKPOINT_PREFIX + k: v for k, v in ltx2.synthetic_state_dict(TRANSFORMER, seed=3).items()}
     tensors.update({"vae." + k: v for k, v in randomized(VideoVAE(config=VAE), generator).items()})
     save_tensors(checkpoint_path, tensors, {"config": json.dumps({"transformer": TRANSFORMER, "vae": VAE})})
-    upsampler = LatentUpsampler.from_config(UPSAMPLER)
+    upsampler = LatentUpsampler.from_config(UPSAMPLER, **upsampler_operations())
     save_tensors(upsampler_path, randomized(upsampler, generator), {"config": json.dumps(UPSAMPLER)})
 
 
