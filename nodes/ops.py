@@ -149,12 +149,16 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
     return LTX2QuantOps
 
 
-class GELUMovedOut(GELU_approx):
-    """An FFN's GELU_approx whose GELU fuse_ffn_gelu moved into the next Linear: the projection only.
-    A class, not a patched method, so copies and object patches of `proj` are looked up per call."""
+class FeedForwardGELUMoved(FeedForward):
+    """An LTX FeedForward whose tanh GELU fuse_ffn_gelu moved into its quantized second Linear: the
+    first Linear's projection goes straight into it (Dropout is 0 and off at inference). Its own
+    forward rather than ComfyUI's, whose body differs between versions: newer ones call
+    `comfy.ops.linear_input_act(net[2], proj(x), "gelu_tanh")`, which applies the GELU itself and would
+    apply it twice here. A class, not a patched method, so copies and object patches of `net.0.proj`
+    and `net.2` are looked up per call."""
 
     def forward(self, x):
-        return self.proj(x)
+        return self.net[2](self.net[0].proj(x))
 
 
 def fuse_ffn_gelu(model: torch.nn.Module) -> int:
@@ -165,13 +169,13 @@ def fuse_ffn_gelu(model: torch.nn.Module) -> int:
     applies F.gelu first, the model's own math. Returns how many FeedForwards changed."""
     moved = 0
     for module in model.modules():
-        if not isinstance(module, FeedForward):
+        if type(module) is not FeedForward:  # not yet moved
             continue
         first, second = module.net[0], module.net[2]
         quant = getattr(second, "quant", None)
         if type(first) is not GELU_approx or quant is None:
             continue
-        first.__class__ = GELUMovedOut  # same parameters and state dict
+        module.__class__ = FeedForwardGELUMoved  # same submodules and state dict
         second.input_gelu = True
         moved += 1
     return moved
