@@ -67,12 +67,28 @@ UPSAMPLER_WEIGHTS = ("as loaded", "fp8")
 _FP8_UPSAMPLERS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
-def prepare_upsampler(model: torch.nn.Module, weights: str) -> torch.nn.Module:
-    """The upsampler as loaded, or its FP8-stored copy (made once per loaded upsampler)."""
+def upsampler_patcher(upscale_model) -> comfy.model_patcher.ModelPatcher:
+    """The ModelPatcher that loads the upsampler. Newer ComfyUI's LatentUpscaleModelLoader returns one
+    (used as it is, so core's nodes and ours share its loaded state); older ones return the bare module,
+    which gets one of ours, kept per module."""
+    if isinstance(upscale_model, comfy.model_patcher.ModelPatcher):
+        return upscale_model
+    patcher = _UPSAMPLER_PATCHERS.get(upscale_model)
+    if patcher is None:
+        patcher = comfy.model_patcher.ModelPatcher(upscale_model, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        _UPSAMPLER_PATCHERS[upscale_model] = patcher
+    return patcher
+
+
+def prepare_upsampler(upscale_model, weights: str):
+    """The upsampler as loaded (a ModelPatcher or the bare module, as the loader gave it), or its
+    FP8-stored copy (a module, made once per loaded upsampler)."""
     if weights not in UPSAMPLER_WEIGHTS:
         raise ValueError(f"Unknown upsampler weights {weights!r}; choose one of {UPSAMPLER_WEIGHTS}")
     if weights == "as loaded":
-        return model
+        return upscale_model
+    model = upsampler_patcher(upscale_model).model
     if model not in _FP8_UPSAMPLERS:
         _FP8_UPSAMPLERS[model] = quantize_upsampler(model)
     return _FP8_UPSAMPLERS[model]
@@ -108,27 +124,24 @@ class FP8Weight(torch.nn.Module):
         return dequantize_fp8(data, scale, self.dtype).reshape(self.shape)
 
 
-def upsample_video(upscale_model: torch.nn.Module, vae, video: torch.Tensor) -> torch.Tensor:
+def upsample_video(upscale_model, vae, video: torch.Tensor) -> torch.Tensor:
     """Spatially upsample a normalized video latent: VAE un-normalize -> upsampler -> re-normalize.
     The upsampler is loaded through ComfyUI's model management (it evicts other models as needed)."""
     statistics = getattr(getattr(vae, "first_stage_model", None), "per_channel_statistics", None)
     if statistics is None:
         raise ValueError("The VAE has no per-channel latent statistics: connect the LTX-2 video VAE.")
-    patcher = _UPSAMPLER_PATCHERS.get(upscale_model)
-    if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(upscale_model, load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        _UPSAMPLER_PATCHERS[upscale_model] = patcher
+    patcher = upsampler_patcher(upscale_model)
+    model = patcher.model
     # The upsampler's activations: its mid channels (1024 in the release) at the x2 size (4x the cells),
     # fp32, about four such buffers live at once.
-    mid = getattr(upscale_model, "mid_channels", 1024)
+    mid = getattr(model, "mid_channels", 1024)
     activations = video.shape[0] * video.shape[2] * video.shape[3] * video.shape[4] * 4 * mid * 4 * 4
     comfy.model_management.load_models_gpu([patcher], memory_required=activations)
     device = patcher.load_device
-    dtype = getattr(upscale_model, "ltx2q_compute_dtype", None) or next(upscale_model.parameters()).dtype
+    dtype = getattr(model, "ltx2q_compute_dtype", None) or next(model.parameters()).dtype
     with torch.no_grad():
         x = statistics.un_normalize(video.to(device=device, dtype=dtype))
-        x = statistics.normalize(upscale_model(x))
+        x = statistics.normalize(model(x))
     return x.to(device=comfy.model_management.intermediate_device(), dtype=video.dtype)
 
 
