@@ -1,15 +1,18 @@
 """Write the example workflows (example_workflows/*.json, ComfyUI's UI format) from compact graph
-specs below and the node schemas in tests/data/node_schemas.json (a trimmed /object_info), which
-give each node's widget order, input and output types.
+specs below and a node schema snapshot (tests/data/node_schemas_v<ComfyUI version>.json, a trimmed
+/object_info of that ComfyUI with the pack), which gives each node's widget order, input and output
+types. The workflows are written from the newest ComfyUI's snapshot (what users run) and the tests
+check them against every snapshot.
 
-    python scripts/make_workflows.py                                  # rewrite example_workflows/
-    python scripts/make_workflows.py --schemas-from object_info.json  # refresh the schema snapshot first
-                                                                      # (GET /object_info of a ComfyUI with the pack)
+    python scripts/make_workflows.py                      # rewrite example_workflows/
+    python scripts/make_workflows.py --schemas-from object_info.json --comfyui 0.33.0
+        # refresh that ComfyUI's snapshot first (GET /object_info of a ComfyUI with the pack)
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -18,8 +21,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from quant.safetensors_io import write_text  # noqa: E402
 
-SCHEMAS = os.path.join(REPO, "tests", "data", "node_schemas.json")
 OUT = os.path.join(REPO, "example_workflows")
+
+
+def schemas_path(comfyui_version: str) -> str:
+    return os.path.join(REPO, "tests", "data", f"node_schemas_v{comfyui_version}.json")
+
+
+def snapshot_versions() -> list[str]:
+    """The ComfyUI versions with a schema snapshot, oldest first."""
+    names = glob.glob(schemas_path("*"))
+    versions = [os.path.basename(n)[len("node_schemas_v"):-len(".json")] for n in names]
+    return sorted(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
+
 
 DISTILLED = "ltx-2.3-22b-distilled-1.1.safetensors"
 DEV = "ltx-2.3-22b-dev.safetensors"
@@ -112,22 +126,53 @@ WORKFLOWS = {
 
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# A combo whose chosen option brings inputs of its own (newer ComfyUI's SaveVideo format/codec): the UI
+# serializes its value, then the chosen option's widgets.
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+
+
+def widget_type(spec: list) -> str | None:
+    """The widget the UI shows for an /object_info input spec ("COMBO" for an option list, one of
+    WIDGET_TYPES or DYNAMIC_COMBO), or None for a link slot. An input that accepts several types
+    ("FLOAT,INT") shows the widget its `widgetType` names."""
+    if isinstance(spec[0], list):
+        return "COMBO"
+    kind = spec[0]
+    if "," in kind:
+        kind = spec[1].get("widgetType") if len(spec) > 1 else None
+    return kind if kind in WIDGET_TYPES or kind == DYNAMIC_COMBO else None
 
 
 def is_widget(spec: list) -> bool:
     """Whether the UI shows an input of this /object_info spec as a widget (not a link slot)."""
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+    return widget_type(spec) is not None
 
 
-def widget_inputs(schema: dict) -> list[tuple[str, list]]:
-    """(name, spec) of the inputs the UI shows as widgets, in the order the UI serializes them."""
-    out = []
+def is_hidden(spec: list) -> bool:
+    """An input the UI shows neither as a widget nor as a slot (kept for API prompts, e.g. newer
+    ComfyUI's top-level SaveVideo codec)."""
+    return len(spec) > 1 and bool(spec[1].get("hidden"))
+
+
+def walk_widgets(inputs: dict, take, input_order: dict | None = None) -> None:
+    """Call take(name, spec, optional) for each widget input in the order the UI serializes them
+    (`inputs`: an /object_info "input" dict). take returns the value the widget holds: a dynamic
+    combo's value picks the option whose widgets follow it."""
     for section in ("required", "optional"):
-        inputs = schema["input"].get(section, {})
-        for name in schema.get("input_order", {}).get(section, list(inputs)):
-            if is_widget(inputs[name]):
-                out.append((name, inputs[name]))
-    return out
+        specs = inputs.get(section) or {}
+        for name in (input_order or {}).get(section, list(specs)):
+            spec = specs[name]
+            if not is_widget(spec) or is_hidden(spec):
+                continue
+            value = take(name, spec, section == "optional")
+            if widget_type(spec) == DYNAMIC_COMBO:
+                option = next((o for o in spec[1]["options"] if o["key"] == value), None)
+                if option is not None:
+                    walk_widgets(option["inputs"], take)
+
+
+def walk_node_widgets(schema: dict, take) -> None:
+    walk_widgets(schema["input"], take, schema.get("input_order"))
 
 
 def link_inputs(schema: dict) -> list[tuple[str, str, bool]]:
@@ -136,19 +181,34 @@ def link_inputs(schema: dict) -> list[tuple[str, str, bool]]:
     for section in ("required", "optional"):
         inputs = schema["input"].get(section, {})
         for name in schema.get("input_order", {}).get(section, list(inputs)):
-            if not is_widget(inputs[name]):
+            if not is_widget(inputs[name]) and not is_hidden(inputs[name]):
                 out.append((name, inputs[name][0], section == "optional"))
     return out
 
 
-def widgets_values(schema: dict, widgets: dict) -> list:
-    values = []
-    for name, spec in widget_inputs(schema):
+def widgets_values(node_type: str, schema: dict, widgets: dict) -> list:
+    """The node's widgets_values. An optional widget the spec leaves out keeps its default, which
+    only works at the end (the UI fills values in order): so a workflow also loads in a ComfyUI
+    that predates that input (CreateVideo's bit_depth)."""
+    values, left_out = [], []
+
+    def take(name, spec, optional):
+        options = spec[1] if len(spec) > 1 else {}
+        if name not in widgets:
+            if not optional:
+                raise ValueError(f"{node_type}.{name}: the graph spec gives no value")
+            left_out.append(name)
+            return options.get("default")
+        if left_out:
+            raise ValueError(f"{node_type}.{name}: follows {left_out}, which the graph spec leaves out")
         values.append(widgets[name])
-        if len(spec) > 1 and spec[1].get("control_after_generate"):
+        if options.get("control_after_generate"):
             values.append("fixed")
-        if len(spec) > 1 and spec[1].get("image_upload"):
+        if options.get("image_upload"):
             values.append(widgets.get("upload", "image"))
+        return widgets[name]
+
+    walk_node_widgets(schema, take)
     return values
 
 
@@ -176,7 +236,7 @@ def build(title: str, spec: list[dict], schemas: dict) -> dict:
             "outputs": [{"name": name, "type": kind, "links": outputs[node["id"]][slot] or None, "slot_index": slot}
                         for slot, (name, kind) in enumerate(zip(schema["output_name"], schema["output"]))],
             "properties": {"Node name for S&R": node["type"]},
-            "widgets_values": widgets_values(schema, node.get("widgets", {})),
+            "widgets_values": widgets_values(node["type"], schema, node.get("widgets", {})),
         })
     return {"last_node_id": max(n["id"] for n in spec), "last_link_id": link_id, "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"title": title, "ds": {"scale": 0.8, "offset": [0, 0]}},
@@ -186,13 +246,16 @@ def build(title: str, spec: list[dict], schemas: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schemas-from", help="a full /object_info JSON to take the used node schemas from")
+    parser.add_argument("--comfyui", help="the version of the ComfyUI that --schemas-from came from (e.g. 0.33.0)")
     args = parser.parse_args()
     used = sorted({n["type"] for _, spec in WORKFLOWS.values() for n in spec})
     if args.schemas_from:
+        if not args.comfyui:
+            parser.error("--schemas-from needs --comfyui (the snapshot is kept per ComfyUI version)")
         with open(args.schemas_from) as f:
             info = json.load(f)
-        write_text(SCHEMAS, json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n")
-    with open(SCHEMAS) as f:
+        write_text(schemas_path(args.comfyui), json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n")
+    with open(schemas_path(snapshot_versions()[-1])) as f:
         schemas = json.load(f)
     os.makedirs(OUT, exist_ok=True)
     for stem, (title, spec) in WORKFLOWS.items():

@@ -1,5 +1,6 @@
-"""The example workflows are valid against the node schemas snapshot (tests/data/node_schemas.json;
-tests/integration/test_workflows_live.py keeps it equal to a real ComfyUI's /object_info)."""
+"""The example workflows are valid against each ComfyUI's node schema snapshot
+(tests/data/node_schemas_v<version>.json; tests/integration/test_workflows_live.py keeps each equal to
+that ComfyUI's /object_info)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import os
 
 import pytest
 
+from scripts.make_workflows import schemas_path, snapshot_versions
 from workflow_check import check_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
-with open(os.path.join(REPO, "tests", "data", "node_schemas.json")) as f:
-    SCHEMAS = json.load(f)
+VERSIONS = snapshot_versions()
+
+
+def schemas(version: str) -> dict:
+    with open(schemas_path(version)) as f:
+        return json.load(f)
 
 
 def load(path: str) -> dict:
@@ -29,10 +35,15 @@ def test_the_promised_workflows_exist():
             "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"} <= names
 
 
+def test_both_tested_comfyui_versions_have_a_snapshot():
+    assert {"0.20.1", "0.33.0"} <= set(VERSIONS)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
-def test_workflow_is_valid(path):
+def test_workflow_is_valid(path, version):
     workflow = load(path)
-    assert check_workflow(workflow, SCHEMAS) == []
+    assert check_workflow(workflow, schemas(version)) == []
     types = {n["type"] for n in workflow["nodes"]}
     assert "LTX2QuantLoader" in types and "LTX2QuantTwoStageSampler" in types
     assert all(t.startswith("LTX2Quant") or not t.startswith("LTX2Q") for t in types)  # no test-only nodes
@@ -49,10 +60,10 @@ def test_workflows_use_the_promised_policies_and_models():
     assert lora[0]["widgets_values"] == ["ltx-2.3-22b-distilled-lora-384-1.1.safetensors", 0.5]
 
 
-def broken(mutate) -> list[str]:
+def broken(mutate, version: str = VERSIONS[-1]) -> list[str]:
     workflow = copy.deepcopy(load(WORKFLOWS[0]))
     mutate(workflow)
-    return check_workflow(workflow, SCHEMAS)
+    return check_workflow(workflow, schemas(version))
 
 
 def node(workflow: dict, node_type: str) -> dict:
@@ -70,3 +81,19 @@ def node(workflow: dict, node_type: str) -> dict:
 ])
 def test_the_check_catches_broken_workflows(mutate, needle):
     assert any(needle in p for p in broken(mutate)), broken(mutate)
+
+
+@pytest.mark.parametrize("version, mutate, needle", [
+    # 0.33's SaveVideo: format is a dynamic combo whose chosen option brings the codec widget.
+    ("0.33.0", lambda w: node(w, "SaveVideo")["widgets_values"].__setitem__(1, "mov"), "SaveVideo.format = 'mov'"),
+    ("0.33.0", lambda w: node(w, "SaveVideo")["widgets_values"].__setitem__(2, "vp9"), "SaveVideo.codec = 'vp9'"),
+    # 0.33's audio frame_rate takes FLOAT or INT and shows a FLOAT widget.
+    ("0.33.0", lambda w: node(w, "LTXVEmptyLatentAudio")["widgets_values"].__setitem__(1, "24"),
+     "LTXVEmptyLatentAudio.frame_rate = '24': not a number"),
+    # CreateVideo's optional bit_depth (0.33) may be left out, but a value given is checked ...
+    ("0.33.0", lambda w: node(w, "CreateVideo")["widgets_values"].append(12), "CreateVideo.bit_depth = 12: outside"),
+    # ... and 0.20.1 has no such widget.
+    ("0.20.1", lambda w: node(w, "CreateVideo")["widgets_values"].append(8), "CreateVideo: 1 widget values too many"),
+])
+def test_the_check_follows_each_comfyuis_widgets(version, mutate, needle):
+    assert any(needle in p for p in broken(mutate, version)), broken(mutate, version)

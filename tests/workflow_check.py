@@ -1,14 +1,15 @@
 """Static checks of a UI-format workflow against node schemas (/object_info entries): every node type
 exists, every link joins an output to an input of the same type, every widget value is valid for its
 input. Model-file combos list whatever the user has, so their values are checked against the official
-LTX-2.3 file names instead."""
+LTX-2.3 file names instead. Optional widgets at the end may have no value: the UI gives them their
+defaults (a workflow saved before ComfyUI added such an input, as ComfyUI's own templates are)."""
 
 from __future__ import annotations
 
 import json
 
 from quant import hub
-from scripts.make_workflows import is_widget, widget_inputs
+from scripts.make_workflows import DYNAMIC_COMBO, is_widget, walk_node_widgets, widget_type
 
 # Widget inputs whose options are the user's files: (node input name) -> model folder it lists.
 FILE_INPUTS = {"ckpt_name": "checkpoints", "model_name": "latent_upscale_models", "lora_name": "loras"}
@@ -17,10 +18,13 @@ TEXT_ENCODERS = {"gemma_3_12B_it_fp4_mixed.safetensors"}  # ComfyUI's LTX-2.3 te
 
 
 def check_value(node_type: str, name: str, spec: list, value) -> str | None:
-    kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    kind, options = widget_type(spec), (spec[1] if len(spec) > 1 else {})
     where = f"{node_type}.{name} = {value!r}"
-    if kind == "COMBO" or isinstance(kind, list):
-        choices = kind if isinstance(kind, list) else options.get("options", [])
+    if kind == DYNAMIC_COMBO:
+        choices = [option["key"] for option in options["options"]]
+        return None if value in choices else f"{where}: not one of {choices}"
+    if kind == "COMBO":
+        choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
         if name in FILE_INPUTS:
             official = hub.BY_NAME.get(value)
             if official is None or official.folder != FILE_INPUTS[name]:
@@ -46,6 +50,33 @@ def check_value(node_type: str, name: str, spec: list, value) -> str | None:
     return None
 
 
+def widget_problems(node: dict, schema: dict) -> list[str]:
+    """The node's widgets_values against its schema's widgets, in the order the UI serializes them."""
+    node_type, values, problems = node["type"], list(node.get("widgets_values", [])), []
+    missing_required = []
+
+    def take(name, spec, optional):
+        options = spec[1] if len(spec) > 1 else {}
+        if not values:
+            if not optional:
+                if not missing_required:  # the first one says it; the rest follow from it
+                    problems.append(f"{node_type}.{name}: no widget value")
+                missing_required.append(name)
+            return options.get("default")
+        value = values.pop(0)
+        problem = check_value(node_type, name, spec, value)
+        if problem:
+            problems.append(problem)
+        if options.get("control_after_generate") or options.get("image_upload"):
+            values.pop(0)  # the UI's extra widget (seed control, upload button)
+        return value
+
+    walk_node_widgets(schema, take)
+    if values:
+        problems.append(f"{node_type}: {len(values)} widget values too many: {values}")
+    return problems
+
+
 def check_workflow(workflow: dict, schemas: dict) -> list[str]:
     """Every problem found, as text naming the node and input; empty when the workflow is valid."""
     problems = []
@@ -55,19 +86,7 @@ def check_workflow(workflow: dict, schemas: dict) -> list[str]:
         if schema is None:
             problems.append(f"node {node['id']}: unknown node type {node['type']}")
             continue
-        values = list(node.get("widgets_values", []))
-        for name, spec in widget_inputs(schema):
-            if not values:
-                problems.append(f"{node['type']}.{name}: no widget value")
-                break
-            problem = check_value(node["type"], name, spec, values.pop(0))
-            if problem:
-                problems.append(problem)
-            options = spec[1] if len(spec) > 1 else {}
-            if options.get("control_after_generate") or options.get("image_upload"):
-                values.pop(0)  # the UI's extra widget (seed control, upload button)
-        if values:
-            problems.append(f"{node['type']}: {len(values)} widget values too many: {values}")
+        problems += widget_problems(node, schema)
         declared = {**schema["input"].get("required", {}), **schema["input"].get("optional", {})}
         for slot in node.get("inputs", []):
             if slot["name"] not in declared:

@@ -13,6 +13,7 @@ import pytest
 from comfy_server import REPO, ComfyServer, missing_requirements
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
+from scripts.make_workflows import schemas_path  # noqa: E402
 from workflow_check import check_workflow, without_user_files  # noqa: E402
 
 REASON = missing_requirements()
@@ -24,7 +25,7 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 def object_info(tmp_path_factory):
     server = ComfyServer(str(tmp_path_factory.mktemp("comfy_workflows")), with_pack=True)
     try:
-        yield server.get("/object_info"), server.get("/workflow_templates")
+        yield server.get("/object_info"), server.get("/workflow_templates"), server.get("/system_stats")
     finally:
         server.stop()
 
@@ -36,11 +37,17 @@ def test_workflow_is_valid_in_real_comfyui(object_info, path):
 
 
 def test_schema_snapshot_matches_real_comfyui(object_info):
-    with open(os.path.join(REPO, "tests", "data", "node_schemas.json")) as f:
+    """The snapshot of this ComfyUI's version, which the CPU test checks the workflows against."""
+    version = object_info[2]["system"]["comfyui_version"]
+    path = schemas_path(version)
+    assert os.path.exists(path), (f"no node schema snapshot for ComfyUI {version}: make one with "
+                                  f"scripts/make_workflows.py --schemas-from <object_info.json> --comfyui {version}")
+    with open(path) as f:
         snapshot = json.load(f)
     for node_type, schema in snapshot.items():
         assert without_user_files(object_info[0][node_type]) == without_user_files(schema), (
-            f"{node_type} changed: refresh with scripts/make_workflows.py --schemas-from <object_info.json>")
+            f"{node_type} changed: refresh with scripts/make_workflows.py --schemas-from <object_info.json> "
+            f"--comfyui {version}")
 
 
 def test_comfyui_lists_the_workflows_as_templates(object_info):
