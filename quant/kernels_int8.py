@@ -36,16 +36,17 @@ ROTATE_GROUPS = (256, 1024)
 # A rotated row is read in chunks of this many features (longer rows: amax pass, then quantize pass).
 ROTATED_BLOCK = 4096
 
-# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per GPU class. Shared memory per stage is
-# (BLOCK_M + BLOCK_N) * BLOCK_K bytes; each list stays within its class's limit: Hopper and
-# datacenter Blackwell 227 KB, A100 164 KB, sm_86/89/120 99 KB.
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per GPU class. A stage holds
+# (BLOCK_M + BLOCK_N) * BLOCK_K bytes (Hopper's pipeline keeps `stages` of them, Ampere's one
+# fewer); each list stays within its class's limit: Hopper and datacenter Blackwell 227 KB, A100
+# 163 KB, sm_86/89/120 99 KB (bench/bench_int8.py --compile-report checks them, without a GPU).
 GEMM_TILES = {
     "hopper": ((128, 256, 128, 3, 8), (128, 256, 128, 4, 8), (256, 128, 128, 3, 8), (256, 128, 128, 4, 8),
                (128, 128, 128, 4, 8), (128, 128, 128, 5, 4), (128, 256, 64, 4, 8), (64, 128, 128, 4, 4)),
-    "a100": ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8), (128, 128, 64, 4, 4),
-             (64, 128, 128, 4, 4)),
-    "small-smem": ((128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 128, 2, 8),
-                   (64, 128, 64, 4, 4)),
+    "a100": ((128, 256, 64, 4, 8), (128, 256, 64, 5, 8), (256, 128, 64, 4, 8), (128, 128, 128, 4, 8),
+             (128, 128, 64, 5, 4), (64, 128, 128, 4, 4)),
+    "small-smem": ((128, 256, 64, 4, 8), (256, 128, 64, 4, 8), (128, 128, 128, 3, 8), (128, 128, 64, 5, 4),
+                   (64, 128, 64, 5, 4)),
 }
 # The persistent kernel also keeps the output tile in shared memory for its TMA store while the
 # next tile's loads run: stages * stage bytes + BLOCK_M * BLOCK_N * 2 (bf16) within 227 KB.
@@ -56,10 +57,11 @@ INTERPRET_TILE = (32, 32, 32, 2)
 
 
 def gemm_class(device: torch.device | str) -> str:
-    """Which GEMM_TILES list a CUDA device takes (from its compute capability)."""
+    """Which GEMM_TILES list a CUDA device takes (from its compute capability); "turing" has none:
+    Triton's INT8 MMA needs sm_80 (for sm_75 it does not compile), so Turing multiplies in cuBLASLt."""
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 0):
-        raise ValueError(f"the Triton INT8 GEMM needs sm_80 or newer (sm_{major}{minor}: use int8_scaled_mm_int_mm)")
+        return "turing"
     if major in (9, 10):
         return "hopper"
     return "a100" if (major, minor) == (8, 0) else "small-smem"
@@ -78,19 +80,15 @@ if AVAILABLE:
         return 1.0 - 2.0 * (anti_diagonal_digits & 1).to(tl.float32)
 
     @triton.jit
-    def _signs_dot(x, signs, SIGNS_LEFT: tl.constexpr, PARTS: tl.constexpr, INTERPRET: tl.constexpr):
-        """signs @ x (SIGNS_LEFT) or x @ signs for fp32 x and a +-1 matrix, on bf16 tensor cores with
-        exact products: x is cut into PARTS pieces of 8 significant bits each (bf16-exact; 3 hold any
-        fp32), the sums are fp32. The interpreter multiplies the same pieces in fp32 (its bf16 dot
-        is wrong)."""
+    def _signs_dot(x, signs, PARTS: tl.constexpr, INTERPRET: tl.constexpr):
+        """x @ signs for fp32 x and a +-1 matrix, on bf16 tensor cores with exact products: x is cut
+        into PARTS pieces of 8 significant bits each (bf16-exact; 3 hold any fp32), the sums are
+        fp32. The interpreter multiplies the same pieces in fp32 (its bf16 dot is wrong)."""
         if INTERPRET:
             dot_signs = signs
         else:
             dot_signs = signs.to(tl.bfloat16)
-        if SIGNS_LEFT:
-            acc = tl.zeros((signs.shape[0], x.shape[1]), dtype=tl.float32)
-        else:
-            acc = tl.zeros((x.shape[0], signs.shape[1]), dtype=tl.float32)
+        acc = tl.zeros((x.shape[0], signs.shape[1]), dtype=tl.float32)
         rest = x
         for part in tl.static_range(PARTS):
             if part < PARTS - 1:
@@ -98,10 +96,7 @@ if AVAILABLE:
                 rest = rest - piece  # exact: piece is rest with its low 16 bits cleared
             else:
                 piece = rest
-            if SIGNS_LEFT:
-                acc = tl.dot(dot_signs, piece.to(dot_signs.dtype), acc)
-            else:
-                acc = tl.dot(piece.to(dot_signs.dtype), dot_signs, acc)
+            acc = tl.dot(piece.to(dot_signs.dtype), dot_signs, acc)
         return acc
 
     @triton.jit
@@ -117,23 +112,23 @@ if AVAILABLE:
                         GROUP_SCALE: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
                         INTERPRET: tl.constexpr):
         """x[row, start:start + BLOCK_K] @ blockdiag(H, ..., H) and the output columns of its values.
-        With GROUP = 16 * INNER, feature 16-major index a * INNER + b of a group is X[a, b] and
-        x @ H is H16 X H_INNER (H symmetric): the tile is loaded as X[a, (group, b)], multiplied by H16
-        from the left, reshaped (no data movement) to rows (c, group) and multiplied by H_INNER."""
+        H = H16 (x) H_INNER with GROUP = 16 * INNER, so with a group's features as a 16 x INNER matrix X
+        (feature a * INNER + b is X[a, b]) the group's product is H16 X H_INNER (H symmetric): the
+        chunk, as rows (group, a), is multiplied by H_INNER; transposed within each group to rows
+        (group, d), by H16. Both products have the long side as M (tensor-core friendly)."""
         INNER: tl.constexpr = GROUP // 16
         GROUPS: tl.constexpr = BLOCK_K // GROUP
-        a = tl.arange(0, 16)[:, None]
-        group_and_b = tl.arange(0, BLOCK_K // 16)[None, :]
-        cols = start + (group_and_b // INNER) * GROUP + a * INNER + group_and_b % INNER
+        group_and_a = tl.arange(0, GROUPS * 16)[:, None]
+        cols = start + group_and_a * INNER + tl.arange(0, INNER)[None, :]
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)  # K holds whole groups
         if GELU:
             v = _gelu_tanh(v)
-        v = _signs_dot(v, _hadamard_signs(16), True, PARTS, INTERPRET)
-        v = tl.reshape(v, (16 * GROUPS, INNER))
-        v = _signs_dot(v, _hadamard_signs(INNER), False, 3, INTERPRET) * GROUP_SCALE  # a power of 2: exact
-        c_and_group = tl.arange(0, 16 * GROUPS)[:, None]
-        d = tl.arange(0, INNER)[None, :]
-        cols = start + (c_and_group % GROUPS) * GROUP + (c_and_group // GROUPS) * INNER + d
+        v = _signs_dot(v, _hadamard_signs(INNER), PARTS, INTERPRET)
+        v = tl.reshape(tl.permute(tl.reshape(v, (GROUPS, 16, INNER)), (0, 2, 1)), (GROUPS * INNER, 16))
+        v = _signs_dot(v, _hadamard_signs(16), 3, INTERPRET) * GROUP_SCALE  # a power of 2: exact
+        group_and_d = tl.arange(0, GROUPS * INNER)[:, None]
+        c = tl.arange(0, 16)[None, :]
+        cols = start + (group_and_d // INNER) * GROUP + c * INNER + group_and_d % INNER
         return v, cols
 
     @triton.jit
@@ -462,10 +457,13 @@ def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool 
 
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """(a @ b^T, exact int32) * a_scale * b_scale + bias -> out_dtype (M, N), one Triton kernel (sm_80+).
-    a: int8 (M, K) activations, b: int8 (N, K) weight as stored, K a multiple of 16; a_scale fp32 (M, 1);
-    b_scale fp32 (N,), (1, N) or one value; bias (N,) of any float dtype or None."""
+    """(a @ b^T, exact int32) * a_scale * b_scale + bias -> out_dtype (M, N), one Triton kernel (sm_80+;
+    on Turing int8_scaled_mm_int_mm). a: int8 (M, K) activations, b: int8 (N, K) weight as stored, K a
+    multiple of 16; a_scale fp32 (M, 1); b_scale fp32 (N,), (1, N) or one value; bias (N,) of any float
+    dtype or None."""
     a, b, a_scale, b_scale = _checked_operands(a, b, a_scale, b_scale)
+    if a.is_cuda and gemm_class(a.device) == "turing":
+        return _int_mm_scaled(a, b, a_scale, b_scale, bias, out_dtype)
     if torch.compiler.is_compiling():
         return _int8_scaled_mm_op(a, b, a_scale, b_scale, bias, out_dtype)
     return _int8_mm_launch(a, b, a_scale, b_scale, bias, out_dtype, default_persistent(a, b, out_dtype))
@@ -476,7 +474,10 @@ def int8_scaled_mm_int_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tenso
     """int8_scaled_mm through torch._int_mm (cuBLASLt INT8, int32 out; runs on Turing too) plus one
     Triton pass for the scales, bias and cast; under torch.compile Inductor fuses that pass from the
     plain formula. cuBLASLt takes only more than 16 rows: fewer are zero-padded."""
-    a, b, a_scale, b_scale = _checked_operands(a, b, a_scale, b_scale)
+    return _int_mm_scaled(*_checked_operands(a, b, a_scale, b_scale), bias, out_dtype)
+
+
+def _int_mm_scaled(a, b, a_scale, b_scale, bias, out_dtype):
     m = a.shape[0]
     if m == 0:
         return torch.empty((0, b.shape[0]), dtype=out_dtype, device=a.device)

@@ -4,6 +4,8 @@ On a CPU-only machine they run under TRITON_INTERPRET=1 (set by conftest.py) at 
 tests marked `gpu` run at the LTX-2 shapes on a CUDA device."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,9 +47,10 @@ def interpreter_loops():
 
 def codes_close(codes, ref_codes, max_mismatch=1e-3):
     """INT8 codes equal except a few off by one (float rounding of the input moved them across a
-    rounding boundary)."""
+    rounding boundary): at most a `max_mismatch` fraction, plus 4 (on short rows the expected count
+    of such cases is below 1)."""
     diff = (codes.cpu().int() - ref_codes.cpu().int()).abs()
-    return bool(diff.max() <= 1) and (diff != 0).float().mean().item() <= max_mismatch
+    return bool(diff.max() <= 1) and (diff != 0).sum().item() <= max_mismatch * diff.numel() + 4
 
 
 def random_rows(shape, dtype, outliers=True):
@@ -128,12 +131,13 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotation_matches_reference(group, rows, cols, dtype):
     """The rotation sums in another order than torch's matmul (fp32 either way): the rotated values
-    agree to ~1e-7, so the scales to 1e-6 and the codes up to a rare boundary case. Rows of 16,384
-    and 5,120 features are read in chunks (two passes), 5,120 with a partial last chunk."""
+    agree to a few fp32 steps (1024-feature groups: up to ~2e-6), so do the scales, and the codes up
+    to a rare boundary case. Rows of 16,384 and 5,120 features are read in chunks (two passes),
+    5,120 with a partial last chunk."""
     x = random_rows((rows, cols), dtype)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
     ref_data, ref_scale = reference.quantize_int8_rows(x, rotate_groupsize=group)
-    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
     assert codes_close(data, ref_data)
 
 
@@ -146,10 +150,10 @@ def test_rotation_matches_comfy_kitchen():
     x = random_rows((16, 4096), torch.float32)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=256)
     ck_data, ck_scale = quantize_int8_rowwise(_rotate_activation(x, _build_hadamard(256), 256))
-    assert torch.allclose(scale.cpu(), ck_scale, rtol=1e-6, atol=0)
+    assert torch.allclose(scale.cpu(), ck_scale, rtol=1e-5, atol=0)
     assert codes_close(data, ck_data)
-    back = reference.rotate(data.cpu().float() * scale.cpu(), 256)
-    assert ((back - x).norm() / x.norm()).item() < 0.01
+    back = reference.rotate(data.cpu().float() * scale.cpu(), 256)  # INT8 error ~1%; a wrong rotation ~100%
+    assert ((back - x).norm() / x.norm()).item() < 0.05
 
 
 def test_rotation_one_pass_equals_chunked():
@@ -313,11 +317,19 @@ def test_gpu_gemm_at_model_shapes(gemm, m, n, k):
     assert torch.allclose(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
 
 
+def test_gemm_class_per_capability(monkeypatch):
+    expected = {(7, 5): "turing", (8, 0): "a100", (8, 6): "small-smem", (8, 9): "small-smem", (9, 0): "hopper",
+                (10, 0): "hopper", (12, 0): "small-smem"}
+    for capability, gpu_class in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, capability=capability: capability)
+        assert kernels_int8.gemm_class("cuda") == gpu_class, capability
+
+
 @gpu
-@pytest.mark.parametrize("capability", [(8, 0), (8, 6)])
-def test_gpu_ampere_tile_lists(monkeypatch, capability):
-    """The Ampere tile lists compile and compute the same product (on this GPU's architecture:
-    what they cost on an Ampere card is not measured here)."""
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0), (8, 6)])
+def test_gpu_before_hopper(monkeypatch, capability):
+    """The Ampere tile lists compile and compute the same product, and Turing's call goes to
+    torch._int_mm (on this GPU's architecture: what they cost on those cards is not measured here)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     operands = on_device(*gemm_operands(4096, 2048, 4096, (2048,), torch.bfloat16))
     assert not kernels_int8.default_persistent(operands[0], operands[1], torch.bfloat16)
@@ -326,7 +338,7 @@ def test_gpu_ampere_tile_lists(monkeypatch, capability):
 
 
 @gpu
-@pytest.mark.parametrize("gelu,group,static", [(False, 0, False), (True, 256, False), (False, 256, True)])
+@pytest.mark.parametrize("gelu,group,static", [(True, 256, False), (False, 0, True)])
 def test_gpu_compiled_linear_matches_eager(gelu, group, static):
     x = random_rows((4096, 4096), torch.bfloat16).cuda()
     w_codes = torch.randint(-127, 128, (2048, 4096), dtype=torch.int8, device="cuda")
@@ -345,3 +357,15 @@ def test_gpu_compiled_linear_matches_eager(gelu, group, static):
     eager = linear(x)
     compiled = torch.compile(linear, fullgraph=True)(x)
     assert torch.allclose(compiled.float(), eager.float(), rtol=2 ** -6, atol=1e-2)
+
+
+def test_kernels_compile_for_each_gpu_class():
+    """Every kernel compiles for sm_75, 80, 86 and 90 (Triton's own ptxas, no GPU needed) within the
+    class's shared memory and without register spills: the largest tile of each GEMM tile list, the
+    quantizers, the expansions (which must not need the FP8 type before sm_89). The compiler needs
+    real JIT functions, so this runs outside the interpreter; `--compile-report` prints every tile."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_int8.py")
+    result = subprocess.run([sys.executable, bench, "--compile-report=largest"], env=environment,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
