@@ -315,10 +315,12 @@ def compile_variants(capability: int, tiles: str):
     lists = [("gemm", kernels_int8._int8_mm_kernel, kernels_int8.GEMM_TILES[gpu_class], {})]
     if gpu_class == "hopper":
         lists.append(("gemm persistent", kernels_int8._int8_mm_persistent_kernel, kernels_int8.PERSISTENT_TILES,
-                      {"NUM_SMS": 132}))
+                      {"NUM_SMS": 132, "WARP_SPECIALIZE": False}))
+        lists.append(("gemm persistent warp-specialized", kernels_int8._int8_mm_persistent_kernel,
+                      kernels_int8.WARP_SPECIALIZED_TILES, {"NUM_SMS": 132, "WARP_SPECIALIZE": True}))
     for name, kernel, tile_list, extra in lists:
-        if tiles == "largest":  # the most pipeline bytes: the closest to the shared memory limit
-            tile_list = [max(tile_list, key=lambda tile: (tile[0] + tile[1]) * tile[2] * tile[3])]
+        if tiles == "largest":  # pipeline stages and bf16 output tile: the closest to the shared memory limit
+            tile_list = [max(tile_list, key=lambda t: (t[0] + t[1]) * t[2] * t[3] + t[0] * t[1] * 2)]
         for block_m, block_n, block_k, stages, warps in tile_list:
             yield (f"{name} {block_m}x{block_n}x{block_k} stages {stages} warps {warps}", kernel, gemm,
                    {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, **extra},

@@ -52,6 +52,8 @@ GEMM_TILES = {
 # next tile's loads run: stages * stage bytes + BLOCK_M * BLOCK_N * 2 (bf16) within 227 KB.
 PERSISTENT_TILES = ((128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 128, 5, 8),
                     (128, 256, 64, 4, 8), (128, 256, 64, 5, 8))
+# Tiles also tried with Triton's warp specialization (producer warps issue the TMA loads).
+WARP_SPECIALIZED_TILES = ((128, 256, 128, 3, 8), (128, 128, 128, 4, 8))
 # The interpreter's tile: small, so the tests' shapes span several tiles and partial ones.
 INTERPRET_TILE = (32, 32, 32, 2)
 
@@ -242,16 +244,18 @@ if AVAILABLE:
     def _int8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
                                    B_SCALE_PER_N: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                                   GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
         """One program per SM walks the output tiles; A and B tiles arrive by TMA (out-of-range rows
-        and K are zero-filled), the output leaves by a TMA store (clipped at M and N)."""
+        and K are zero-filled), the output leaves by a TMA store (clipped at M and N). The tile and
+        K loops are flattened into one pipelined loop, unless warp-specialized."""
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
         b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
         tiles_m = tl.cdiv(M, BLOCK_M)
         tiles_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=not WARP_SPECIALIZE,
+                             warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _tile_position(tile, tiles_m, tiles_n, GROUP_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for k in range(k_tiles):
@@ -320,11 +324,14 @@ def _m_bucket(m):
 
 @functools.cache
 def _autotuned_gemm(persistent: bool, gpu_class: str):
-    tiles = PERSISTENT_TILES if persistent else GEMM_TILES[gpu_class]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
-                             num_warps=warps) for bm, bn, bk, stages, warps in tiles]
-    kernel = _int8_mm_persistent_kernel if persistent else _int8_mm_kernel
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"])(kernel)
+    def configs(tiles, **extra):
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **extra},
+                              num_stages=stages, num_warps=warps) for bm, bn, bk, stages, warps in tiles]
+    if persistent:
+        return triton.autotune(configs=configs(PERSISTENT_TILES, WARP_SPECIALIZE=False)
+                               + configs(WARP_SPECIALIZED_TILES, WARP_SPECIALIZE=True),
+                               key=["M_BUCKET", "N", "K"])(_int8_mm_persistent_kernel)
+    return triton.autotune(configs=configs(GEMM_TILES[gpu_class]), key=["M_BUCKET", "N", "K"])(_int8_mm_kernel)
 
 
 @functools.cache
@@ -376,6 +383,8 @@ def _int8_mm_launch(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
         wrap(_autotuned_gemm(persistent, gemm_class(a.device)))[grid](*args, **flags)
     else:
         block_m, block_n, block_k, group_m = tile
+        if persistent:
+            flags["WARP_SPECIALIZE"] = False
         wrap(kernel)[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
                            num_warps=8 if block_m * block_n >= 128 * 256 else 4)
     return out

@@ -338,6 +338,33 @@ def test_gpu_before_hopper(monkeypatch, capability):
 
 
 @gpu
+def test_gpu_every_tile_config():
+    """Each config of every tile list (the autotuner keeps only its fastest), on a product with partial
+    tiles in M, N and K, output poisoned first; without bias the GPU's result is exact."""
+    import triton
+    m, n, k = 1000, 784, 1040
+    a, b, a_scale, b_scale, _ = on_device(*gemm_operands(m, n, k, (n,), None))
+    ref = reference.int8_scaled_mm(a, b, a_scale, b_scale)
+    lists = [(False, gpu_class) for gpu_class in kernels_int8.GEMM_TILES]
+    if kernels_int8.gemm_class("cuda") == "hopper":
+        lists.append((True, "hopper"))
+        triton.set_allocator(kernels_int8._tma_allocator)
+    sms = kernels_int8._sm_count(torch.device("cuda"))
+    for persistent, gpu_class in lists:
+        tuned = kernels_int8._autotuned_gemm(persistent, gpu_class)
+        for config in tuned.configs:
+            y = torch.full_like(ref, float("nan"))
+            meta = {**config.kwargs, "B_SCALE_PER_N": True, "HAS_BIAS": False, "INTERPRET": False}
+            tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+            if persistent:
+                meta["NUM_SMS"] = sms
+            tuned.fn[(min(tiles, sms) if persistent else tiles,)](
+                a, b, y, a_scale, b_scale, a_scale, m, n, k, 1024, **meta, num_warps=config.num_warps,
+                num_stages=config.num_stages)
+            assert torch.equal(y, ref), (gpu_class, persistent, config)
+
+
+@gpu
 @pytest.mark.parametrize("gelu,group,static", [(True, 256, False), (False, 0, True)])
 def test_gpu_compiled_linear_matches_eager(gelu, group, static):
     x = random_rows((4096, 4096), torch.bfloat16).cuda()
