@@ -30,7 +30,7 @@ PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Tensors of a quantized layer besides its weight and bias.
 LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, "comfy_quant")
 # The header config entries ltx2.block_shapes computes a transformer block's tensors from, and those
-# ltx2.model_shapes also needs for the rest of an LTX-2.3 transformer.
+# ltx2.model_shapes also needs for the rest of an LTX-2.3 or LTX-2.5 transformer.
 BLOCK_LAYOUT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
                      "audio_attention_head_dim")
 MODEL_LAYOUT_KEYS = ("connector_num_layers", "connector_num_attention_heads", "audio_connector_num_attention_heads")
@@ -346,11 +346,16 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
     return out
 
 
+# The families ComfyUI builds from the header config alone: without it, it builds LTX-2.
+CONFIG_FAMILIES = ("ltx2.3", "ltx2.5")
+
+
 def require_config(info: CheckpointInfo) -> None:
-    if info.family == "ltx2.3" and info.config is None:
+    if info.family in CONFIG_FAMILIES and info.config is None:
         raise CheckpointError(
-            f"{info.path}: this is an LTX-2.3 transformer but its header has no 'config' metadata; ComfyUI "
-            "would build it as LTX-2 and fail. Quantize the original release file, which carries it.")
+            f"{info.path}: this is an {ltx2.FAMILY_NAMES[info.family]} transformer but its header has no 'config' "
+            "metadata; ComfyUI would build it as LTX-2 and fail. Quantize the original release file, which "
+            "carries it.")
 
 
 def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> None:
@@ -358,7 +363,7 @@ def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> No
     model from the config and loads the weights non-strictly, so a missing tensor would stay
     uninitialized (noise or black video) and an extra one would be ignored, both silently. Without
     a config that gives the layout, every block must hold the same tensors with the same shapes."""
-    if info.family not in ("ltx2", "ltx2.3"):
+    if info.family not in ("ltx2", *CONFIG_FAMILIES):
         return
     config = _layout_config(info)
     _check_generation(info)
@@ -393,8 +398,11 @@ def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> No
     if num_blocks > info.num_blocks:
         missing.append(f"all of transformer_blocks.{info.num_blocks} to {num_blocks - 1}")
     extra_blocks = [f"all of transformer_blocks.{n}" for n in sorted(blocks) if n >= num_blocks]
-    if info.family == "ltx2.3" and config is not None and all(k in config for k in MODEL_LAYOUT_KEYS):
-        for key, shape in ltx2.model_shapes({**config, "num_layers": 0}).items():
+    if info.family in CONFIG_FAMILIES and config is not None and all(k in config for k in MODEL_LAYOUT_KEYS):
+        # ComfyUI builds the keyframe embedding when the file has it, whatever the header says.
+        keyframes = ltx2.KEYFRAMES_EMBEDDING_KEY in outside
+        layout = {**config, "num_layers": 0, "use_keyframes_abs_pos_embedding": keyframes}
+        for key, shape in ltx2.model_shapes(layout).items():
             if key not in outside:
                 missing.append(key)
             elif outside[key] != tuple(shape):
@@ -432,18 +440,29 @@ def _layout_config(info: CheckpointInfo) -> dict | None:
 
 
 def _check_generation(info: CheckpointInfo) -> None:
-    """LTX-2.3 weights (gated attention) and an LTX-2 header config, or the other way round."""
+    """Weights of one LTX generation and a header config of another: gated attention (LTX-2.3 and
+    2.5) and bias-free FFNs (LTX-2.5), each in the weights but not the header or the other way round."""
     if info.config is None:
         return
     gated = bool(info.config.get("apply_gated_attention"))
+    ffn_bias = bool(info.config.get("ff_bias", True))
+    weights_of = ltx2.FAMILY_NAMES[info.family]
     if gated and info.family == "ltx2":
         raise CheckpointError(f"{info.path}: the header config is LTX-2.3's (apply_gated_attention) but the weights "
                               "are LTX-2's (no to_gate_logits layers); ComfyUI would build LTX-2.3 and leave the "
                               "gates uninitialized. The header does not belong to these weights.")
-    if not gated and info.family == "ltx2.3":
-        raise CheckpointError(f"{info.path}: the weights are LTX-2.3's (they have to_gate_logits layers) but the "
-                              "header config is LTX-2's (no apply_gated_attention); ComfyUI would build LTX-2 and "
-                              "ignore the gates. Use the LTX-2.3 release file, whose header matches.")
+    if not gated and info.family in CONFIG_FAMILIES:
+        raise CheckpointError(f"{info.path}: the weights are {weights_of}'s (they have to_gate_logits layers) but "
+                              "the header config is LTX-2's (no apply_gated_attention); ComfyUI would build LTX-2 "
+                              f"and ignore the gates. Use the {weights_of} release file, whose header matches.")
+    if ffn_bias and info.family == "ltx2.5":
+        raise CheckpointError(f"{info.path}: the weights are LTX-2.5's (FFN Linears without bias) but the header "
+                              "config does not say ff_bias false; ComfyUI would build FFN biases and leave them "
+                              "uninitialized. Use the LTX-2.5 release file, whose header matches.")
+    if not ffn_bias and info.family != "ltx2.5":
+        raise CheckpointError(f"{info.path}: the header config is LTX-2.5's (ff_bias false) but the weights are "
+                              f"{weights_of}'s (FFN Linears with bias); ComfyUI would build bias-free FFNs and ignore "
+                              "the biases. The header does not belong to these weights.")
 
 
 def _transformer_shapes(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> dict[str, tuple[int, ...]]:

@@ -1,5 +1,5 @@
-"""LTX-2 / LTX-2.3 model facts: key names, layer scopes, family detection, and a small synthetic
-state dict with the real key names (for the demo and the tests; no weights are downloaded)."""
+"""LTX-2 / LTX-2.3 / LTX-2.5 model facts: key names, layer scopes, family detection, and a small
+synthetic state dict with the real key names (for the demo and the tests; no weights are downloaded)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ CHECKPOINT_PREFIX = "model.diffusion_model."
 # ComfyUI identifies the LTX family by this key and the audio-video model (LTXAV) by the second.
 FAMILY_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"
 AUDIO_VIDEO_KEY = "audio_adaln_single.linear.weight"
-# Only LTX-2.3 has gated attention; ComfyUI tells 2.3 from 2.0 by the header `config` alone.
+# Only LTX-2.3 and LTX-2.5 have gated attention; ComfyUI tells 2.3 from 2.0 by the header `config` alone.
 LTX23_MARKER = re.compile(r"^transformer_blocks\.\d+\.attn1\.to_gate_logits\.weight$")
+# LTX-2.5's FFN Linears have no bias (its header says ff_bias and audio_ff_bias false); ComfyUI reads
+# that from the header too, so a file is told apart by whether block 0's FFN has one.
+FFN_BIAS_KEY = "transformer_blocks.0.ff.net.0.proj.bias"
+FFN_WEIGHT_KEY = "transformer_blocks.0.ff.net.0.proj.weight"
+# A learned position embedding LTX-2.5 adds to generated keyframes; ComfyUI builds it when the key is
+# there, whatever the header says.
+KEYFRAMES_EMBEDDING_KEY = "keyframes_abs_pos_embedding"
+FAMILY_NAMES = {"ltx2": "LTX-2", "ltx2.3": "LTX-2.3", "ltx2.5": "LTX-2.5", "ltxv": "LTX-Video"}
 
 ATTENTION_MODULES = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 FEEDFORWARD_MODULES = ("ff", "audio_ff")
@@ -42,6 +50,13 @@ LTX23_CONFIG = {
     "caption_projection_first_linear": False, "caption_projection_second_linear": False,
     "use_middle_indices_grid": True, "connector_positional_embedding_max_pos": [4096],
 }
+# LTX-2.5 keeps that layout and adds these header keys (Lightricks' ltx-core model_configurator, ComfyUI
+# v0.33's LTXAVModel): bias-free FFN Linears, no prompt AdaLN embedders (use_prompt_adaln_single false:
+# the cross-attention's keys and values no longer depend on the timestep) and the keyframe embedding.
+# connector_ff_bias is Lightricks' switch for the text connectors' FFN biases; ComfyUI v0.33 does not
+# read it and always builds them, so model_shapes does too.
+LTX25_CONFIG = {**LTX23_CONFIG, "ff_bias": False, "audio_ff_bias": False, "use_prompt_adaln_single": False,
+                "use_keyframes_abs_pos_embedding": True, "connector_ff_bias": True}
 
 
 def is_audio_side(layer: str) -> bool:
@@ -107,14 +122,15 @@ def detect_prefix(keys) -> str:
 
 
 def detect_family(keys, prefix: str) -> str | None:
-    """'ltx2.3' / 'ltx2' (audio-video), 'ltxv' (video-only LTX), or None for a non-LTX file."""
+    """'ltx2.5' / 'ltx2.3' / 'ltx2' (audio-video), 'ltxv' (video-only LTX), or None for a non-LTX file."""
     keys = set(keys)
     if prefix + FAMILY_KEY not in keys:
         return None
     if prefix + AUDIO_VIDEO_KEY not in keys:
         return "ltxv"
     if any(LTX23_MARKER.match(strip_prefix(k, prefix)) for k in keys):
-        return "ltx2.3"
+        bias_free = prefix + FFN_WEIGHT_KEY in keys and prefix + FFN_BIAS_KEY not in keys
+        return "ltx2.5" if bias_free else "ltx2.3"
     return "ltx2"
 
 
@@ -139,16 +155,17 @@ def block_count(keys, prefix: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# A small synthetic LTX-2.3-shaped state dict
+# A small synthetic LTX-2.3/2.5-shaped state dict
 # ---------------------------------------------------------------------------------------------
 
 def tiny_config(num_layers: int = 2, heads: int = 2, head_dim: int = 32, audio_heads: int = 2,
-                audio_head_dim: int = 16) -> dict:
-    """LTX-2.3 config with the real structure and small widths (video width heads*head_dim).
+                audio_head_dim: int = 16, release: dict = LTX23_CONFIG) -> dict:
+    """A `release` config (LTX23_CONFIG or LTX25_CONFIG) with its real structure and small widths
+    (video width heads*head_dim).
 
     Connector widths equal the stream widths (ComfyUI requires it) and the caption projections
-    are off, as in the LTX-2.3 release (its text encoder emits stream-width embeddings)."""
-    config = dict(LTX23_CONFIG)
+    are off, as in the releases (their text encoders emit stream-width embeddings)."""
+    config = dict(release)
     config.update({
         "num_layers": num_layers, "num_attention_heads": heads, "attention_head_dim": head_dim,
         "cross_attention_dim": heads * head_dim, "audio_num_attention_heads": audio_heads,
@@ -160,7 +177,7 @@ def tiny_config(num_layers: int = 2, heads: int = 2, head_dim: int = 32, audio_h
 
 
 def block_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of one transformer block (block 0 names), LTX-2.3 layout, as key -> shape."""
+    """Every tensor of one transformer block (block 0 names), LTX-2.3/2.5 layout, as key -> shape."""
     v = config["num_attention_heads"] * config["attention_head_dim"]
     a = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
     heads = config["num_attention_heads"]
@@ -184,11 +201,13 @@ def block_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     attention("audio_attn2", a, a, a, a, config["audio_num_attention_heads"])
     attention("audio_to_video_attn", v, a, a, v, config["audio_num_attention_heads"])
     attention("video_to_audio_attn", a, v, a, a, config["audio_num_attention_heads"])
-    for name, width in (("ff", v), ("audio_ff", a)):
+    for name, width, bias in (("ff", v, config.get("ff_bias", True)),
+                              ("audio_ff", a, config.get("audio_ff_bias", True))):
         shapes[f"{name}.net.0.proj.weight"] = (4 * width, width)
-        shapes[f"{name}.net.0.proj.bias"] = (4 * width,)
         shapes[f"{name}.net.2.weight"] = (width, 4 * width)
-        shapes[f"{name}.net.2.bias"] = (width,)
+        if bias:
+            shapes[f"{name}.net.0.proj.bias"] = (4 * width,)
+            shapes[f"{name}.net.2.bias"] = (width,)
     rows = 9 if config.get("cross_attention_adaln") else 6
     shapes["scale_shift_table"] = (rows, v)
     shapes["audio_scale_shift_table"] = (rows, a)
@@ -206,10 +225,12 @@ _ADALN_SINGLES = (("adaln_single", "v", 9), ("prompt_adaln_single", "v", 2), ("a
                   ("audio_prompt_adaln_single", "a", 2), ("av_ca_video_scale_shift_adaln_single", "v", 4),
                   ("av_ca_a2v_gate_adaln_single", "v", 1), ("av_ca_audio_scale_shift_adaln_single", "a", 4),
                   ("av_ca_v2a_gate_adaln_single", "a", 1))
+_PROMPT_ADALN_SINGLES = ("prompt_adaln_single", "audio_prompt_adaln_single")
 
 
 def model_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an LTX-2.3 transformer (ComfyUI's LTXAVModel names and shapes) for `config`."""
+    """Every tensor of an LTX-2.3 or LTX-2.5 transformer (ComfyUI's LTXAVModel names and shapes) for
+    `config`."""
     widths = {"v": config["num_attention_heads"] * config["attention_head_dim"],
               "a": config["audio_num_attention_heads"] * config["audio_attention_head_dim"]}
     v, a = widths["v"], widths["a"]
@@ -218,7 +239,11 @@ def model_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "patchify_proj.weight": (v, 128), "patchify_proj.bias": (v,),
         "audio_patchify_proj.weight": (a, 128), "audio_patchify_proj.bias": (a,),
     }
+    if config.get("use_keyframes_abs_pos_embedding"):
+        shapes[KEYFRAMES_EMBEDDING_KEY] = (1, v)
     for name, stream, rows in _ADALN_SINGLES:
+        if name in _PROMPT_ADALN_SINGLES and not config.get("use_prompt_adaln_single", True):
+            continue
         width = widths[stream]
         shapes[f"{name}.emb.timestep_embedder.linear_1.weight"] = (width, 256)
         shapes[f"{name}.emb.timestep_embedder.linear_1.bias"] = (width,)
