@@ -421,7 +421,7 @@ def quantize_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor | None
     is the calibrated one (an NVFP4 layer's input_scale, amax/2688) or this call's amax/2688."""
     if global_scale is None:
         global_scale = x.abs().amax().float() / formats.NVFP4_GLOBAL_DIVISOR
-    global_scale = global_scale.float().reshape(1).contiguous()
+    global_scale = global_scale.float().reshape(1).to(x.device).contiguous()
     x = x.contiguous()
     if torch.compiler.is_compiling():
         packed, scales = _quantize_nvfp4_activation_op(x, global_scale)
