@@ -15,11 +15,10 @@ import comfy.sample
 import comfy.samplers
 
 from ..quant import runtime
-from ..quant.calibration import AmaxRecorder, input_scale
+from ..quant.calibration import AmaxRecorder, gets_input_scale, input_scale
 from ..quant.quality import LayerQuality, cosine_similarity, layer_quality
 from ..quant.reference import relative_error
 from ..quant.safetensors_io import atomic_file
-from ..quant.weights import NVFP4
 from .ops import quantized_layers
 
 # Input rows kept per layer from the reference run for the per-layer comparison (evenly spaced tokens).
@@ -111,7 +110,7 @@ def with_static_scales(patcher, amax: dict[str, float]):
     count = 0
     for name, module in quantized_layers(patcher.model.diffusion_model).items():
         q = module.quant
-        if name not in amax or (q.activation != "fp8" and q.format != NVFP4):
+        if name not in amax or not gets_input_scale(q.conf):
             continue
         layer = copy.copy(module)
         layer._parameters = dict(module._parameters)

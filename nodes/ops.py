@@ -70,8 +70,9 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                     if tensor is not None:
                         stored[suffix] = tensor
                 qw = QuantizedWeight.from_tensors(format_from_conf(conf), shape, stored)
-                activation = layer_activation(conf, nvfp4_mode)
-                path, reason = runtime.choose_path(qw.format, activation, capability, shape)
+                asked = layer_activation(conf, nvfp4_mode)
+                path, reason = runtime.choose_path(qw.format, asked, capability, shape)
+                activation = runtime.BY_NAME[path].activation_for(qw.format) or asked  # what the path runs
                 LTX2QuantOps.paths[(qw.format, path)] = reason
                 # Re-blocking MXFP8 is real work: do it on the GPU, keep the result where the weight was.
                 prepare_on = compute_device if qw.format == MXFP8 else qw.data.device
