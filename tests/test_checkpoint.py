@@ -31,6 +31,7 @@ from quant.safetensors_io import CheckpointError, SafetensorsFile, TensorSpec, s
 from quant.weights import FormatError
 
 ck = pytest.importorskip("comfy_kitchen")
+from official_layouts import ck_nvfp4, comfy_quant_tensor  # noqa: E402  (needs comfy_kitchen)
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = ltx2.CHECKPOINT_PREFIX
@@ -105,22 +106,12 @@ def tmp_leftovers(folder) -> list[str]:
     return [p.name for p in Path(folder).iterdir() if p.name.startswith(".tmp-")]
 
 
-def comfy_quant_tensor(conf: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
-
-
 def lightricks_fp8(w: torch.Tensor, input_scale: float):
     """Lightricks' fp8 layout, made with plain torch: e4m3 weight, fp32 scalar weight_scale and input_scale."""
     scale = (w.float().abs().amax() / 448.0).reshape(())
     data = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     return data, scale, torch.tensor(input_scale, dtype=torch.float32)
 
-
-def ck_nvfp4(w: torch.Tensor):
-    """Lightricks' / ComfyUI's NVFP4 layout, made by comfy-kitchen: (U8 packed, swizzled e4m3 scales, fp32 global)."""
-    global_scale = (w.float().abs().amax() / (448.0 * 6.0)).reshape(())
-    packed, block_scales = ck.quantize_nvfp4(w.float(), global_scale, pad_16x=True, hi_first=True)
-    return packed, block_scales, global_scale
 
 
 # ---------------------------------------------------------------------------------------------

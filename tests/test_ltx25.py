@@ -18,10 +18,10 @@ from quant.checkpoint import (QUANT_METADATA_KEY, check_layers, inspect_checkpoi
 from quant.modes import Activation, layer_activation
 from quant.policies import POLICIES, get_policy
 from quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors
-from test_checkpoint import block_linears, ck_nvfp4, comfy_quant_tensor, read_all, rel_err, same_tensor
+from test_checkpoint import block_linears, read_all, rel_err, same_tensor
 
-ck = pytest.importorskip("comfy_kitchen")
-ck_eager = pytest.importorskip("comfy_kitchen.backends.eager.quantization")
+pytest.importorskip("comfy_kitchen")
+from official_layouts import INT8_CONVROT_CONF, NVFP4_CONF, official_layers  # noqa: E402  (needs comfy_kitchen)
 
 # Widths of 256 so every block Linear takes whole ConvRot groups, as in the release (4096 / 2048).
 CONFIG = ltx2.tiny_config(num_layers=2, heads=4, head_dim=64, audio_heads=4, audio_head_dim=64,
@@ -39,7 +39,6 @@ def block_ffn_biases(keys) -> list[str]:
             and k.endswith(FFN_BIASES)]
 # Block Linears each policy's default scope leaves in bf16 (fp8-scaled-mm: policies.FP8_SCALED_MM_KEEPS).
 KEPT_PER_BLOCK = {name: {"bf16": 28, "fp8-scaled-mm": 3}.get(name, 0) for name in POLICIES}
-OFFICIAL_INT8_CONVROT = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
 
 
 def write_bf16(path, config: dict = CONFIG, metadata: dict | None = None, prefix: str = "") -> dict:
@@ -125,7 +124,7 @@ def test_header_and_weights_of_different_generations_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="weights are LTX-2.5's .FFN Linears without bias. but the header"):
         quantize_file(str(tmp_path / "a.safetensors"), str(tmp_path / "out.safetensors"), get_policy("nvfp4"))
     write_bf16(tmp_path / "b.safetensors", config=config23, metadata=METADATA)
-    with pytest.raises(CheckpointError, match="header config is LTX-2.5's .ff_bias false. but the weights are LTX-2.3's"):
+    with pytest.raises(CheckpointError, match="LTX-2.5.s .ff_bias false. but the weights are LTX-2.3.s"):
         quantize_file(str(tmp_path / "b.safetensors"), str(tmp_path / "out.safetensors"), get_policy("nvfp4"))
     write_bf16(tmp_path / "c.safetensors", metadata={})
     with pytest.raises(CheckpointError, match="LTX-2.5 transformer but its header has no 'config'"):
@@ -151,31 +150,17 @@ def test_keyframe_embedding_follows_the_file_and_prompt_embedders_the_header(tmp
             check_layers(f, inspect_checkpoint(f))
 
 
+OFFICIAL_CONFS = {"int8-convrot": INT8_CONVROT_CONF, "nvfp4": NVFP4_CONF}
+
+
 def official_file(path, fmt: str) -> dict[str, tuple[torch.Tensor, dict]]:
-    """A transformer in the layout of Lightricks' official LTX-2.5 files for ComfyUI: bf16 except the
-    block Linears, each with a `<layer>.comfy_quant` JSON tensor (int8-convrot: ComfyUI's
-    int8_tensorwise with ConvRot; nvfp4), quantized by comfy-kitchen; the release header, no
-    `_quantization_metadata`. Returns layer -> (comfy-kitchen's dequantized weight, stored tensors)."""
+    """A transformer in the layout of Lightricks' official LTX-2.5 `fmt` file for ComfyUI: every block
+    Linear in that format with its `.comfy_quant` tensor (tests/official_layouts.py), the rest bf16,
+    the release header."""
     state = {ltx2.CHECKPOINT_PREFIX + k: v for k, v in ltx2.synthetic_state_dict(CONFIG, seed=4).items()}
-    made = {}
-    for layer in block_linears(2):
-        key = ltx2.CHECKPOINT_PREFIX + layer
-        w = state.pop(key + ".weight")
-        if fmt == "int8-convrot":
-            q, scale = ck_eager.quantize_int8_convrot_weight(w, 256)
-            tensors, conf = {"weight": q, "weight_scale": scale}, OFFICIAL_INT8_CONVROT
-            reference = ck_eager.dequantize_int8_convrot_weight(q, scale, 256)
-        else:
-            packed, block_scales, global_scale = ck_nvfp4(w)
-            tensors, conf = {"weight": packed, "weight_scale": block_scales, "weight_scale_2": global_scale}, {
-                "format": "nvfp4"}
-            reference = ck.dequantize_nvfp4(packed, global_scale, block_scales, output_type=torch.float32)
-            reference = reference[: w.shape[0], : w.shape[1]]
-        state.update({f"{key}.{suffix}": t for suffix, t in tensors.items()})
-        state[key + ".comfy_quant"] = comfy_quant_tensor(conf)
-        made[layer] = (reference, tensors)
+    made = official_layers(state, [ltx2.CHECKPOINT_PREFIX + layer for layer in block_linears(2)], OFFICIAL_CONFS[fmt])
     save_tensors(path, state, METADATA)
-    return made
+    return {ltx2.strip_prefix(layer, ltx2.CHECKPOINT_PREFIX): value for layer, value in made.items()}
 
 
 @pytest.mark.parametrize("fmt, stored_format", [("int8-convrot", weights.INT8_CONVROT), ("nvfp4", weights.NVFP4)])
@@ -222,4 +207,4 @@ def test_official_files_run_on_the_fast_paths(tmp_path, fmt, capability, fast_pa
     assert video_token_layers and {paths[layer] for layer in video_token_layers} == {fast_path}
     assert {paths[layer] for layer in paths if ltx2.reads_few_tokens(layer)} == {
         "bf16-dequant" if fmt == "int8-convrot" else "nvfp4-jit-bf16"}
-    assert layer_activation(OFFICIAL_INT8_CONVROT) == Activation.INT8  # the file's own config, as ComfyUI reads it
+    assert layer_activation(INT8_CONVROT_CONF) == Activation.INT8  # the file's own config, as ComfyUI reads it
