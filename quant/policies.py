@@ -165,8 +165,7 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
             eight_bit = in_block and policy.scope.wants_8bit(layer)
             target = policy.weight_format if in_block and not eight_bit else policy.outer_format
             mixed_8bit = eight_bit and policy.weight_format == weights.NVFP4
-            if target == weights.INT8_CONVROT and shape[1] % weights.rotation(target):
-                target = weights.INT8  # ConvRot rotates whole groups of input features; LTX-2's widths all are
+            target = weights.fitting_format(target, shape)
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         # The FP8 layers of a policy that is not W8A8 FP8 (fp8-cast's, an NVFP4 policy's connectors and
         # `include`d outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag

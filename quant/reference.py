@@ -27,12 +27,9 @@ def quantize_activation_reference(x: torch.Tensor, input_scale: torch.Tensor | N
             values = formats.dequantize_fp8(formats.quantize_fp8_static(rows, input_scale), input_scale)
         else:
             values = formats.dequantize_fp8(*formats.quantize_fp8_rowwise_dynamic(rows))
-    elif activation == Activation.INT8:
-        if input_scale is not None and not rotation_group:
-            values = formats.quantize_int8_static(rows, input_scale).float() * input_scale.float()
-        else:
-            data, scale = formats.quantize_int8_rowwise_dynamic(rows)
-            values = data.float() * scale
+    elif activation == Activation.INT8:  # always per token (runtime.takes_static_scale)
+        data, scale = formats.quantize_int8_rowwise_dynamic(rows)
+        values = data.float() * scale
     elif activation == Activation.NVFP4:
         packed, block_scales, global_scale = formats.quantize_nvfp4(rows, input_scale)
         values = formats.dequantize_nvfp4(packed, block_scales, global_scale, tuple(rows.shape))

@@ -216,13 +216,8 @@ def _run_fp8(path: ExecutionPath) -> PathRun:
 
 
 def _run_int8(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
-    group = rotation(fmt)
-    if "static_weight_scale" in tensors:
-        a = kernels_int8.quantize_int8_static(x2d, tensors["input_scale"], gelu, group)
-        a_scale, w_scale = _unit_row_scales(x2d.shape[0], x2d.device), tensors["static_weight_scale"]
-    else:
-        (a, a_scale), w_scale = kernels_int8.quantize_int8_rows(x2d, gelu, group), tensors["weight_scale"]
-    return kernels_int8.int8_scaled_mm(a, tensors["weight"], a_scale, w_scale, bias, out_dtype)
+    a, a_scale = kernels_int8.quantize_int8_rows(x2d, gelu, rotation(fmt))
+    return kernels_int8.int8_scaled_mm(a, tensors["weight"], a_scale, tensors["weight_scale"], bias, out_dtype)
 
 
 def _run_dequant16(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
@@ -324,7 +319,7 @@ PATHS: tuple[ExecutionPath, ...] = (
                   _pairs(INT8_FORMATS, Activation.INT8),
                   _every(_gpu((7, 5), "INT8 tensor cores"), _triton("the INT8 kernels"),
                          _multiples(16, 16, "the INT8 GEMM")),
-                  _prepare_rows, _run_int8, quantizes_input=True, row_scale="weight_scale", fuses_gelu=True),
+                  _prepare_rows, _run_int8, quantizes_input=True, fuses_gelu=True),
     _fp8_path("fp8-rowwise", "W8A8 _scaled_mm rowwise, per-token FP8 activations (Triton)", FP8_FORMATS,
               Activation.FP8, lambda cap, shape: None, "weight_scale"),
     _fp8_path("mxfp8-as-fp8", "MXFP8 re-blocked to per-row power-of-two FP8 at load, W8A8 _scaled_mm",
@@ -375,10 +370,10 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
 
 def takes_static_scale(path: str, fmt: str) -> bool:
     """Whether a layer on `path` quantizes its input with a static input_scale (folded into its
-    weight scale): the W8A8 paths, except for NVFP4 layers (their input_scale is the global scale of
-    NVFP4 activations, for the native W4A4 GEMM) and ConvRot layers (a calibrated amax bounds the
-    input, not its rotation: they keep per-token scales)."""
-    return BY_NAME[path].row_scale is not None and fmt != NVFP4 and not rotation(fmt)
+    weight scale): the FP8 W8A8 paths, except for NVFP4 layers (their input_scale is the global scale
+    of NVFP4 activations, for the native W4A4 GEMM). The INT8 path takes none: its layers stay
+    per-token, as ComfyUI's do (calibration.gets_input_scale says why)."""
+    return BY_NAME[path].row_scale is not None and fmt != NVFP4
 
 
 def static_scale_tensors(path: str, fmt: str, tensors: dict[str, torch.Tensor], input_scale: torch.Tensor

@@ -41,6 +41,14 @@ def rotation(fmt: str) -> int:
     return formats.CONVROT_GROUP_SIZE if fmt == INT8_CONVROT else 0
 
 
+def fitting_format(fmt: str, shape: tuple[int, ...]) -> str:
+    """The format a weight of `shape` takes when a policy asks for `fmt`: ConvRot rotates whole groups of
+    input features, so a width that is not a multiple of the group gets plain INT8 (every LTX-2 width is)."""
+    if rotation(fmt) and shape[-1] % rotation(fmt):
+        return INT8
+    return fmt
+
+
 def format_from_conf(conf: dict) -> str:
     """This pack's format name for a ComfyUI per-layer quantization config (`.comfy_quant` or
     `_quantization_metadata`): its `format`, except that an INT8 layer with ConvRot (top-level keys,
