@@ -1,6 +1,6 @@
 """INT8 W8A8 kernels on one GPU, one run: correctness at the LTX-2 shapes, then speed against bf16 and FP8.
 
-1. Checks (fresh random inputs): the quantizers and every GEMM against quant.int8_reference at each
+1. Checks (fresh random inputs): the quantizers and every GEMM against quant.formats' references at each
    (M, N, K); a failed check is marked FAIL and makes the exit status 1, the run goes on.
 2. GEMM alone on quantized operands: cuBLAS bf16 (with bias), FP8 `_scaled_mm` rowwise with fast
    accumulation (as quant.runtime runs it), the Triton INT8 GEMM (autotuned; pointer and persistent
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from quant import formats, int8_reference, kernels, kernels_int8  # noqa: E402
+from quant import formats, kernels, kernels_int8  # noqa: E402
 
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384), (2048, 2048)]  # (N, K) of the block Linears
 TOKENS = [24576, 6144]
@@ -86,17 +86,18 @@ def check_quantizers(m: int, k: int) -> list[str]:
     x = activation(m, k)
     lines = []
     data, scale = kernels_int8.quantize_int8_rows(x)
-    ref_data, ref_scale = int8_reference.quantize_int8_rows(x)
+    ref_data, ref_scale = formats.quantize_int8_rowwise_dynamic(x)
     exact = torch.equal(data, ref_data) and torch.equal(scale, ref_scale)
     lines.append(check(f"quantize_int8_rows {m}x{k}", exact,
                        "bit-exact" if exact else f"codes off by <= / in: {code_mismatch(data, ref_data)}"))
     input_scale = ref_scale.amax() * 0.5
     static = kernels_int8.quantize_int8_static(x, input_scale)
-    lines.append(check(f"quantize_int8_static {m}x{k}", torch.equal(static, int8_reference.quantize_int8_static(
+    lines.append(check(f"quantize_int8_static {m}x{k}", torch.equal(static, formats.quantize_int8_static(
         x, input_scale)), "bit-exact (half the range: clamps)"))
     for gelu, group in ((True, 0), (False, 256), (True, 256)):
         data, scale = kernels_int8.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
-        ref_data, ref_scale = int8_reference.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
+        values = torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x  # fp32, as fused
+        ref_data, ref_scale = formats.quantize_int8_rowwise_dynamic(values, group)
         worst, fraction = code_mismatch(data, ref_data)
         scale_err = ((scale - ref_scale).abs() / ref_scale).max().item()
         lines.append(check(f"quantize_int8_rows gelu={gelu} rotate={group} {m}x{k}",
@@ -141,9 +142,9 @@ def run_shape(m: int, n: int, k: int, persistent_ok: bool, comfy_kitchen) -> tup
     w_fp8, w_fp8_scale = formats.quantize_fp8_rowwise_dynamic(w)
     w_fp8_scale = w_fp8_scale.reshape(1, n)
     a_fp8, a_fp8_scale = kernels.quantize_fp8_rows(x)
-    w_int8, w_int8_scale = int8_reference.quantize_int8_rows(w)
+    w_int8, w_int8_scale = formats.quantize_int8_rows(w)
     w_int8_scale = w_int8_scale.reshape(n)
-    w_rot, w_rot_scale = int8_reference.quantize_int8_rows(int8_reference.rotate(w, 256))  # W H^T = W H
+    w_rot, w_rot_scale = formats.quantize_int8_rows(formats.rotate_groups(w, 256))  # W H^T = W H
     w_rot_scale = w_rot_scale.reshape(n)
     a_int8, a_int8_scale = kernels_int8.quantize_int8_rows(x)
 
@@ -152,7 +153,7 @@ def run_shape(m: int, n: int, k: int, persistent_ok: bool, comfy_kitchen) -> tup
                                 out_dtype=torch.bfloat16, use_fast_accum=True)
 
     # checks at this shape
-    ref = int8_reference.int8_scaled_mm(a_int8, w_int8, a_int8_scale, w_int8_scale, bias)
+    ref = formats.int8_scaled_mm(a_int8, w_int8, a_int8_scale, w_int8_scale, bias)
     for name, gemm in gemm_contenders(persistent_ok).items():
         y = gemm(a_int8, w_int8, a_int8_scale, w_int8_scale, bias)
         worst = ((y.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-6)).max().item()

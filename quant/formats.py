@@ -371,6 +371,8 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scales: torch.Tensor, global_sc
 # ---------------------------------------------------------------------------------------------
 
 INT8_MAX = 127.0
+# comfy-kitchen's smallest row scale: an all-zero row gets it and quantizes to zeros.
+INT8_SCALE_FLOOR = 1e-30
 # ComfyUI's ConvRot: a block-diagonal regular Hadamard rotation of the input dimension, one block per
 # CONVROT_GROUP_SIZE features (comfy-kitchen's default and the official LTX-2.5 int8 files').
 CONVROT_GROUP_SIZE = 256
@@ -403,8 +405,8 @@ def rotate_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric INT8 of a weight: (int8 data, fp32 (rows, 1) scales amax/127). Byte-identical
     to comfy-kitchen's quantize_int8_rowwise (and so to ComfyUI's int8 files): the scale is floored
-    at 1e-30 and the division runs in w's own dtype, rounding half to even."""
-    scale = (w.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp(min=1e-30)
+    at INT8_SCALE_FLOOR and the division runs in w's own dtype, rounding half to even."""
+    scale = (w.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp(min=INT8_SCALE_FLOOR)
     divisor = scale.to(w.dtype)
     divisor = torch.where(divisor == 0, torch.full_like(divisor, torch.finfo(w.dtype).tiny), divisor)
     return (w / divisor).round_().clamp_(-128.0, INT8_MAX).to(torch.int8), scale
@@ -420,15 +422,45 @@ def dequantize_int8(data: torch.Tensor, scale: torch.Tensor, rotation: int = 0,
     return values.to(dtype)
 
 
-def quantize_int8_rowwise_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 of an activation in fp32: (int8 codes, fp32 (rows, 1) scales amax/127; a zero
-    row gets scale 1). The reference the GPU kernels reproduce."""
-    x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / INT8_MAX)
-    return (x32 * (1.0 / scale)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+# Activations: the rules quant.kernels_int8 reproduces bit for bit. Computed in fp32 for every input
+# dtype (comfy-kitchen divides in the input's dtype), rotated by ConvRot in fp32 with
+# `rotate_groupsize`, each element multiplied by the reciprocal of its scale (as the FP8 quantizers
+# do) and rounded half to even into +-127. A NaN makes its row's scale NaN and its codes 0, so the
+# row's GEMM output is NaN, never silently finite; a NaN under a static scale becomes 0 (INT8 has no NaN).
+
+def _int8_activation_values(x: torch.Tensor, rotate_groupsize: int) -> torch.Tensor:
+    values = x.float()
+    return rotate_groups(values, rotate_groupsize) if rotate_groupsize else values
 
 
-def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    """INT8 of an activation with one calibrated scale, clamped to the range before the cast."""
-    return (x.float() * (1.0 / input_scale.float())).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+def _round_to_int8(scaled: torch.Tensor) -> torch.Tensor:
+    return scaled.nan_to_num(0.0).clamp(-INT8_MAX, INT8_MAX).round().to(torch.int8)
+
+
+def quantize_int8_rowwise_dynamic(x: torch.Tensor, rotate_groupsize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token INT8 of an activation: (int8 codes, fp32 (rows, 1) decode scales amax/127, at least
+    INT8_SCALE_FLOOR, so a zero row quantizes to zeros)."""
+    values = _int8_activation_values(x, rotate_groupsize)
+    amax = values.abs().amax(dim=-1, keepdim=True)
+    # The divisor is a tensor on amax's device: CUDA divides by a Python number as a multiply by its
+    # rounded reciprocal, one ulp off in ~5% of rows; the kernels divide correctly rounded, as the CPU does.
+    scale = (amax / torch.full_like(amax, INT8_MAX)).clamp(min=INT8_SCALE_FLOOR)
+    return _round_to_int8(values * (1.0 / scale)), scale
+
+
+def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, rotate_groupsize: int = 0) -> torch.Tensor:
+    """INT8 of an activation with one calibrated fp32 decode scale; values beyond it clamp to +-127."""
+    return _round_to_int8(_int8_activation_values(x, rotate_groupsize) * (1.0 / input_scale.float()))
+
+
+def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The W8A8 product the INT8 GEMM kernels reproduce: (a @ b^T as exact integers) * a_scale * b_scale
+    + bias, in fp32 in that order, cast to out_dtype. a int8 (M, K), b int8 (N, K), a_scale (M, 1),
+    b_scale (N,), (1, N) or one value, bias (N,). The products are summed in float64, exact for any K
+    below 2^53 / 127^2."""
+    exact = a.double() @ b.double().t()
+    y = exact.float() * a_scale.float().reshape(-1, 1) * b_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -11,7 +11,7 @@
 - `int8_scaled_mm_int_mm`: the same product through torch._int_mm (cuBLASLt; also on Turing) and
   one fused pass for scales, bias and cast.
 
-Their plain-torch twins are in quant.int8_reference; every kernel runs on the CPU under
+Their plain-torch twins are in quant.formats (INT8 section); every kernel runs on the CPU under
 TRITON_INTERPRET=1, where the tests compare them.
 """
 
@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from . import int8_reference
+from . import formats
 from .kernels import AVAILABLE, INTERPRET
 
 if AVAILABLE:
@@ -449,7 +449,7 @@ def quantize_int8_rows(x: torch.Tensor, gelu: bool = False, rotate_groupsize: in
     if torch.compiler.is_compiling():
         if gelu or rotate_groupsize:
             return _quantize_int8_rows_op(x.contiguous(), gelu, rotate_groupsize)
-        return int8_reference.quantize_int8_rows(x)
+        return formats.quantize_int8_rowwise_dynamic(x)
     return _quantize_int8_launch(x.contiguous(), None, gelu, rotate_groupsize)
 
 
@@ -460,7 +460,7 @@ def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool 
     if torch.compiler.is_compiling():
         if gelu or rotate_groupsize:
             return _quantize_int8_static_op(x.contiguous(), input_scale, gelu, rotate_groupsize)
-        return int8_reference.quantize_int8_static(x, input_scale)
+        return formats.quantize_int8_static(x, input_scale)
     return _quantize_int8_launch(x.contiguous(), input_scale, gelu, rotate_groupsize)[0]
 
 

@@ -960,3 +960,52 @@ def test_e2m1_round_equals_encode_decode():
     y = torch.cat([randn(256, 256, seed=9, scale=3.0).reshape(-1), torch.arange(-700, 701) / 100, ties, -ties])
     assert torch.equal(F._e2m1_round(y).abs(), F.e2m1_decode(F.e2m1_encode(y)).abs())
     assert torch.equal(torch.signbit(F._e2m1_round(y)), torch.signbit(y))
+
+
+# =============================================================================================
+# 7. INT8: weights byte-identical to comfy-kitchen; the activation quantizers' one set of rules
+# =============================================================================================
+
+@_PROPERTY_SETTINGS
+@given(w=weight_tensors())
+def test_property_int8_weight_rows_match_comfy_kitchen(w):
+    data, scale = F.quantize_int8_rows(w)
+    ck_data, ck_scale = ck.quantize_int8_rowwise(w)
+    assert_bytes_equal(data, ck_data, f"int8 codes {tuple(w.shape)} {w.dtype}")
+    assert torch.equal(scale, ck_scale)
+
+
+def test_int8_activation_rows_zero_nan_ties_and_dtypes():
+    x = randn(5, 64, seed=11, scale=3.0)
+    x[0] = 0.0  # the floor scale, zero codes
+    x[1, 7] = NAN  # NaN scale, zero codes: the row's GEMM output is NaN, never silently finite
+    x[2, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5])  # scale 1: ties to even
+    x[2, 8:] = x[2, 8:].clamp(-100, 100)
+    data, scale = F.quantize_int8_rowwise_dynamic(x)
+    assert scale[0].item() == torch.tensor(F.INT8_SCALE_FLOOR).item() and (data[0] == 0).all()
+    assert scale[1].isnan().all() and (data[1] == 0).all()
+    assert scale[2].item() == 1.0 and data[2, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -126]
+    for dtype in (torch.bfloat16, torch.float16):  # computed in fp32 whatever the input's dtype
+        low = x[3:].to(dtype)
+        assert all(torch.equal(a, b) for a, b in zip(F.quantize_int8_rowwise_dynamic(low),
+                                                     F.quantize_int8_rowwise_dynamic(low.float())))
+
+
+def test_int8_activation_static_clamps_and_zeroes_nan():
+    x = torch.tensor([[1e9, -1e9, INF, -INF, NAN, 0.26, -0.25, 0.75]])
+    assert F.quantize_int8_static(x, torch.tensor(0.5)).tolist() == [[127, -127, 127, -127, 0, 1, 0, 2]]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_int8_activation_scale_is_amax_over_127_correctly_rounded(device):
+    """On every device: CUDA divides by a Python number as a multiply by its rounded reciprocal, which
+    gives another fp32 for these amaxes (the kernels divide correctly rounded)."""
+    amax = torch.rand(4096, generator=gen(12)) * 100
+    reciprocal_product = amax * torch.tensor(1 / 127, dtype=torch.float32)
+    correctly_rounded = (amax.double() / 127).float()  # float64 first is harmless: 53 >= 2 * 24 + 2 bits
+    amax = amax[reciprocal_product != correctly_rounded]
+    assert amax.numel() > 50
+    rows = torch.zeros(amax.numel(), 16)
+    rows[:, 3] = -amax
+    _, scale = F.quantize_int8_rowwise_dynamic(rows.to(device))
+    assert torch.equal(scale.cpu().reshape(-1), (amax.double() / 127).float())

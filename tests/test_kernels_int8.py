@@ -1,4 +1,4 @@
-"""INT8 kernels (quant.kernels_int8) vs their plain-torch twins (quant.int8_reference) and comfy-kitchen,
+"""INT8 kernels (quant.kernels_int8) vs their plain-torch twins (quant.formats) and comfy-kitchen,
 on fresh random inputs: each test draws its own seed and prints it (set LTX2Q_TEST_SEED to replay one).
 On a CPU-only machine they run under TRITON_INTERPRET=1 (set by conftest.py) at small shapes; the
 tests marked `gpu` run at the LTX-2 shapes on a CUDA device."""
@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from quant import int8_reference as reference
-from quant import kernels, kernels_int8
+from quant import formats, kernels, kernels_int8
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,6 +52,19 @@ def codes_close(codes, ref_codes, max_mismatch=1e-3):
     return bool(diff.max() <= 1) and (diff != 0).sum().item() <= max_mismatch * diff.numel() + 4
 
 
+def gelu_tanh(x):
+    """The FFN's GELU as the kernels fuse it: in fp32, not rounded to x's dtype first."""
+    return torch.nn.functional.gelu(x.float(), approximate="tanh")
+
+
+def reference_rows(x, gelu=False, group=0):
+    return formats.quantize_int8_rowwise_dynamic(gelu_tanh(x) if gelu else x, group)
+
+
+def reference_static(x, input_scale, gelu=False, group=0):
+    return formats.quantize_int8_static(gelu_tanh(x) if gelu else x, input_scale, group)
+
+
 def random_rows(shape, dtype, outliers=True):
     x = torch.randn(shape) * 3
     if outliers:  # a few large channels, as LTX activations have
@@ -69,7 +81,7 @@ def random_rows(shape, dtype, outliers=True):
 def test_rows_match_reference_exactly(shape, dtype):
     x = random_rows(shape, dtype)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE))
-    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    ref_data, ref_scale = reference_rows(x)
     assert data.dtype == torch.int8 and scale.shape == (shape[0], 1)
     assert torch.equal(data.cpu(), ref_data) and torch.equal(scale.cpu(), ref_scale)
 
@@ -95,10 +107,10 @@ def test_rows_special_values():
     x[4] = -x[4].abs()  # all negative: the amax is of |x|
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE))
     data, scale = data.cpu(), scale.cpu()
-    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    ref_data, ref_scale = reference_rows(x)
     assert torch.equal(data, ref_data) and torch.allclose(scale, ref_scale, equal_nan=True)
     assert scale[0].isnan().all() and (data[0] == 0).all()
-    assert scale[1].item() == torch.tensor(reference.SCALE_FLOOR).item() and (data[1] == 0).all()
+    assert scale[1].item() == torch.tensor(formats.INT8_SCALE_FLOOR).item() and (data[1] == 0).all()
     assert scale[3].item() == 1.0 and data[3, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -126]
     assert data[4].min().item() == -127
 
@@ -109,7 +121,7 @@ def test_static_matches_reference_and_clamps():
     x[1, 1] = float("nan")
     scale = torch.tensor(0.05)
     out = kernels_int8.quantize_int8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
-    assert torch.equal(out, reference.quantize_int8_static(x, scale))
+    assert torch.equal(out, reference_static(x, scale))
     assert out[0, :4].tolist() == [127, -127, 127, -127] and out[1, 1].item() == 0
 
 
@@ -119,11 +131,11 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
     rounding, which moves a few elements across an INT8 rounding boundary, never more than one step."""
     x = random_rows(shape, torch.bfloat16)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=True)
-    ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=True)
+    ref_data, ref_scale = reference_rows(x, gelu=True)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
     assert codes_close(data, ref_data)
     static = kernels_int8.quantize_int8_static(x.to(DEVICE), ref_scale.amax().to(DEVICE), gelu=True)
-    assert codes_close(static, reference.quantize_int8_static(x, ref_scale.amax(), gelu=True))
+    assert codes_close(static, reference_static(x, ref_scale.amax(), gelu=True))
 
 
 @pytest.mark.parametrize("group", kernels_int8.ROTATE_GROUPS)
@@ -136,7 +148,7 @@ def test_rotation_matches_reference(group, rows, cols, dtype):
     5,120 with a partial last chunk."""
     x = random_rows((rows, cols), dtype)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
-    ref_data, ref_scale = reference.quantize_int8_rows(x, rotate_groupsize=group)
+    ref_data, ref_scale = reference_rows(x, group=group)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0)
     assert codes_close(data, ref_data)
 
@@ -152,7 +164,7 @@ def test_rotation_matches_comfy_kitchen():
     ck_data, ck_scale = quantize_int8_rowwise(_rotate_activation(x, _build_hadamard(256), 256))
     assert torch.allclose(scale.cpu(), ck_scale, rtol=1e-5, atol=0)
     assert codes_close(data, ck_data)
-    back = reference.rotate(data.cpu().float() * scale.cpu(), 256)  # INT8 error ~1%; a wrong rotation ~100%
+    back = formats.rotate_groups(data.cpu().float() * scale.cpu(), 256)  # INT8 error ~1%; a wrong rotation ~100%
     assert ((back - x).norm() / x.norm()).item() < 0.05
 
 
@@ -167,11 +179,11 @@ def test_rotation_one_pass_equals_chunked():
 def test_rotated_gelu_and_static():
     x = random_rows((4, 2048), torch.bfloat16)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=True, rotate_groupsize=256)
-    ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=True, rotate_groupsize=256)
+    ref_data, ref_scale = reference_rows(x, gelu=True, group=256)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0) and codes_close(data, ref_data)
     input_scale = ref_scale.amax() * 0.5  # half the range: the largest values clamp
     static = kernels_int8.quantize_int8_static(x.to(DEVICE), input_scale.to(DEVICE), rotate_groupsize=256)
-    ref_static = reference.quantize_int8_static(x, input_scale, rotate_groupsize=256)
+    ref_static = reference_static(x, input_scale, group=256)
     assert codes_close(static, ref_static) and (ref_static.abs() == 127).any()
 
 
@@ -231,7 +243,7 @@ def test_gemm_matches_reference_exactly(gemm, m, n, k, b_scale_shape, bias_dtype
         pytest.skip("the persistent TMA kernel needs Hopper or datacenter Blackwell")
     operands = gemm_operands(m, n, k, b_scale_shape, bias_dtype)
     y = GEMMS[gemm](*on_device(*operands), out_dtype=out_dtype).cpu()
-    ref = reference.int8_scaled_mm(*operands, out_dtype=out_dtype)
+    ref = formats.int8_scaled_mm(*operands, out_dtype=out_dtype)
     assert y.dtype == out_dtype and y.shape == (m, n)
     if DEVICE == "cpu":
         assert torch.equal(y, ref)
@@ -247,7 +259,7 @@ def test_gemm_extremes_and_other_tiles():
     a[1::2] = 127
     b = torch.full((n, k), 127, dtype=torch.int8)
     a_scale, b_scale = torch.rand(m, 1) + 0.5, torch.rand(n) + 0.5
-    ref = reference.int8_scaled_mm(a, b, a_scale, b_scale, out_dtype=torch.float32)
+    ref = formats.int8_scaled_mm(a, b, a_scale, b_scale, out_dtype=torch.float32)
     for tile in ((16, 16, 64, 1), (64, 16, 128, 3)):
         for persistent in (False, True):
             if DEVICE == "cuda" and persistent and kernels_int8.gemm_class(DEVICE) != "hopper":
@@ -266,7 +278,7 @@ def test_public_gemm_checks_its_operands():
     with pytest.raises(ValueError):
         kernels_int8.int8_scaled_mm(a, b, a_scale[:4], b_scale)
     y = kernels_int8.int8_scaled_mm(*on_device(a, b, a_scale, b_scale))  # no bias: exact on the GPU too
-    assert torch.equal(y.cpu(), reference.int8_scaled_mm(a, b, a_scale, b_scale))
+    assert torch.equal(y.cpu(), formats.int8_scaled_mm(a, b, a_scale, b_scale))
 
 
 def test_quantize_then_gemm_approximates_the_float_linear():
@@ -276,8 +288,8 @@ def test_quantize_then_gemm_approximates_the_float_linear():
     bias = torch.randn(256) * 0.1
     exact = x.float() @ w.t() + bias
     for group in (0, 256):
-        w_values = reference.rotate(w, group) if group else w  # H symmetric: W H^T = W H
-        w_codes, w_scale = reference.quantize_int8_rows(w_values)
+        w_values = formats.rotate_groups(w, group) if group else w  # H symmetric: W H^T = W H
+        w_codes, w_scale = formats.quantize_int8_rows(w_values)
         a, a_scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
         y = kernels_int8.int8_scaled_mm(a, w_codes.to(DEVICE), a_scale, w_scale.reshape(-1).to(DEVICE),
                                         bias.to(DEVICE))
@@ -294,13 +306,13 @@ def test_quantize_then_gemm_approximates_the_float_linear():
 def test_gpu_quantizers_at_model_shapes(m, k):
     x = random_rows((m, k), torch.bfloat16).cuda()
     data, scale = kernels_int8.quantize_int8_rows(x)
-    ref_data, ref_scale = reference.quantize_int8_rows(x)
+    ref_data, ref_scale = reference_rows(x)
     assert torch.equal(data, ref_data) and torch.equal(scale, ref_scale)
     static = kernels_int8.quantize_int8_static(x, ref_scale.amax() * 0.5)
-    assert torch.equal(static, reference.quantize_int8_static(x, ref_scale.amax() * 0.5))
+    assert torch.equal(static, reference_static(x, ref_scale.amax() * 0.5))
     for gelu, group in ((True, 0), (False, 256), (True, 256)):
         data, scale = kernels_int8.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
-        ref_data, ref_scale = reference.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
+        ref_data, ref_scale = reference_rows(x, gelu, group)
         assert torch.allclose(scale, ref_scale, rtol=1e-5, atol=0), (gelu, group)
         assert codes_close(data, ref_data), (gelu, group)
 
@@ -313,7 +325,7 @@ def test_gpu_gemm_at_model_shapes(gemm, m, n, k):
         pytest.skip("the persistent TMA kernel needs Hopper or datacenter Blackwell")
     operands = on_device(*gemm_operands(m, n, k, (n,), torch.bfloat16))
     y = GEMMS[gemm](*operands, out_dtype=torch.bfloat16)
-    ref = reference.int8_scaled_mm(*operands)
+    ref = formats.int8_scaled_mm(*operands)
     assert torch.allclose(y.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
 
 
@@ -334,7 +346,7 @@ def test_gpu_before_hopper(monkeypatch, capability):
     operands = on_device(*gemm_operands(4096, 2048, 4096, (2048,), torch.bfloat16))
     assert not kernels_int8.default_persistent(operands[0], operands[1], torch.bfloat16)
     y = kernels_int8.int8_scaled_mm(*operands)
-    assert torch.allclose(y.float(), reference.int8_scaled_mm(*operands).float(), rtol=2 ** -7, atol=1e-6)
+    assert torch.allclose(y.float(), formats.int8_scaled_mm(*operands).float(), rtol=2 ** -7, atol=1e-6)
 
 
 @gpu
@@ -344,7 +356,7 @@ def test_gpu_every_tile_config():
     import triton
     m, n, k = 1000, 784, 1040
     a, b, a_scale, b_scale, _ = on_device(*gemm_operands(m, n, k, (n,), None))
-    ref = reference.int8_scaled_mm(a, b, a_scale, b_scale)
+    ref = formats.int8_scaled_mm(a, b, a_scale, b_scale)
     lists = [(False, gpu_class) for gpu_class in kernels_int8.GEMM_TILES]
     if kernels_int8.gemm_class("cuda") == "hopper":
         lists.append((True, "hopper"))
