@@ -81,14 +81,24 @@ if AVAILABLE:
         return code.to(tl.uint8)
 
     @triton.jit
-    def _row_scale(v, row_ptr):
-        """Stores the row's decode scale amax/448 (1.0 for a zero row); returns its reciprocal."""
-        # |v| >= 0, so its bits order like the floats and a NaN (all-ones exponent, non-zero
-        # mantissa) outranks everything: the row's scale becomes NaN, as in the reference.
-        row_max = tl.max(v.to(tl.int32, bitcast=True), axis=0).to(tl.float32, bitcast=True)
-        scale = tl.where(row_max == 0.0, 1.0, tl.math.div_rn(row_max, _FP8_MAX))
+    def _abs_max_bits(v):
+        """max |v| over all of v, as the bits of an fp32 >= 0: those order like the floats, and a NaN
+        (all-ones exponent, non-zero mantissa) outranks everything, so the row's scale becomes NaN,
+        as in the references."""
+        return tl.max(tl.abs(v).to(tl.int32, bitcast=True), axis=None)
+
+    @triton.jit
+    def _store_row_scale(scale, row_ptr):
+        """Stores a row's decode scale; returns its reciprocal. Scales and reciprocals are divided
+        correctly rounded (div_rn; Triton's `/` is approximate), as torch divides tensors."""
         tl.store(row_ptr, scale)
         return tl.math.div_rn(1.0, scale)
+
+    @triton.jit
+    def _fp8_row_scale(amax_bits, row_ptr):
+        """Stores the row's decode scale amax/448 (1.0 for a zero row); returns its reciprocal."""
+        row_max = amax_bits.to(tl.float32, bitcast=True)
+        return _store_row_scale(tl.where(row_max == 0.0, 1.0, tl.math.div_rn(row_max, _FP8_MAX)), row_ptr)
 
     @triton.jit
     def _gelu_tanh(v):
@@ -116,7 +126,7 @@ if AVAILABLE:
             if STATIC:
                 inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
             else:
-                inverse = _row_scale(tl.abs(v), scale_ptr + row)
+                inverse = _fp8_row_scale(_abs_max_bits(v), scale_ptr + row)
             tl.store(out_row + cols, _to_fp8_bits(v * inverse, INTERPRET), mask=cols < K)
         else:  # long rows: amax pass, then quantize pass (the re-read mostly hits L2)
             if STATIC:
@@ -127,7 +137,7 @@ if AVAILABLE:
                     offs = start + cols
                     v = _load_row_part(x_row + offs, offs < K, GELU)
                     amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-                inverse = _row_scale(amax, scale_ptr + row)
+                inverse = _fp8_row_scale(_abs_max_bits(amax), scale_ptr + row)
             for start in range(0, K, BLOCK_K):
                 offs = start + cols
                 v = _load_row_part(x_row + offs, offs < K, GELU)

@@ -28,7 +28,7 @@ if AVAILABLE:
     import triton
     import triton.language as tl
 
-    from .kernels import _gelu_tanh, _to_output
+    from .kernels import _abs_max_bits, _gelu_tanh, _store_row_scale, _to_output
 
 # Rotation group sizes the quantizer takes: powers of 4 that split into a 16 x (size/16) Kronecker
 # product (ComfyUI's default is 256).
@@ -143,25 +143,22 @@ if AVAILABLE:
             v, cols = _rotated_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, PARTS, BLOCK_K, INTERPRET)
         return v, cols
 
-    @triton.jit
-    def _abs_max_bits(v):
-        # |v| >= 0, so its bits order like the floats and a NaN (all-ones exponent, non-zero
-        # mantissa) outranks everything: the row's scale becomes NaN, as in the reference.
-        return tl.max(tl.abs(v).to(tl.int32, bitcast=True), axis=None)
+    _INT8_MAX = tl.constexpr(formats.INT8_MAX)
+    _INT8_SCALE_FLOOR = tl.constexpr(formats.INT8_SCALE_FLOOR)
 
     @triton.jit
-    def _int8_row_scale(amax_bits, scale_ptr):
-        """Stores the row's decode scale max(amax / 127, 1e-30) (NaN stays NaN); returns its reciprocal."""
-        scale = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 127.0)
-        scale = tl.where(scale < 1e-30, 1e-30, scale)
-        tl.store(scale_ptr, scale)
-        return tl.math.div_rn(1.0, scale)
+    def _int8_row_scale(amax_bits, row_ptr):
+        """Stores the row's decode scale max(amax/127, INT8_SCALE_FLOOR) (NaN stays NaN); returns its
+        reciprocal."""
+        scale = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), _INT8_MAX)
+        return _store_row_scale(tl.where(scale < _INT8_SCALE_FLOOR, _INT8_SCALE_FLOOR, scale), row_ptr)
 
     @triton.jit
     def _round_to_int8(q):
-        """Round half to even into [-127, 127]; NaN (only in a row whose scale is NaN) -> 0."""
+        """Round half to even into [-127, 127]; NaN (a row whose scale is NaN, a NaN under a static
+        scale) -> 0."""
         q = tl.where(q == q, q, 0.0)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.minimum(tl.maximum(q, -_INT8_MAX), _INT8_MAX)
         return ((q + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23 leaves no fraction bits
 
     @triton.jit
