@@ -263,10 +263,12 @@ COMPILE_TARGETS = {75: (None, 64 * 1024), 80: ("a100", 163 * 1024), 86: ("small-
 def compile_for(fn, signature: dict, constexprs: dict, capability: int, num_warps: int, num_stages: int = 3
                 ) -> dict:
     """Shared memory, registers and spill bytes of `fn` compiled for sm_<capability>, pointers and
-    integer arguments 16-aligned as the launcher specializes them."""
+    integer arguments 16-aligned as the launcher specializes them. The numbers come from the `ptxas -v`
+    log of Triton's own compilation, not from a second ptxas run: the ptxas and flags of the real
+    kernels, whichever ptxas this Triton is set up with. A failing ptxas raises with its stderr."""
+    import contextlib
+    import io
     import re
-    import subprocess
-    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
@@ -274,17 +276,17 @@ def compile_for(fn, signature: dict, constexprs: dict, capability: int, num_warp
     aligned = {(index,): [["tt.divisibility", 16]] for index, kind in enumerate(signature.values())
                if kind.startswith("*") or kind == "i32"}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(kernel.asm["ptx"])
-        ptx.flush()
-        arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
-        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", ptx.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    return {"smem": kernel.metadata.shared, "regs": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spills": int(re.search(r"(\d+) bytes spill stores", log).group(1))}
+    printed = io.StringIO()
+    with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(printed):
+        triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its ptxas -v log
+        triton.knobs.compilation.always_compile = True  # a cached kernel would skip ptxas
+        kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+    log = printed.getvalue()
+    registers, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"no ptxas -v log in Triton's output: {log[-2000:]!r}")
+    return {"smem": kernel.metadata.shared, "regs": int(registers.group(1)), "spills": int(spills.group(1))}
 
 
 def compile_variants(capability: int, tiles: str):
@@ -336,7 +338,9 @@ def compile_report(tiles: str) -> list[str]:
             try:
                 info = compile_for(kernel, signature, constexprs, capability, warps, stages)
             except Exception as error:  # noqa: BLE001
-                lines.append(check(label, False, f"does not compile: {str(error).splitlines()[-1][:160]}"))
+                # the message's end: ptxas's stderr and the repro command, or the compiler's error
+                reason = "\n      ".join(str(error).strip().splitlines()[-12:])
+                lines.append(check(label, False, f"does not compile ({type(error).__name__}):\n      {reason}"))
                 continue
             lines.append(check(label, info["spills"] == 0 and info["smem"] <= smem_limit,
                                f"{info['smem'] / 1024:.0f} KB shared (limit {smem_limit // 1024}), "
