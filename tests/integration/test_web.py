@@ -84,9 +84,11 @@ SET_WIDGET = """([id, name, value]) => {
 }"""
 # The canvas snaps typed numbers to the widget's step (frames to 8k+1, sizes to 32), so bad sizes
 # reach the graph from workflow files and links: load the graph back with the values replaced.
+# Node ids compared as strings: frontend 1.49 (ComfyUI v0.33) gives live nodes string ids and writes
+# numbers when it serializes.
 LOAD_WITH_VALUES = """async ([id, values]) => {
   const data = window.app.graph.serialize();
-  data.nodes.find((n) => n.id === id).widgets_values = values;
+  data.nodes.find((n) => String(n.id) === String(id)).widgets_values = values;
   await window.app.loadGraphData(data);
 }"""
 STATUS = """(id) => {
@@ -160,7 +162,8 @@ def test_loader_shows_the_estimate_and_latent_flags_bad_sizes(page):
     prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
     assert prompt[str(loader)]["inputs"]["policy"] == "auto"
     assert not any("ltx2quant_vram" in node["inputs"] for node in prompt.values())
-    saved = page.evaluate("(id) => window.app.graph.serialize().nodes.find((n) => n.id === id).widgets_values", latent)
+    saved = page.evaluate("(id) => window.app.graph.serialize().nodes.find((n) => String(n.id) === String(id))"
+                          ".widgets_values", latent)
     assert saved == [1536, 1024, 121, 1]
     assert not page.errors
 
