@@ -307,8 +307,8 @@ def compile_variants(capability: int, tiles: str):
         block = min(k, kernels_int8.ROTATED_BLOCK if group else 16384)
         yield (f"quantize K={k} gelu={gelu} rotate={group} static={static}", kernels_int8._quantize_int8_kernel,
                quantizer, {"K": k, "STATIC": static, "GELU": gelu, "ROTATE_GROUP": group,
-                           "ROTATE_SCALE": group ** -0.5 if group else 1.0, "PARTS": 3 if gelu else 1,
-                           "BLOCK_K": block, "INTERPRET": False}, max(4 if group else 1, min(16, block // 512)), 3)
+                           "ROTATE_SCALE": group ** -0.5 if group else 1.0, "BLOCK_K": block},
+               max(4 if group else 1, min(16, block // 512)), 3)
     gpu_class = COMPILE_TARGETS[capability][0]
     if gpu_class is None:
         return

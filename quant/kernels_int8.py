@@ -3,8 +3,8 @@
 - `quantize_int8_rows` / `quantize_int8_static`: activation quantization to INT8, dynamic per-row
   scales or one calibrated scale; optionally the FFN's tanh GELU first and ComfyUI's ConvRot
   rotation (a block-diagonal Hadamard over groups of 256 input features) before the amax, all in
-  one pass over the activation. The rotation is two small tensor-core products per group (H256 =
-  H16 (x) H16), exact products of bf16 pieces summed in fp32.
+  one pass over the activation. The rotation is a radix-4 butterfly in fp32 on CUDA cores (four
+  sum-and-subtract stages for a group of 256), the values staying in registers.
 - `int8_scaled_mm`: y = (a @ b^T, exact int32) * a_scale * b_scale + bias, cast to bf16/fp16/fp32,
   in one kernel (scales, bias and cast in the epilogue). Autotuned tiles per GPU class; on
   Hopper/Blackwell a persistent variant that reads the tiles through TMA descriptors.
@@ -30,8 +30,7 @@ if AVAILABLE:
 
     from .kernels import _abs_max_bits, _gelu_tanh, _store_row_scale, _to_output
 
-# Rotation group sizes the quantizer takes: powers of 4 that split into a 16 x (size/16) Kronecker
-# product (ComfyUI's default is 256).
+# Rotation group sizes the quantizer takes (ComfyUI's default is 256).
 ROTATE_GROUPS = (256, 1024)
 # A rotated row is read in chunks of this many features (longer rows: amax pass, then quantize pass).
 ROTATED_BLOCK = 4096
@@ -71,37 +70,6 @@ def gemm_class(device: torch.device | str) -> str:
 
 if AVAILABLE:
     @triton.jit
-    def _hadamard_signs(SIZE: tl.constexpr):
-        """kron(H4, ..., H4) of SIZE (a power of 4 below 4096) as +-1.0: H4 is -1 exactly on its
-        anti-diagonal, so entry (i, j) is -1 when an odd number of base-4 digits of i and j sum to 3."""
-        i = tl.arange(0, SIZE)[:, None]
-        j = tl.arange(0, SIZE)[None, :]
-        anti_diagonal_digits = tl.zeros((SIZE, SIZE), dtype=tl.int32)
-        for shift in tl.static_range(0, 12, 2):
-            anti_diagonal_digits += (((i >> shift) & 3) + ((j >> shift) & 3) == 3).to(tl.int32)
-        return 1.0 - 2.0 * (anti_diagonal_digits & 1).to(tl.float32)
-
-    @triton.jit
-    def _signs_dot(x, signs, PARTS: tl.constexpr, INTERPRET: tl.constexpr):
-        """x @ signs for fp32 x and a +-1 matrix, on bf16 tensor cores with exact products: x is cut
-        into PARTS pieces of 8 significant bits each (bf16-exact; 3 hold any fp32), the sums are
-        fp32. The interpreter multiplies the same pieces in fp32 (its bf16 dot is wrong)."""
-        if INTERPRET:
-            dot_signs = signs
-        else:
-            dot_signs = signs.to(tl.bfloat16)
-        acc = tl.zeros((x.shape[0], signs.shape[1]), dtype=tl.float32)
-        rest = x
-        for part in tl.static_range(PARTS):
-            if part < PARTS - 1:
-                piece = (rest.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True)
-                rest = rest - piece  # exact: piece is rest with its low 16 bits cleared
-            else:
-                piece = rest
-            acc = tl.dot(piece.to(dot_signs.dtype), dot_signs, acc)
-        return acc
-
-    @triton.jit
     def _plain_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, BLOCK_K: tl.constexpr):
         cols = start + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -111,36 +79,39 @@ if AVAILABLE:
 
     @triton.jit
     def _rotated_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
-                        GROUP_SCALE: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
-                        INTERPRET: tl.constexpr):
-        """x[row, start:start + BLOCK_K] @ blockdiag(H, ..., H) and the output columns of its values.
-        H = H16 (x) H_INNER with GROUP = 16 * INNER, so with a group's features as a 16 x INNER matrix X
-        (feature a * INNER + b is X[a, b]) the group's product is H16 X H_INNER (H symmetric): the
-        chunk, as rows (group, a), is multiplied by H_INNER; transposed within each group to rows
-        (group, d), by H16. Both products have the long side as M (tensor-core friendly)."""
-        INNER: tl.constexpr = GROUP // 16
-        GROUPS: tl.constexpr = BLOCK_K // GROUP
-        group_and_a = tl.arange(0, GROUPS * 16)[:, None]
-        cols = start + group_and_a * INNER + tl.arange(0, INNER)[None, :]
+                        GROUP_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+        """x[row, start:start + BLOCK_K] @ blockdiag(H, ..., H), as (BLOCK_K / 8, 8) values and their
+        output columns. H = H4 (x) ... (x) H4 / sqrt(GROUP) and H4 = (J - 2I) R (J all ones, R the 4 x 4
+        reversal), so x H is x (J - 2I) (x) ... (x) (J - 2I), reversed within each group, / sqrt(GROUP):
+        along each base-4 digit of the feature index in turn, a value becomes the sum of its 4 values
+        minus twice itself (fp32, on CUDA cores: with bf16 input a group of 256 is one warp's 8 values
+        x 32 lanes, summed by shuffles); then each 8 values are reversed in registers and written to the
+        mirrored 8 columns of their group, so loads and stores stay contiguous."""
+        cols = start + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)  # K holds whole groups
         if GELU:
             v = _gelu_tanh(v)
-        v = _signs_dot(v, _hadamard_signs(INNER), PARTS, INTERPRET)
-        v = tl.reshape(tl.permute(tl.reshape(v, (GROUPS, 16, INNER)), (0, 2, 1)), (GROUPS * INNER, 16))
-        v = _signs_dot(v, _hadamard_signs(16), 3, INTERPRET) * GROUP_SCALE  # a power of 2: exact
-        group_and_d = tl.arange(0, GROUPS * INNER)[:, None]
-        c = tl.arange(0, 16)[None, :]
-        cols = start + (group_and_d // INNER) * GROUP + c * INNER + group_and_d % INNER
-        return v, cols
+        if GROUP == 256:
+            v = tl.reshape(v, (BLOCK_K // GROUP, 4, 4, 4, 4))
+        else:
+            v = tl.reshape(v, (BLOCK_K // GROUP, 4, 4, 4, 4, 4))
+        for digit in tl.static_range(1, len(v.shape)):
+            v = tl.sum(v, axis=digit, keep_dims=True) - 2.0 * v
+        v = tl.reshape(v, (BLOCK_K // 8, 2, 2, 2))
+        for bit in tl.static_range(3):  # swap along the last axis, then rotate the next bit's axis last
+            low, high = tl.split(v)
+            v = tl.permute(tl.join(high, low), (0, 3, 1, 2))
+        eights = start // 8 + tl.arange(0, BLOCK_K // 8)  # start: a multiple of GROUP
+        mirrored = eights ^ (GROUP // 8 - 1)
+        return tl.reshape(v, (BLOCK_K // 8, 8)) * GROUP_SCALE, mirrored[:, None] * 8 + tl.arange(0, 8)[None, :]
 
     @triton.jit
     def _quantizer_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, ROTATE_GROUP: tl.constexpr,
-                          ROTATE_SCALE: tl.constexpr, PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         if ROTATE_GROUP == 0:
             v, cols = _plain_values(x_row, start, K, GELU, BLOCK_K)
         else:
-            v, cols = _rotated_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, PARTS, BLOCK_K, INTERPRET)
+            v, cols = _rotated_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
         return v, cols
 
     _INT8_MAX = tl.constexpr(formats.INT8_MAX)
@@ -164,13 +135,12 @@ if AVAILABLE:
     @triton.jit
     def _quantize_int8_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, stride_x, stride_out,
                               K: tl.constexpr, STATIC: tl.constexpr, GELU: tl.constexpr,
-                              ROTATE_GROUP: tl.constexpr, ROTATE_SCALE: tl.constexpr, PARTS: tl.constexpr,
-                              BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                              ROTATE_GROUP: tl.constexpr, ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         if K <= BLOCK_K:  # the whole row in registers: one read from memory
-            v, cols = _quantizer_values(x_row, 0, K, GELU, ROTATE_GROUP, ROTATE_SCALE, PARTS, BLOCK_K, INTERPRET)
+            v, cols = _quantizer_values(x_row, 0, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
             if STATIC:
                 inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
             else:
@@ -182,13 +152,11 @@ if AVAILABLE:
             else:
                 amax_bits = 0
                 for start in range(0, K, BLOCK_K):
-                    v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, PARTS, BLOCK_K,
-                                                INTERPRET)
+                    v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
                     amax_bits = tl.maximum(amax_bits, _abs_max_bits(v))
                 inverse = _int8_row_scale(amax_bits, scale_ptr + row)
             for start in range(0, K, BLOCK_K):
-                v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, PARTS, BLOCK_K,
-                                            INTERPRET)
+                v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
                 tl.store(out_row + cols, _round_to_int8(v * inverse), mask=cols < K)
 
     @triton.jit
@@ -301,14 +269,11 @@ def _quantize_int8_launch(x: torch.Tensor, static_scale: torch.Tensor | None, ge
         return out, scale
     if block_k is None:
         block_k = min(triton.next_power_of_2(cols), ROTATED_BLOCK if rotate_groupsize else 16384)
-    # bf16 pieces that hold the rotation's inputs exactly: bf16 has 8 significant bits, fp16 11,
-    # fp32 (and the GELU, computed in fp32) 24
-    exact_parts = 1 if x.dtype == torch.bfloat16 else 2 if x.dtype == torch.float16 else 3
     warps = max(4 if rotate_groupsize else 1, min(16, block_k // 512))
     wrap(_quantize_int8_kernel)[(rows,)](
         x, out, scale, scale, x.stride(0), out.stride(0), K=cols, STATIC=static, GELU=gelu,
         ROTATE_GROUP=rotate_groupsize, ROTATE_SCALE=rotate_groupsize ** -0.5 if rotate_groupsize else 1.0,
-        PARTS=3 if gelu else exact_parts, BLOCK_K=block_k, INTERPRET=INTERPRET, num_warps=warps)
+        BLOCK_K=block_k, num_warps=warps)
     return out, scale
 
 
