@@ -117,7 +117,7 @@ def main() -> None:
     recorder = evaluation.calibrate(reference, calib_positive, calib_positive, calib_latent, sigmas, 1.0, seed=7)
     amax = recorder.per_tensor()
     if args.save_amax:
-        save_amax(args.save_amax, amax, recorder.per_channel())
+        save_amax(args.save_amax, amax, recorder.per_channel(), overwrite=True)
     rows = []
     for mode in args.modes.split(";"):
         candidate, weight_bytes = build(mode, state, metadata, amax, device)

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import torch
 
 from . import formats, weights
 from .ltx2 import CHECKPOINT_PREFIX, strip_prefix
-from .safetensors_io import write_text
+from .safetensors_io import open_regular, parse_json, write_text
 from .modes import Activation, layer_activation
-from .weights import INT8_FORMATS, NVFP4
+from .weights import INT8, INT8_FORMATS, NVFP4
 
 SUFFIX = ".input_quantizer"
+# Our per-channel file of the 22B model takes about 90 MB (6.3 million channels).
+MAX_CALIBRATION_BYTES = 256 * 2 ** 20
+FLOAT32 = torch.finfo(torch.float32)
 
 
 class CalibrationError(ValueError):
@@ -34,24 +38,38 @@ def layer_name(entry: str) -> str:
 
 def _read(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            text = f.read(MAX_CALIBRATION_BYTES + 1)
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot read the calibration file ({e.strerror})") from None
+    if len(text) > MAX_CALIBRATION_BYTES:
+        raise CalibrationError(f"{path}: {size:,} bytes, more than the {MAX_CALIBRATION_BYTES:,} a calibration file "
+                               "takes (ours for the 22B model, per channel, is about 90 MB)")
+    try:
+        raw = parse_json(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
         raise CalibrationError(f"{path}: not a readable calibration JSON ({e})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("amax_values"), dict):
         raise CalibrationError(f"{path}: expected an object with 'amax_values' mapping layer names to numbers")
     return raw
 
 
-def _positive(path: str, entry: str, value) -> float:
+def _amax(path: str, entry: str, value) -> float:
+    """A calibration amax that gives every format a usable activation scale (see input_scale)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise CalibrationError(f"{path}: amax for {entry!r} must be a positive finite number, got {value!r}")
+    for fmt in (None, INT8, NVFP4):  # every divisor: which one applies depends on the layer's policy
+        try:
+            input_scale(value, fmt)
+        except CalibrationError as e:
+            raise CalibrationError(f"{path}: amax for {entry!r}: {e}") from None
     return float(value)
 
 
 def load_amax(path: str) -> dict[str, float]:
     """Layer -> activation amax. Errors name the file and the bad entry."""
-    return {layer_name(entry): _positive(path, entry, value) for entry, value in _read(path)["amax_values"].items()}
+    return {layer_name(entry): _amax(path, entry, value) for entry, value in _read(path)["amax_values"].items()}
 
 
 def load_channel_amax(path: str) -> dict[str, torch.Tensor]:
@@ -71,13 +89,14 @@ def load_channel_amax(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.Tensor] | None = None) -> None:
+def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.Tensor] | None = None, *,
+              overwrite: bool) -> None:
     """Write a calibration file atomically, in Lightricks' naming (`.input_quantizer` suffix)."""
     content = {"amax_values": {f"{layer}{SUFFIX}": value for layer, value in sorted(amax.items())}}
     if channel_amax:
         content["amax_per_channel"] = {f"{layer}{SUFFIX}": [round(float(v), 6) for v in values.tolist()]
                                        for layer, values in sorted(channel_amax.items())}
-    write_text(path, json.dumps(content, indent=1))
+    write_text(path, json.dumps(content, indent=1), overwrite=overwrite)
 
 
 def gets_input_scale(conf: dict) -> bool:
@@ -97,7 +116,13 @@ def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
     quantization, as ComfyUI's NVFP4 files store it)."""
     divisor = (formats.NVFP4_GLOBAL_DIVISOR if fmt == NVFP4 else formats.INT8_MAX if fmt in INT8_FORMATS
                else formats.FP8_MAX)
-    return torch.tensor(amax / divisor, dtype=torch.float32)
+    scale = torch.tensor(amax / divisor, dtype=torch.float32)
+    # An infinite scale turns every activation into NaN; a zero or subnormal one (amax 1e-50) makes
+    # the layer output ~0 or lose its precision.
+    if not (math.isfinite(scale) and scale >= FLOAT32.tiny):
+        raise CalibrationError(f"amax {amax:g} gives the activation scale amax/{divisor:g} = {amax / divisor:g}, "
+                               f"which float32 cannot hold as a normal number ({FLOAT32.tiny:g} to {FLOAT32.max:g})")
+    return scale
 
 
 class AmaxRecorder:

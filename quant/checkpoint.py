@@ -19,9 +19,10 @@ from typing import Callable, Iterator
 import torch
 
 from . import ltx2, weights
-from .formats import round_up
+from .formats import E2M1_MAX, FP8_MAX, INT8_MAX, round_up
 from .policies import LayerDecision, Policy, plan
-from .safetensors_io import DTYPE_NAMES, CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
+from .safetensors_io import (DTYPE_NAMES, CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, check_output,
+                             parse_json, write_streaming)
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 PACK_METADATA_KEY = "ltx2_quant"
@@ -39,6 +40,19 @@ BLOCK_KEY = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # FP8 codes that are NaN or Inf (no isfinite kernel for these dtypes): (mask, value) of the bits.
 NONFINITE_FP8_BITS = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C),
                       torch.float8_e8m0fnu: (0xFF, 0xFF)}
+# ComfyUI computes LTX-2 in bfloat16 (or float32, of the same range): a finite value beyond this in a
+# wider dtype (an F64 1e300, an F32 3.4e38) becomes Inf there, and the video NaN.
+COMPUTE_DTYPE_MAX = torch.finfo(torch.bfloat16).max
+FLOAT32 = torch.finfo(torch.float32)
+# Numbers in the header config: LTX-2's largest is 4,096; past 2^24 a float32 no longer holds every
+# whole number, and ComfyUI computes the timestep and position embeddings from them in float32.
+MAX_CONFIG_NUMBER = 2 ** 24
+# Config numbers ComfyUI multiplies the timestep by or divides positions by: zero or a negative value
+# gives NaN or a model that ignores its input.
+POSITIVE_CONFIG_KEYS = ("timestep_scale_multiplier", "av_ca_timestep_scale_multiplier", "positional_embedding_theta",
+                        "positional_embedding_max_pos", "audio_positional_embedding_max_pos",
+                        "connector_positional_embedding_max_pos")
+MAX_LAYER_CONF_BYTES = 64 * 1024  # a `.comfy_quant` config is under 200 bytes
 
 log = logging.getLogger("ltx2_quant")
 
@@ -80,15 +94,18 @@ def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
     raw = f.metadata.get(QUANT_METADATA_KEY)
     if raw is not None:
         try:
-            parsed = json.loads(raw)
+            parsed = parse_json(raw)
             confs.update(parsed["layers"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{f.path}: corrupt {QUANT_METADATA_KEY} header metadata ({e})") from None
     for key in f.keys():
         if key.endswith(".comfy_quant"):
+            if f.tensors[key].nbytes > MAX_LAYER_CONF_BYTES:
+                raise CheckpointError(f"{f.path}: tensor {key!r} holds {f.tensors[key].nbytes:,} bytes, more than the "
+                                      f"{MAX_LAYER_CONF_BYTES:,} a layer's quantization config takes")
             try:
-                confs[key[: -len(".comfy_quant")]] = json.loads(f.read(key).numpy().tobytes())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                confs[key[: -len(".comfy_quant")]] = parse_json(f.read(key).numpy().tobytes().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
                 raise CheckpointError(f"{f.path}: tensor {key!r} is not the JSON ComfyUI expects ({e})") from None
     for layer, conf in confs.items():
         if not isinstance(conf, dict):
@@ -201,7 +218,11 @@ def inspect_checkpoint(f: SafetensorsFile, require_ltx: bool = True) -> Checkpoi
         source.nbytes = sum(f.tensors[k].nbytes for k in source.keys.values())
         _check_layer_tensors(f, source)
         layers[source.layer] = source
-    config = ltx2.transformer_config(f.metadata)
+    try:
+        config = ltx2.transformer_config(f.metadata)
+    except ValueError as e:
+        raise CheckpointError(f"{f.path}: the header's 'config' metadata {e}; ComfyUI builds the model from it. "
+                              "The header is damaged: use the original release file.") from None
     formats_found = {s.format for s in layers.values() if s.quantized}
     if not formats_found:
         kind = "plain"
@@ -290,14 +311,52 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
+def beyond_compute_range(tensor: torch.Tensor) -> float | None:
+    """The largest magnitude in `tensor` if it is finite but beyond what ComfyUI computes in (only
+    float32 and float64 can hold one), else None. Run after the NaN/Inf check."""
+    if tensor.dtype not in (torch.float32, torch.float64) or tensor.numel() == 0:
+        return None
+    low, high = torch.aminmax(tensor)
+    largest = max(-float(low), float(high))
+    return largest if largest > COMPUTE_DTYPE_MAX else None
+
+
 def refuse_nonfinite(path: str, key: str, tensor: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-    """`tensor`, or a CheckpointError naming the file, the tensor (and its layer) if any value is NaN/Inf."""
+    """`tensor`, or a CheckpointError naming the file, the tensor (and its layer) if any value is NaN/Inf
+    or too large to compute with."""
+    where = f"layer {layer!r}: tensor {key!r}" if layer else f"tensor {key!r}"
     bad = nonfinite_count(tensor)
     if bad:
-        where = f"layer {layer!r}: tensor {key!r}" if layer else f"tensor {key!r}"
         raise CheckpointError(f"{path}: {where} has {bad} NaN/Inf values; refusing to use it (the video would "
                               "come out black or as noise). The file is damaged: download it again.")
+    largest = beyond_compute_range(tensor)
+    if largest is not None:
+        raise CheckpointError(f"{path}: {where} holds {largest:g}, beyond bfloat16's range (±{COMPUTE_DTYPE_MAX:.4g}) "
+                              "that ComfyUI computes LTX-2 in; it would become Inf and the video NaN. The file is "
+                              "damaged: download it again.")
     return tensor
+
+
+def _largest_weight(qw: weights.QuantizedWeight) -> float:
+    """An upper bound of a stored layer's weight magnitudes without dequantizing it: the format's
+    largest code times its largest scales."""
+    scale = qw.tensors.get("weight_scale")
+    if qw.format == weights.MXFP8:  # E8M0 bytes: 2^(byte - 127)
+        return FP8_MAX * 2.0 ** (int(scale.max()) - 127)
+    largest_scale = float(scale.float().abs().max()) if scale is not None else 1.0
+    if qw.format == weights.NVFP4:
+        return E2M1_MAX * largest_scale * abs(float(qw.tensors["weight_scale_2"]))
+    return (INT8_MAX if qw.format in weights.INT8_FORMATS else FP8_MAX) * largest_scale
+
+
+def _check_input_scale(path: str, key: str, layer: str, scale: torch.Tensor) -> torch.Tensor:
+    """A static activation scale divides every input of its layer: zero makes Inf, a subnormal or a
+    negative one garbage."""
+    value = float(scale.float().reshape(-1)[0])
+    if not value >= FLOAT32.tiny:
+        raise CheckpointError(f"{path}: layer {layer!r}: tensor {key!r} is {value:g}; an activation scale must be a "
+                              f"positive normal float32 ({FLOAT32.tiny:g} to {FLOAT32.max:g}). The file is damaged.")
+    return scale
 
 
 def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.QuantizedWeight | torch.Tensor,
@@ -306,6 +365,8 @@ def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.Quanti
         full = stored.to(device).dequantize(torch.float32)
     else:
         full = stored.to(device)
+        if full.dtype == torch.float64:  # checked before float32 turns a finite 1e300 into Inf
+            refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
         if full.dtype not in PLAIN_DTYPES:  # e.g. an fp8_e5m2 cast: no reductions in that dtype
             full = full.float()
     refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
@@ -326,6 +387,13 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
             if stored.format == weights.MXFP8 and suffix == "weight_scale":
                 tensor = tensor.view(torch.float8_e8m0fnu)  # E8M0 held as bytes; 0xFF is NaN
             refuse_nonfinite(f.path, key, tensor, source.layer)
+            if suffix == "input_scale":
+                _check_input_scale(f.path, key, source.layer, tensor)
+        largest = _largest_weight(stored)
+        if largest > COMPUTE_DTYPE_MAX:
+            raise CheckpointError(f"{f.path}: layer {source.layer!r}: its scales let weights reach {largest:g} (largest "
+                                  f"{stored.format} code times the largest scales), beyond bfloat16's range "
+                                  f"(±{COMPUTE_DTYPE_MAX:.4g}) that ComfyUI computes in. The file is damaged.")
         if stored.format == target:  # kept as stored; out of the staging buffer, which the next read reuses
             return stored if staging is None else weights.QuantizedWeight(
                 stored.format, stored.shape, {k: v.clone() for k, v in stored.tensors.items()})
@@ -342,7 +410,8 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
         out = _quantize_on(f, source, stored, target, "cpu")
     if "input_scale" in source.keys:  # a static activation scale travels with its layer
         key = source.keys["input_scale"]
-        out.tensors["input_scale"] = refuse_nonfinite(f.path, key, f.read(key), source.layer).float().reshape(())
+        scale = _check_input_scale(f.path, key, source.layer, refuse_nonfinite(f.path, key, f.read(key), source.layer))
+        out.tensors["input_scale"] = scale.float().reshape(())
     return out
 
 
@@ -356,6 +425,36 @@ def require_config(info: CheckpointInfo) -> None:
             f"{info.path}: this is an {ltx2.FAMILY_NAMES[info.family]} transformer but its header has no 'config' "
             "metadata; ComfyUI would build it as LTX-2 and fail. Quantize the original release file, which "
             "carries it.")
+
+
+def _config_numbers(config: dict) -> Iterator[tuple[str, object]]:
+    """(path, value) of every number in a parsed config, e.g. ('positional_embedding_max_pos[1]', 2048)."""
+    stack: list[tuple[str, object]] = [(key, value) for key, value in config.items()]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{path}.{key}", item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{index}]", item) for index, item in enumerate(value)]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield path, value
+
+
+def check_config_values(info: CheckpointInfo) -> None:
+    """Every number in the header config is finite and of a size an LTX-2 model has, and those
+    ComfyUI scales the timestep or positions by are positive: a NaN timestep multiplier samples an
+    all-NaN latent without any error."""
+    if info.config is None:
+        return
+    for path, value in _config_numbers(info.config):
+        top = re.split(r"[.\[]", path, maxsplit=1)[0]
+        bad = (not math.isfinite(value) or abs(value) > MAX_CONFIG_NUMBER
+               or (top in POSITIVE_CONFIG_KEYS and value <= 0))
+        if bad:
+            allowed = "a positive number" if top in POSITIVE_CONFIG_KEYS else "a finite number"
+            raise CheckpointError(f"{info.path}: the header config has {path}={value!r}, which no LTX-2 model has "
+                                  f"({allowed} of at most {MAX_CONFIG_NUMBER:,}); ComfyUI would build the model with "
+                                  "it and sample NaN or noise. The header is damaged: use the original release file.")
 
 
 def check_layers(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo) -> None:
@@ -427,9 +526,6 @@ def _layout_config(info: CheckpointInfo) -> dict | None:
     config = info.config
     if config is None:
         return None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{info.path}: the header config's 'transformer' entry must be a JSON object, "
-                              f"got {type(config).__name__}")
     for key in (*BLOCK_LAYOUT_KEYS, *MODEL_LAYOUT_KEYS):
         value = config.get(key)
         if key in config and (not isinstance(value, int) or isinstance(value, bool)
@@ -552,6 +648,7 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
     text projections are left out)."""
     info = inspect_checkpoint(f)
     require_config(info)
+    check_config_values(info)
     check_layers(f, info)
     # A layer kept as the file has it keeps the file's full-precision flag too.
     decisions = [replace(d, weight_only=True) if not d.changed and info.layers[d.layer].weight_only else d
@@ -609,6 +706,7 @@ def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool =
     Header metadata (including `config`) is kept verbatim; `_quantization_metadata` is rewritten
     to cover every quantized layer. `progress(done, total)` is called per step and may raise to
     cancel; the partial output is then removed and an existing file is left as it was."""
+    check_output(out_path, overwrite)  # before the input is read: the write would refuse it only at the end
     with SafetensorsFile(in_path) as f:
         conversion = plan_conversion(f, policy, device)
         specs = [spec for step in conversion.steps for spec in step.specs]

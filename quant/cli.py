@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 
 from . import ltx2
 from .checkpoint import CheckpointInfo, inspect_checkpoint, quantize_file
 from .policies import POLICIES, format_table, get_policy, summarize
-from .safetensors_io import CheckpointError, SafetensorsFile, save_tensors
+from .safetensors_io import CheckpointError, SafetensorsFile, check_output_path, save_tensors
 from .weights import FormatError
+
+MAX_DEMO_BLOCKS = 48  # the release's depth; the demo and synth files are for trying things out
+MAX_TOKENS = 8192  # quality-layers input rows: 512 MiB for the widest LTX-2.3 layer input in float32
+
+
+def whole_number(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high`, refused with the range otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high:,}")
+        return value
+    return parse
 
 
 def _add_scope_options(p: argparse.ArgumentParser) -> None:
@@ -22,8 +40,10 @@ def _add_scope_options(p: argparse.ArgumentParser) -> None:
                    help="also quantize layers matching this fnmatch pattern (unprefixed names)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep layers matching this pattern in high precision (wins over --include)")
-    p.add_argument("--keep-first", type=int, default=0, metavar="N", help="keep the first N blocks unquantized")
-    p.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the last N blocks unquantized")
+    p.add_argument("--keep-first", type=whole_number(0, 4096), default=0, metavar="N",
+                   help="keep the first N blocks unquantized")
+    p.add_argument("--keep-last", type=whole_number(0, 4096), default=0, metavar="N",
+                   help="keep the last N blocks unquantized")
     p.add_argument("--keep-audio", action="store_true", help="keep the audio-side linears unquantized")
     p.add_argument("--connectors", action="store_true",
                    help="also quantize the text connectors (8-bit, weight-only; 1.9 GiB less for LTX-2.3)")
@@ -44,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="quantize a small synthetic LTX-2.3-shaped model with every policy")
-    demo.add_argument("--blocks", type=int, default=4)
+    demo.add_argument("--blocks", type=whole_number(1, MAX_DEMO_BLOCKS), default=4)
 
     quantize = sub.add_parser("quantize", help="quantize a safetensors checkpoint, streaming")
     quantize.add_argument("input")
@@ -67,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="policy to measure (repeatable; default: every quantizing policy)")
     quality.add_argument("--calibration", metavar="AMAX_JSON",
                          help="use its static activation scales, and shape inputs by its per-channel amax")
-    quality.add_argument("--tokens", type=int, default=256, help="input rows per layer")
-    quality.add_argument("--worst", type=int, default=20, metavar="N", help="list the N worst layers per policy")
+    quality.add_argument("--tokens", type=whole_number(1, MAX_TOKENS), default=256, help="input rows per layer")
+    quality.add_argument("--worst", type=whole_number(0, 1_000_000), default=20, metavar="N",
+                         help="list the N worst layers per policy")
     quality.add_argument("--out", metavar="JSON", help="write the full report here")
+    quality.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     _add_scope_options(quality)
 
     synth = sub.add_parser("synth", help="write a small random LTX-2.3-shaped checkpoint (for trying things out)")
     synth.add_argument("output")
-    synth.add_argument("--blocks", type=int, default=2)
+    synth.add_argument("--blocks", type=whole_number(1, MAX_DEMO_BLOCKS), default=2)
     synth.add_argument("--prefix", action="store_true", help=f"use the single-file {ltx2.CHECKPOINT_PREFIX!r} prefix")
     synth.add_argument("--overwrite", action="store_true")
     return parser
@@ -95,8 +117,20 @@ def describe(info: CheckpointInfo, show_all: bool) -> str:
     return "\n".join(lines)
 
 
+def check_report_path(out: str, model: str, overwrite: bool) -> None:
+    """The --out file is checked before the measurement runs: it must not be the model file, nor an
+    existing file unless --overwrite."""
+    check_output_path(out)
+    if os.path.exists(out) and os.path.exists(model) and os.path.samefile(out, model):
+        raise FileExistsError(f"{out}: is the model file being measured; refusing to write the report over it")
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out}: exists; refusing to overwrite (pass --overwrite to replace it)")
+
+
 def quality_layers(args: argparse.Namespace) -> str:
     from . import calibration, quality
+    if args.out:
+        check_report_path(args.out, args.file, args.overwrite)
     amax = calibration.load_amax(args.calibration) if args.calibration else None
     channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
     report, lines = {}, []
@@ -108,13 +142,21 @@ def quality_layers(args: argparse.Namespace) -> str:
         lines += [f"== {name}: {len(rows)} quantized layers, worst {min(args.worst, len(rows))}",
                   quality.format_layer_table(rows, args.worst), quality.format_group_table(summary), ""]
     if args.out:
-        quality.write_report(args.out, {"file": args.file, "calibration": args.calibration, "policies": report})
+        quality.write_report(args.out, {"file": args.file, "calibration": args.calibration, "policies": report},
+                             overwrite=args.overwrite)
         lines.append(f"wrote {args.out}")
     return "\n".join(lines)
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a closing terminal's session manager) ends the process without unwinding, which
+    # would leave the temp file of a write in progress; as an exception, atomic_file removes it.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "demo":
             from .demo import format_demo, run_demo
@@ -146,4 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FormatError, FileExistsError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

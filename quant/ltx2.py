@@ -8,6 +8,8 @@ import re
 
 import torch
 
+from .safetensors_io import parse_json
+
 CHECKPOINT_PREFIX = "model.diffusion_model."
 # ComfyUI identifies the LTX family by this key and the audio-video model (LTXAV) by the second.
 FAMILY_KEY = "adaln_single.emb.timestep_embedder.linear_1.bias"
@@ -135,14 +137,24 @@ def detect_family(keys, prefix: str) -> str | None:
 
 
 def transformer_config(metadata: dict[str, str]) -> dict | None:
+    """The header's transformer config, None when the header has none. A `config` that is there but
+    unreadable, or whose `transformer` entry is not an object, is a ValueError saying what it is
+    (ComfyUI would fail on it, or build the model without it)."""
     raw = metadata.get("config")
     if raw is None:
         return None
     try:
-        config = json.loads(raw)
-    except json.JSONDecodeError:
+        config = parse_json(raw)
+    except ValueError as e:
+        raise ValueError(f"is unreadable: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"is a JSON {type(config).__name__}, not an object")
+    if "transformer" not in config:
         return None
-    return config.get("transformer") if isinstance(config, dict) else None
+    transformer = config["transformer"]
+    if not isinstance(transformer, dict):
+        raise ValueError(f"has 'transformer': {json.dumps(transformer)[:80]}; it must be a JSON object")
+    return transformer
 
 
 def block_count(keys, prefix: str) -> int:

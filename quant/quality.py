@@ -95,6 +95,8 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
                        seed: int = 0) -> list[LayerQuality]:
     """Per-layer quality of `policy` on a full-precision checkpoint, one layer in memory at a time.
     With `amax`, W8A8 layers use the calibrated static activation scale (as the loader would)."""
+    if tokens < 1:  # no rows: every error would be 0 and every SNR infinite
+        raise ValueError(f"tokens must be at least 1, got {tokens}")
     rows = []
     with SafetensorsFile(path) as f:
         info = inspect_checkpoint(f)
@@ -149,10 +151,10 @@ def format_group_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, report: dict) -> None:
+def write_report(path: str, report: dict, *, overwrite: bool) -> None:
     """A quality report as JSON (LayerQuality rows become objects), written atomically."""
     def encode(value):
         if isinstance(value, LayerQuality):
             return asdict(value)
         raise TypeError(f"cannot write {type(value).__name__} into a report")
-    write_text(path, json.dumps(report, indent=1, default=encode))
+    write_text(path, json.dumps(report, indent=1, default=encode), overwrite=overwrite)

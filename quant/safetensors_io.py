@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ from typing import BinaryIO, Iterable
 import torch
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# JSON objects in a header: one per tensor, plus one per quantized layer inside `_quantization_metadata`.
+# The LTX-2.3 release holds about 5,000 tensors (quantized: about 15,000 entries in all); a file at the
+# limit parses in about a second, where 1.6 million entries took 28 s and 2 GB.
+MAX_HEADER_OBJECTS = 200_000
+MAX_JSON_DEPTH = 64  # header, config, quantization metadata and calibration files are 2-4 levels deep
+MAX_INT_DIGITS = 20  # 2**64 has 20 digits: every offset, shape and count fits
+MAX_TENSOR_DIMS = 16  # no model tensor has more than 6
+MAX_INDEX = 2 ** 63 - 1  # torch indexes bytes with int64: a larger shape, even of a zero-size tensor, cannot exist
 # Write errors that mean "no room": a full disk, a quota, a file size limit.
 NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -34,6 +43,62 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 class CheckpointError(ValueError):
     """A file that is not a valid (or not the expected) checkpoint. The message names the file."""
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {digits:,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def json_depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(text: str | bytes, object_pairs_hook=None):
+    """JSON from a file, within the limits above: a ValueError saying what is wrong instead of a
+    RecursionError, Python's int-conversion error or a structure nested past MAX_JSON_DEPTH.
+    NaN and Infinity parse (as Python's json does); the caller checks the numbers it uses."""
+    try:
+        value = json.loads(text, parse_int=_bounded_int, object_pairs_hook=object_pairs_hook)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at {e.pos})") from None
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def open_regular(path: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else an OSError saying what it is: reading
+    a FIFO blocks until some writer comes, forever, and a device never ends. The open itself does
+    not block (O_NONBLOCK); the file is switched back to blocking reads once known to be regular."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{_file_kind(mode)}, not a regular file; only regular files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -65,7 +130,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            self._file: BinaryIO = open(self.path, "rb")
+            self._file: BinaryIO = open_regular(self.path)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from e
         try:
@@ -94,31 +159,64 @@ class SafetensorsFile:
             raise self._fail(f"truncated or not a safetensors file: header claims {header_len} bytes but the file "
                              f"has {size - 8} after the length field{hint}")
         raw = self._file.read(header_len)
+        # Every JSON object starts with a literal '{' (braces inside strings only add to the count):
+        # counted before parsing, which costs seconds and gigabytes for millions of entries.
+        objects = raw.count(b"{")
+        if objects > MAX_HEADER_OBJECTS:
+            raise self._fail(f"corrupt header: {objects:,} JSON objects, more than the {MAX_HEADER_OBJECTS:,} "
+                             f"any model file needs (one per tensor){hint}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise self._fail(f"corrupt header: not UTF-8 ({e.reason} at byte {e.start}){hint}") from None
         try:
-            header = json.loads(text, object_pairs_hook=self._no_duplicates)
-        except json.JSONDecodeError as e:
-            raise self._fail(f"not a safetensors file or corrupt header: invalid JSON ({e.msg} at {e.pos})"
-                             f"{hint}") from None
+            header = parse_json(text, object_pairs_hook=self._no_duplicates)
+        except CheckpointError:
+            raise
+        except ValueError as e:
+            raise self._fail(f"not a safetensors file or corrupt header: {e}{hint}") from None
         if not isinstance(header, dict):
             raise self._fail("corrupt header: top level is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise self._fail("corrupt header: __metadata__ must map strings to strings")
+        for key in metadata:
+            self._check_name("__metadata__ key", key)
         self.metadata: dict[str, str] = metadata
         self.data_start = 8 + header_len
         data_len = size - self.data_start
         tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
+            self._check_name("tensor name", name)
             tensors[name] = self._tensor_info(name, entry, data_len)
-        ranges = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
-        for (s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
+        self._check_coverage(tensors, data_len)
+        self.tensors = tensors
+
+    def _check_name(self, what: str, name: str) -> None:
+        """Names are printed and copied into outputs: a terminal escape or a newline in one would be
+        sent to the user's terminal, or into the file ComfyUI lists, as it is."""
+        if not name.isprintable():
+            raise self._fail(f"corrupt header: {what} {name!r} holds control characters")
+
+    def _check_coverage(self, tensors: dict[str, TensorInfo], data_len: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors library requires (ComfyUI's
+        core loaders refuse the file otherwise): no overlap, no gap, nothing after the last tensor."""
+        ranges = sorted((t.start - self.data_start, t.start - self.data_start + t.nbytes, t.name)
+                        for t in tensors.values() if t.nbytes)
+        for (_s0, e0, n0), (s1, _e1, n1) in zip(ranges, ranges[1:]):
             if s1 < e0:
                 raise self._fail(f"corrupt header: tensors {n0!r} and {n1!r} overlap in the file")
-        self.tensors = tensors
+            if s1 > e0:
+                raise self._fail(f"corrupt header: {s1 - e0:,} bytes between tensors {n0!r} and {n1!r} belong to "
+                                 "no tensor (the header lies or lost an entry)")
+        first = ranges[0][0] if ranges else data_len
+        if first:
+            raise self._fail(f"corrupt header: the first {first:,} bytes of the data section belong to no tensor "
+                             "(the header lies or lost an entry)")
+        end = ranges[-1][1] if ranges else 0
+        if end != data_len:
+            raise self._fail(f"corrupt file: {data_len - end:,} bytes after the last tensor belong to no tensor "
+                             "(something was appended, or the header lost an entry)")
 
     def _no_duplicates(self, pairs):
         seen = {}
@@ -134,9 +232,20 @@ class SafetensorsFile:
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise self._fail(f"tensor {name!r}: unsupported dtype {dtype_name!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
             raise self._fail(f"tensor {name!r}: invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if len(shape) > MAX_TENSOR_DIMS:
+            raise self._fail(f"tensor {name!r}: {len(shape)} dimensions, more than the {MAX_TENSOR_DIMS} this "
+                             "reader takes")
+        extent = DTYPES[dtype_name].itemsize
+        for d in shape:
+            extent *= max(d, 1)
+        if extent > MAX_INDEX:
+            raise self._fail(f"tensor {name!r}: shape {shape} spans more than 2^63 bytes, which no tensor can "
+                             "(the header is damaged)")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise self._fail(f"tensor {name!r}: invalid data_offsets {offsets!r}")
         begin, end = offsets
         dtype = DTYPES[dtype_name]
@@ -202,7 +311,7 @@ class TensorSpec:
         return n
 
 
-def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+def _header_bytes(path: str, specs: list[TensorSpec], metadata: dict[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -213,6 +322,9 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> b
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section like the reference writer
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: the header would take {len(raw):,} bytes, more than the {MAX_HEADER_BYTES:,} "
+                         "that safetensors readers (this pack's included) accept; nothing was written")
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -223,8 +335,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, needed_bytes: 
     (including KeyboardInterrupt) removes the temp file; an existing file is never touched unless
     `overwrite`. Running out of room mid-write is an OSError that names `path`."""
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path}: exists; refusing to overwrite")
+    check_output(path, overwrite)
     folder = os.path.dirname(os.path.abspath(path))
     free = _free_bytes(folder)
     if free is not None and free < needed_bytes:
@@ -251,6 +362,46 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False, needed_bytes: 
         raise
 
 
+def check_output_path(path: str) -> None:
+    """An OSError naming `path` when it cannot take a file written by atomic_file: no name, a folder
+    or other non-regular file in its place (replacing a FIFO or a device node would turn it into a
+    file), a folder that does not exist, or a name the filesystem cannot hold; checked before anything
+    is computed or written."""
+    name = os.path.basename(path)
+    if not name or name in (".", "..") or path.endswith(("/", os.sep)):
+        raise OSError(errno.EINVAL, f"{path!r}: not a file name (it names a folder or nothing)")
+    try:
+        os.fsencode(path)
+    except UnicodeError:
+        raise OSError(errno.EINVAL, f"{path!r}: the file system cannot hold this name (it has characters that "
+                                    "are not text, such as a lone surrogate)") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOENT, f"{path}: the folder {folder} does not exist")
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # Windows has no pathconf; NTFS names hold 255 characters
+        limit = 255
+    if len(os.fsencode(name)) > limit:
+        raise OSError(errno.ENAMETOOLONG, f"{path}: the file name is too long ({len(os.fsencode(name))} bytes; "
+                                          f"names in {folder} hold at most {limit})")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot check the output ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, f"{path}: is {_file_kind(mode)}; refusing to replace it with a file")
+
+
+def check_output(path: str, overwrite: bool) -> None:
+    """check_output_path, and a FileExistsError for an existing file unless `overwrite`."""
+    check_output_path(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path}: exists; refusing to overwrite")
+
+
 def _remove(tmp: str) -> None:
     if os.path.exists(tmp):
         os.unlink(tmp)
@@ -275,7 +426,7 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
                     metadata: dict[str, str] | None = None, overwrite: bool = False) -> int:
     """Write tensors, produced one at a time in `specs` order, atomically (see atomic_file).
     Returns the number of bytes written."""
-    header = _header_bytes(specs, metadata)
+    header = _header_bytes(os.fspath(path), specs, metadata)
     total = len(header) + sum(s.nbytes for s in specs)
     # Not ".safetensors": a temp file left by a killed process must not show up in ComfyUI's model lists.
     with atomic_file(path, overwrite, total, ".safetensors.part") as out:
@@ -296,7 +447,7 @@ def write_streaming(path: str | os.PathLike, specs: list[TensorSpec], tensors: I
     return total
 
 
-def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+def write_text(path: str | os.PathLike, text: str, *, overwrite: bool) -> None:
     """A small text file (calibration JSON, quality reports), written atomically."""
     with atomic_file(path, overwrite, suffix=".tmp") as out:
         out.write(text.encode("utf-8"))

@@ -254,12 +254,14 @@ def main() -> None:
             parser.error("--schemas-from needs --comfyui (the snapshot is kept per ComfyUI version)")
         with open(args.schemas_from) as f:
             info = json.load(f)
-        write_text(schemas_path(args.comfyui), json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n")
+        write_text(schemas_path(args.comfyui), json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n",
+                   overwrite=True)
     with open(schemas_path(snapshot_versions()[-1])) as f:
         schemas = json.load(f)
     os.makedirs(OUT, exist_ok=True)
     for stem, (title, spec) in WORKFLOWS.items():
-        write_text(os.path.join(OUT, stem + ".json"), json.dumps(build(title, spec, schemas), indent=1) + "\n")
+        write_text(os.path.join(OUT, stem + ".json"), json.dumps(build(title, spec, schemas), indent=1) + "\n",
+                   overwrite=True)
         print(os.path.join("example_workflows", stem + ".json"))
 
 

@@ -20,7 +20,7 @@ def test_amax_file_round_trip_and_both_namings(tmp_path):
     assert amax == {"transformer_blocks.0.attn1.to_q": 12.5, "transformer_blocks.1.attn1.to_k": 3.0,
                     "transformer_blocks.2.ff.net.2": 7.0}
     out = tmp_path / "out.json"
-    calibration.save_amax(str(out), amax)
+    calibration.save_amax(str(out), amax, overwrite=False)
     assert calibration.load_amax(str(out)) == amax
     assert "transformer_blocks.0.attn1.to_q.input_quantizer" in json.loads(out.read_text())["amax_values"]
     assert float(calibration.input_scale(448.0)) == 1.0

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from quant import ltx2, weights
+from quant import checkpoint, ltx2, weights
 from quant.checkpoint import QUANT_METADATA_KEY
 from quant.cli import main
-from quant.safetensors_io import SafetensorsFile
+from quant.safetensors_io import SafetensorsFile, save_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_NAMES = ("bf16", "fp8-cast", "fp8-scaled-mm", "int8-scaled-mm", "int8-convrot", "mxfp8", "nvfp4")
@@ -293,3 +295,155 @@ def test_connectors_flag_reaches_the_scope():
     assert _scope(args)["connectors"] is True
     args = build_parser().parse_args(["quantize", "in.safetensors", "out.safetensors", "--policy", "nvfp4"])
     assert _scope(args)["connectors"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #23: careless and hostile arguments
+# ---------------------------------------------------------------------------------------------
+
+def usage_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("demo", "--blocks", "0"), "argument --blocks: 0 is not from 1 to 48"),
+    (("quality-layers", "m.safetensors", "--tokens", "0"), "argument --tokens: 0 is not from 1 to 8,192"),
+    (("quality-layers", "m.safetensors", "--tokens", "-1"), "argument --tokens: -1 is not from 1"),
+    (("quality-layers", "m.safetensors", "--worst", "-5"), "argument --worst: -5 is not from 0"),
+    (("quantize", "a", "b", "--policy", "nvfp4", "--keep-first", "1" * 5000), "is not a whole number"),
+])
+def test_numbers_out_of_range_are_usage_errors(capsys, argv, needle):
+    # --tokens 0 reported SNR "inf" for every layer and exited 0; -1 and demo --blocks 0 gave tracebacks.
+    assert needle in usage_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("blocks", ["-1", "0", "5000"])
+def test_synth_writes_only_files_the_pack_reads(tmp_path, capsys, blocks):
+    out = tmp_path / "s.safetensors"
+    assert "argument --blocks" in usage_error(capsys, "synth", out, "--blocks", blocks)
+    assert not out.exists()
+
+
+def test_synth_largest_file_quantizes(tmp_path, capsys):
+    out = tmp_path / "s.safetensors"
+    assert run_cli(capsys, "synth", out, "--blocks", "48")[0] == 0
+    assert run_cli(capsys, "quantize", out, tmp_path / "q.safetensors", "--policy", "nvfp4")[0] == 0
+
+
+def test_quality_report_never_replaces_a_file_unasked(tmp_path, capsys, synth_file):
+    model_bytes = synth_file.read_bytes()
+    # The model file itself, even with --overwrite: it was replaced by JSON.
+    code, _, err = run_cli(capsys, "quality-layers", synth_file, "--policy", "fp8-cast", "--out", synth_file,
+                           "--overwrite")
+    assert code == 1 and "is the model file being measured" in err
+    notes = tmp_path / "notes.json"
+    notes.write_text("mine")
+    code, out, err = run_cli(capsys, "quality-layers", synth_file, "--policy", "fp8-cast", "--out", notes)
+    assert code == 1 and "exists; refusing to overwrite (pass --overwrite" in err and out == ""  # before measuring
+    assert notes.read_text() == "mine" and synth_file.read_bytes() == model_bytes
+    assert run_cli(capsys, "quality-layers", synth_file, "--policy", "fp8-cast", "--out", notes, "--overwrite")[0] == 0
+    assert json.loads(notes.read_text())["policies"]["fp8-cast"]["layers"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_quantize_never_replaces_what_is_not_a_regular_file(tmp_path, capsys, synth_file, kind):
+    # With --overwrite a FIFO or a device node was replaced by a regular file (as root, /dev/null would be).
+    target = tmp_path / "target.safetensors"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a null device of our own
+    else:
+        target.mkdir()
+    code, _, err = run_cli(capsys, "quantize", synth_file, target, "--policy", "fp8-cast", "--overwrite")
+    assert code == 1 and "refusing to replace it with a file" in err, err
+    mode = os.lstat(target).st_mode
+    assert {"fifo": stat.S_ISFIFO, "device": stat.S_ISCHR, "folder": stat.S_ISDIR}[kind](mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target.safetensors", "tiny.safetensors"]
+
+
+FIFO_COMMANDS = {
+    "inspect": ["inspect", "{fifo}"],
+    "quantize": ["quantize", "{fifo}", "{out}", "--policy", "nvfp4"],
+    "calibration": ["quality-layers", "{model}", "--policy", "fp8-scaled-mm", "--calibration", "{fifo}"],
+}
+
+
+@pytest.mark.parametrize("command", list(FIFO_COMMANDS))
+def test_fifo_inputs_are_refused_at_once(tmp_path, synth_file, command):
+    # A FIFO named *.safetensors (or as the calibration file) blocked these forever. In a subprocess:
+    # were it to block again, the test fails instead of hanging.
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    argv = [a.format(fifo=fifo, out=tmp_path / "out.safetensors", model=synth_file) for a in FIFO_COMMANDS[command]]
+    done = subprocess.run([sys.executable, "-m", "quant", *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 1 and "FIFO" in done.stderr and str(fifo) in done.stderr, done.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("output", ["", "o2/", ".", "{folder}"])
+def test_output_that_names_no_file_is_refused(tmp_path, capsys, synth_file, monkeypatch, output):
+    # "" wrote its temp file into the working directory's parent; "o2/" with --overwrite into the parent.
+    work = tmp_path / "work"
+    (work / "o2").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(capsys, "quantize", synth_file, output.format(folder=work / "o2"), "--policy", "nvfp4",
+                           "--overwrite")
+    assert code == 1 and ("not a file name" in err or "is a folder" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors", "work"]
+    assert os.listdir(work) == ["o2"] and os.listdir(work / "o2") == []
+
+
+def test_output_name_too_long_is_refused_before_quantizing(tmp_path, capsys, synth_file, monkeypatch):
+    monkeypatch.setattr(checkpoint, "plan_conversion", lambda *a, **k: pytest.fail("quantized before refusing"))
+    code, _, err = run_cli(capsys, "quantize", synth_file, tmp_path / ("m" * 300 + ".safetensors"), "--policy", "nvfp4")
+    assert code == 1 and "the file name is too long (312 bytes" in err, err
+
+
+SLOW_WRITE = """
+import sys, time
+from quant import checkpoint, cli
+steps = checkpoint._run_steps
+def slow(plan, progress):
+    for index, item in enumerate(steps(plan, progress)):
+        if index == 3:
+            print("writing", flush=True)
+            time.sleep(60)
+        yield item
+checkpoint._run_steps = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_writing_leaves_no_temp_file(tmp_path, synth_file):
+    out = tmp_path / "out.safetensors"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, "quantize", str(synth_file), str(out), "--policy",
+                              "nvfp4"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # mid-write
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        child.kill()
+        child.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
+
+
+def test_inspect_shows_no_raw_escape(tmp_path, capsys):
+    # Tensor names with terminal escapes were printed raw by `inspect --all` and copied into outputs.
+    config = ltx2.tiny_config(num_layers=1)
+    state = ltx2.synthetic_state_dict(config)
+    state["evil\x1b]0;owned\x07.weight"] = state.pop("proj_out.weight")
+    path = tmp_path / "esc.safetensors"
+    save_tensors(path, state, ltx2.header_metadata(config))
+    code, out, err = run_cli(capsys, "inspect", path, "--all")
+    assert code == 1 and "control characters" in err and "\x1b" not in out + err
+    code, out, err = run_cli(capsys, "quantize", path, tmp_path / "q.safetensors", "--policy", "nvfp4")
+    assert code == 1 and not (tmp_path / "q.safetensors").exists()

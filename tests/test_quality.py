@@ -30,7 +30,7 @@ def test_recorder_keeps_running_maxima_per_tensor_and_channel():
 def test_per_channel_file_round_trip_and_lightricks_readers_see_their_layout(tmp_path):
     path = str(tmp_path / "amax.json")
     channels = {"transformer_blocks.0.attn1.to_q": torch.tensor([1.0, 0.0, 12.5])}
-    calibration.save_amax(path, {"transformer_blocks.0.attn1.to_q": 12.5}, channels)
+    calibration.save_amax(path, {"transformer_blocks.0.attn1.to_q": 12.5}, channels, overwrite=False)
     raw = json.loads(open(path).read())
     assert raw["amax_values"] == {"transformer_blocks.0.attn1.to_q.input_quantizer": 12.5}
     assert calibration.load_amax(path) == {"transformer_blocks.0.attn1.to_q": 12.5}

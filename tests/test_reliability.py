@@ -8,19 +8,22 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import weakref
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import advice, checkpoint, ltx2, safetensors_io
+from quant import advice, calibration, checkpoint, ltx2, safetensors_io
 from quant.checkpoint import load_converted, nonfinite_count, quantize_file
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
@@ -159,9 +162,18 @@ def test_implausible_layout_values_are_refused(tmp_path, key, value):
     refused(tmp_path, state, ltx2.header_metadata({**config, key: value}), f"{key}={value!r}")
 
 
-def test_config_transformer_entry_not_an_object(tmp_path):
+@pytest.mark.parametrize("config,needle", [
+    (json.dumps({"transformer": [1, 2]}), "has 'transformer': [1, 2]; it must be a JSON object"),
+    (json.dumps({"transformer": None}), "has 'transformer': null; it must be a JSON object"),
+    ('{"transformer": {"num_layers": 2,', "the header's 'config' metadata is unreadable: invalid JSON"),
+    ("[1]", "'config' metadata is a JSON list, not an object"),
+    ('{"transformer": ' + "[" * 80 + "]" * 80 + "}", "nested deeper than 64 levels"),
+])
+def test_config_that_is_there_but_unreadable_is_not_called_missing(tmp_path, config, needle):
+    # These used to read as "header has no 'config' metadata".
     _, state = tiny()
-    refused(tmp_path, state, {"config": json.dumps({"transformer": [1, 2]})}, "must be a JSON object")
+    message = refused(tmp_path, state, {"config": config}, needle)
+    assert "has no 'config'" not in message
 
 
 def test_block_layout_check_agrees_with_the_loader(tmp_path):
@@ -465,3 +477,129 @@ def test_call_or_advise_passes_results_and_other_errors_through():
         advice.call_or_advise_on_oom(lambda: (_ for _ in ()).throw(ValueError("not memory")), lambda: "x",
                                       lambda: None)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #23: finite values that are still wrong (config numbers, values past the compute dtype,
+# scales that overflow or vanish), and 1-byte NVFP4 weights of another type
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("timestep_scale_multiplier", float("nan"), "timestep_scale_multiplier=nan"),
+    ("av_ca_timestep_scale_multiplier", float("inf"), "av_ca_timestep_scale_multiplier=inf"),
+    ("timestep_scale_multiplier", 0, "timestep_scale_multiplier=0"),
+    ("positional_embedding_theta", -10000.0, "positional_embedding_theta=-10000.0"),
+    ("positional_embedding_max_pos", [20, 0, 2048], "positional_embedding_max_pos[1]=0"),
+    ("norm_eps", 1e30, "norm_eps=1e+30"),
+    ("caption_channels", 10 ** 19, "caption_channels=10000000000000000000"),
+    ("some_future_key", {"nested": [1.0, float("nan")]}, "some_future_key.nested[1]=nan"),
+])
+def test_config_numbers_that_no_model_has_are_refused_by_name(tmp_path, key, value, needle):
+    # A NaN timestep multiplier sampled an all-NaN latent: only the layout keys were checked.
+    config, state = tiny()
+    message = refused(tmp_path, state, ltx2.header_metadata({**config, key: value}), needle, policy="bf16")
+    assert "which no LTX-2 model has" in message
+
+
+def test_release_config_values_pass():
+    info = checkpoint.CheckpointInfo("x", "", "ltx2.5", dict(ltx2.LTX25_CONFIG), {}, {}, 48, "plain")
+    checkpoint.check_config_values(info)
+    checkpoint.check_config_values(replace(info, config=dict(ltx2.LTX23_CONFIG)))
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp8-scaled-mm", "nvfp4"])
+@pytest.mark.parametrize("key,tensor,shown", [
+    ("transformer_blocks.0.attn1.to_q.bias", torch.full((64,), 1e300, dtype=torch.float64), "1e+300"),
+    ("adaln_single.linear.bias", torch.cat([torch.tensor([3.4e38]), torch.zeros(9 * 64 - 1)]), "3.4e+38"),
+    ("transformer_blocks.1.attn2.to_k.weight", torch.full((64, 64), -1e300, dtype=torch.float64), "1e+300"),
+])
+def test_finite_values_beyond_the_compute_dtype_are_refused(tmp_path, policy, key, tensor, shown):
+    # They passed the NaN/Inf check and sampled an all-NaN latent in bf16 and fp8-scaled-mm.
+    config, state = tiny()
+    state[key] = tensor
+    refused(tmp_path, state, ltx2.header_metadata(config), f"'{key}' holds {shown}, beyond bfloat16's range",
+            policy=policy)
+
+
+def test_values_at_the_edge_of_bfloat16_pass(tmp_path):
+    config, state = tiny()
+    state["adaln_single.linear.bias"] = torch.full((9 * 64,), torch.finfo(torch.bfloat16).max, dtype=torch.float32)
+    src = tmp_path / "edge.safetensors"
+    save_tensors(src, state, ltx2.header_metadata(config))
+    load_converted(str(src), get_policy("bf16"))
+
+
+@pytest.mark.parametrize("policy,suffix", [("fp8-cast", "weight_scale"), ("int8-scaled-mm", "weight_scale"),
+                                           ("nvfp4", "weight_scale_2")])
+@pytest.mark.parametrize("target", ["same", "other"])
+def test_scales_that_overflow_the_weights_are_refused(tmp_path, policy, suffix, target):
+    # Each scale is finite, but codes times scales exceed bfloat16: the dequantized weight would be Inf.
+    path = quantized_file(tmp_path, policy, lambda t: t[suffix].view(-1)[0].fill_(1e37))
+    load_policy = policy if target == "same" else "bf16"
+    with pytest.raises(CheckpointError, match=f"layer '{LAYER}': its scales let weights reach"):
+        load_converted(path, get_policy(load_policy))
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-45, -1.0])
+def test_input_scale_that_is_zero_subnormal_or_negative_is_refused(tmp_path, value):
+    config, state = tiny()
+    state[LAYER + ".input_scale"] = torch.tensor(value)
+    shown = f"{float(state[LAYER + '.input_scale']):g}"  # 1e-45 is stored as float32's 1.4013e-45
+    refused(tmp_path, state, ltx2.header_metadata(config), f"'{LAYER}.input_scale' is {shown}",
+            "positive normal float32", policy="fp8-scaled-mm")
+
+
+@pytest.mark.parametrize("dtype", ["BOOL", "I8", "F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("policy", ["bf16", "nvfp4", "fp8-cast"])
+def test_nvfp4_weight_of_another_one_byte_type_is_refused(tmp_path, dtype, policy):
+    # Read as U8 they loaded 25-29% off (a BOOL holds only 0/1) or, with bf16, raised a traceback.
+    path = quantized_file(tmp_path, "nvfp4", lambda t: None)
+    raw = open(path, "rb").read()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    header[LAYER + ".weight"]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    with pytest.raises(CheckpointError, match=f"'{LAYER}.weight' is {dtype} .* needs U8"):
+        load_converted(path, get_policy(policy))
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("1e300", "amax 1e+300 gives the activation scale amax/448 = 2.23214e+297, which float32 cannot hold"),
+    ("1e-50", "amax 1e-50 gives the activation scale"),
+    ("5e-324", "amax 4.94066e-324 gives"),
+    ("1e-35", "amax/2688"),  # fine for FP8 and INT8, subnormal for NVFP4's global scale
+    ("1" + "0" * 400, "an integer of 401 digits (at most 20)"),
+    ("1" + "0" * 5000, "an integer of 5,001 digits"),
+    ("1e400", "must be a positive finite number, got inf"),
+    ("[" * 100 + "]" * 100, "nested deeper than 64 levels"),
+])
+def test_calibration_amax_that_gives_no_usable_scale(tmp_path, value, needle):
+    # 1e300 made amax/448 Inf in float32 (all-NaN latent); 1e-50 made it 0 (layers output ~0).
+    path = tmp_path / "amax.json"
+    path.write_text('{"amax_values": {"transformer_blocks.0.attn1.to_q.input_quantizer": %s}}' % value)
+    with pytest.raises(calibration.CalibrationError) as exc:
+        calibration.load_amax(str(path))
+    assert str(path) in str(exc.value) and needle in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("amax", [math.inf, 0.0, 1e-50, 1e300])
+def test_input_scale_refuses_what_float32_cannot_hold(amax):
+    with pytest.raises(calibration.CalibrationError, match="float32 cannot hold as a normal number"):
+        calibration.input_scale(amax, "float8_e4m3fn")
+
+
+def test_calibration_fifo_is_refused_without_blocking(tmp_path):
+    path = tmp_path / "amax.json"
+    os.mkfifo(path)
+    with pytest.raises(calibration.CalibrationError, match="FIFO"):
+        calibration.load_amax(str(path))
+
+
+def test_calibration_file_too_large(tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration, "MAX_CALIBRATION_BYTES", 100)
+    path = tmp_path / "amax.json"
+    path.write_text(json.dumps({"amax_values": {f"layer{i}": 1.0 for i in range(20)}}))
+    with pytest.raises(calibration.CalibrationError, match="more than the 100 a calibration file takes"):
+        calibration.load_amax(str(path))
