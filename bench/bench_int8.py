@@ -208,9 +208,9 @@ def quantizer_rows(m: int, k: int) -> list[dict]:
         "int8 rows rotate": lambda: kernels_int8.quantize_int8_rows(x, rotate_groupsize=256),
         "int8 rows gelu rotate": lambda: kernels_int8.quantize_int8_rows(x, gelu=True, rotate_groupsize=256),
     }
-    if k > kernels_int8.ROTATED_BLOCK:  # the rotated row read whole instead of in chunks (two passes)
-        variants["int8 rows gelu rotate, whole row"] = lambda: kernels_int8._quantize_int8_launch(
-            x, None, True, 256, block_k=k)
+    if k > 4096:  # against the default whole row: 4,096-feature chunks, each read twice (amax, quantize)
+        variants["int8 rows gelu rotate, 4096 chunks"] = lambda: kernels_int8._quantize_int8_launch(
+            x, None, True, 256, block_k=4096)
     rows = []
     for name, fn in variants.items():
         row = {"table": "quantize", "M": m, "K": k, "name": name}
@@ -304,11 +304,11 @@ def compile_variants(capability: int, tiles: str):
                  "static_scale_ptr": "*fp32", "stride_x": "i32", "stride_out": "i32"}
     for k, gelu, group, static in ((4096, False, 0, False), (16384, True, 0, False), (4096, False, 256, True),
                                    (16384, True, 256, False)):
-        block = min(k, kernels_int8.ROTATED_BLOCK if group else 16384)
+        block = kernels.row_block(k)
         yield (f"quantize K={k} gelu={gelu} rotate={group} static={static}", kernels_int8._quantize_int8_kernel,
                quantizer, {"K": k, "STATIC": static, "GELU": gelu, "ROTATE_GROUP": group,
                            "ROTATE_SCALE": group ** -0.5 if group else 1.0, "BLOCK_K": block},
-               max(4 if group else 1, min(16, block // 512)), 3)
+               kernels.row_warps(block), 3)
     gpu_class = COMPILE_TARGETS[capability][0]
     if gpu_class is None:
         return

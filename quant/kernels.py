@@ -227,6 +227,20 @@ if AVAILABLE:
                  _to_output(value * scale[:, None], out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+# Row quantizers run one program per row holding up to ROW_BLOCK features in registers: read once from
+# memory (every LTX-2 row fits); longer rows are read in chunks of ROW_BLOCK twice (amax, then quantize).
+ROW_BLOCK = 16384
+
+
+def row_block(cols: int) -> int:
+    """Features a row-quantizer program reads at a time."""
+    return min(triton.next_power_of_2(cols), ROW_BLOCK)
+
+
+def row_warps(block: int) -> int:
+    return max(1, min(16, block // 512))
+
+
 def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool = False,
                               wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
@@ -235,10 +249,10 @@ def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None
     scale = static_scale if static else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out.view(torch.float8_e4m3fn), scale
-    block = min(triton.next_power_of_2(cols), 16384)  # LTX rows (K <= 16384) stay in registers
+    block = row_block(cols)
     wrap(_quantize_fp8_rows_kernel)[(rows,)](
         x, out, scale, scale, x.stride(0), out.stride(0), K=cols,
-        STATIC=static, GELU=gelu, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=max(1, min(16, block // 512)))
+        STATIC=static, GELU=gelu, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=row_warps(block))
     return out.view(torch.float8_e4m3fn), scale
 
 

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from . import formats
-from .kernels import AVAILABLE, INTERPRET
+from .kernels import AVAILABLE, INTERPRET, row_block, row_warps
 
 if AVAILABLE:
     import triton
@@ -32,8 +32,6 @@ if AVAILABLE:
 
 # Rotation group sizes the quantizer takes (ComfyUI's default is 256).
 ROTATE_GROUPS = (256, 1024)
-# A rotated row is read in chunks of this many features (longer rows: amax pass, then quantize pass).
-ROTATED_BLOCK = 4096
 
 # GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per GPU class. A stage holds
 # (BLOCK_M + BLOCK_N) * BLOCK_K bytes (Hopper's pipeline keeps `stages` of them, Ampere's one
@@ -257,8 +255,9 @@ def _check_rotation(cols: int, group: int) -> None:
 
 def _quantize_int8_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool, rotate_groupsize: int,
                           wrap=_identity, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`block_k`: features read at a time (default: the whole row up to 16,384, rotated rows
-    ROTATED_BLOCK); the benchmark compares others."""
+    """`block_k`: features read at a time (default: kernels.row_block, the whole row up to 16,384
+    features, rotated rows too: their rotation is then computed once, not twice); the benchmark and
+    the tests force chunks."""
     rows, cols = x.shape
     if rotate_groupsize:
         _check_rotation(cols, rotate_groupsize)
@@ -267,13 +266,11 @@ def _quantize_int8_launch(x: torch.Tensor, static_scale: torch.Tensor | None, ge
     scale = static_scale if static else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, scale
-    if block_k is None:
-        block_k = min(triton.next_power_of_2(cols), ROTATED_BLOCK if rotate_groupsize else 16384)
-    warps = max(4 if rotate_groupsize else 1, min(16, block_k // 512))
+    block_k = block_k or row_block(cols)
     wrap(_quantize_int8_kernel)[(rows,)](
         x, out, scale, scale, x.stride(0), out.stride(0), K=cols, STATIC=static, GELU=gelu,
         ROTATE_GROUP=rotate_groupsize, ROTATE_SCALE=rotate_groupsize ** -0.5 if rotate_groupsize else 1.0,
-        BLOCK_K=block_k, num_warps=warps)
+        BLOCK_K=block_k, num_warps=row_warps(block_k))
     return out, scale
 
 

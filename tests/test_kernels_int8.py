@@ -139,13 +139,13 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
 
 
 @pytest.mark.parametrize("group", kernels_int8.ROTATE_GROUPS)
-@pytest.mark.parametrize("rows,cols", [(1, 1024), (5, 3072), (2, 16384), (3, 5120)])
+@pytest.mark.parametrize("rows,cols", [(1, 1024), (5, 3072), (2, 16384), (3, 5120), (1, 20480)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotation_matches_reference(group, rows, cols, dtype):
     """The rotation sums in another order than torch's matmul (fp32 either way): the rotated values
     agree to a few fp32 steps (1024-feature groups: up to ~2e-6), so do the scales, and the codes up
-    to a rare boundary case. Rows of 16,384 and 5,120 features are read in chunks (two passes),
-    5,120 with a partial last chunk."""
+    to a rare boundary case. Rows up to 16,384 features are read whole (5,120: in a partly masked
+    block), 20,480 in two chunks read twice (amax, then quantize), the last one partial."""
     x = random_rows((rows, cols), dtype)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), rotate_groupsize=group)
     ref_data, ref_scale = reference_rows(x, group=group)
@@ -169,10 +169,11 @@ def test_rotation_matches_comfy_kitchen():
 
 
 def test_rotation_one_pass_equals_chunked():
-    """A row read whole and the same row read in 4,096-feature chunks give the same bytes."""
-    x = random_rows((3, 16384), torch.bfloat16).to(DEVICE)
-    chunked = kernels_int8._quantize_int8_launch(x, None, True, 256)
-    whole = kernels_int8._quantize_int8_launch(x, None, True, 256, block_k=16384)
+    """A row read whole and the same row read in 4,096-feature chunks (the last one partial) give the
+    same bytes."""
+    x = random_rows((3, 5120), torch.bfloat16).to(DEVICE)
+    chunked = kernels_int8._quantize_int8_launch(x, None, True, 256, block_k=4096)
+    whole = kernels_int8._quantize_int8_launch(x, None, True, 256)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
