@@ -90,7 +90,7 @@ if AVAILABLE:
     @triton.jit
     def _store_row_scale(scale, row_ptr):
         """Stores a row's decode scale; returns its reciprocal. Scales and reciprocals are divided
-        correctly rounded (div_rn; Triton's `/` is approximate), as torch divides tensors."""
+        correctly rounded (div_rn: Triton's `/` is approximate)."""
         tl.store(row_ptr, scale)
         return tl.math.div_rn(1.0, scale)
 
