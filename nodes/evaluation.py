@@ -233,6 +233,6 @@ def image_tensor(image) -> torch.Tensor:
     return (pixels.float() / 255.0).unsqueeze(0)
 
 
-def save_png(image, path: str) -> None:
-    with atomic_file(path, overwrite=True, suffix=".png") as out:
+def save_png(image, path: str, *, overwrite: bool) -> None:
+    with atomic_file(path, overwrite=overwrite, suffix=".png") as out:
         image.save(out, "PNG")

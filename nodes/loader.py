@@ -18,6 +18,10 @@ from .patches import patch_attention
 
 CATEGORY = "LTX-2 Quant"
 CALIBRATION_FOLDER = "ltx2_calibration"
+# Scope patterns per include/exclude widget, and characters per pattern: the VRAM estimate matches each
+# against each of the model's ~4,000 layers for every policy; 64 take it to about 0.5 s on one core.
+MAX_SCOPE_PATTERNS = 64
+MAX_PATTERN_CHARS = 256
 POLICY_CHOICES = ["auto", *POLICIES]
 POLICY_TOOLTIP = ("auto picks the fastest policy your GPU runs that fits its free memory: fp8-scaled-mm on Ada/Hopper, "
                   "int8-scaled-mm on Turing/Ampere, nvfp4 on Blackwell (nvfp4 when the 8-bit one does not fit). "
@@ -73,11 +77,24 @@ def checkpoint_choices() -> list[str]:
     return sorted(set(local)) + missing
 
 
+def scope_patterns(field: str, text: str) -> list[str]:
+    """The fnmatch patterns of an include/exclude widget (one per line or comma), within the limits:
+    every pattern is matched against every layer for each policy the VRAM estimate weighs."""
+    patterns = [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]
+    if len(patterns) > MAX_SCOPE_PATTERNS:
+        raise ValueError(f"{field}: {len(patterns):,} patterns, more than the {MAX_SCOPE_PATTERNS} a scope takes "
+                         "(one pattern such as *.attn2.* covers many layers)")
+    long = next((p for p in patterns if len(p) > MAX_PATTERN_CHARS), None)
+    if long is not None:
+        raise ValueError(f"{field}: a pattern of {len(long):,} characters, more than the {MAX_PATTERN_CHARS} any layer "
+                         "name needs")
+    return patterns
+
+
 def scope_options(preset: str, include: str, exclude: str, keep_first: int, keep_last: int, keep_audio: bool) -> dict:
     scope = dict(SCOPE_PRESETS[preset])
-    patterns = lambda text: [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip()]  # noqa: E731
-    scope["include"] = [*scope.get("include", []), *patterns(include)]
-    scope["exclude"] = [*scope.get("exclude", []), *patterns(exclude)]
+    scope["include"] = [*scope.get("include", []), *scope_patterns("include", include)]
+    scope["exclude"] = [*scope.get("exclude", []), *scope_patterns("exclude", exclude)]
     scope["keep_first_blocks"] = max(keep_first, scope.get("keep_first_blocks", 0))
     scope["keep_last_blocks"] = max(keep_last, scope.get("keep_last_blocks", 0))
     scope["keep_audio"] = keep_audio or scope.get("keep_audio", False)

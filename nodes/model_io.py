@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -22,7 +23,7 @@ from ..quant.capability import capability
 from ..quant.calibration import gets_input_scale, input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
-from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, write_streaming
+from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, check_output_path, write_streaming
 from . import streaming
 from .ops import compute_device, describe_paths, fuse_ffn_gelu, make_ops, quantized_layers
 
@@ -32,6 +33,11 @@ log = logging.getLogger("ltx2_quant")
 ACTIVATION_HEADROOM = 6 * 2 ** 30
 # Pixels per video latent cell: 32 x 32 spatially, 8 frames (ltx2.md).
 LATENT_PIXELS, LATENT_FRAMES = 32, 8
+# Workflows move between systems, and many ComfyUI users are on Windows: names it reserves for devices
+# (with any extension: "nul.safetensors" is the NUL device there) and characters it forbids are refused
+# everywhere.
+WINDOWS_DEVICE_NAME = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])\s*(\..*)?$", re.IGNORECASE)
+WINDOWS_FORBIDDEN_CHARACTERS = '<>:"|?*\\'
 
 
 
@@ -238,15 +244,28 @@ def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict, text
 
 
 def safe_output_path(folder: str, filename: str, extension: str = ".safetensors") -> str:
-    """`filename` inside `folder`: a bare name, no directories, `extension` added if missing."""
+    """`filename` inside `folder`: a bare name, no directories, `extension` added if missing; a name
+    that is not printable text, that Windows cannot hold, or that is too long for the folder is refused
+    (before anything is computed)."""
     name = filename.strip()
     if not name or os.path.basename(name) != name or name in (".", "..") or "\x00" in name:
         raise ValueError(f"file name {filename!r} must be a plain name without folders")
+    if not name.isprintable():
+        raise ValueError(f"file name {filename!r} holds characters that are not printable text (a newline, a tab, "
+                         "a terminal escape or a lone surrogate)")
+    forbidden = sorted(set(name) & set(WINDOWS_FORBIDDEN_CHARACTERS))
+    if forbidden:
+        raise ValueError(f"file name {filename!r} holds {' '.join(forbidden)}, which Windows does not allow in "
+                         "file names")
+    if WINDOWS_DEVICE_NAME.match(name):
+        raise ValueError(f"file name {filename!r} is a device on Windows (CON, PRN, AUX, NUL, COM0-9 and LPT0-9 are, "
+                         "with any extension); choose another name")
     if not name.endswith(extension):
         name += extension
     path = os.path.realpath(os.path.join(folder, name))
     if os.path.dirname(path) != os.path.realpath(folder):
         raise ValueError(f"file name {filename!r} would leave the folder {folder}")
+    check_output_path(path)
     return path
 
 
@@ -255,6 +274,7 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
     (atomically: temp file, fsync, rename), with a progress bar that honours Cancel."""
     if folder not in folder_paths.get_folder_paths("diffusion_models"):
         raise ValueError(f"{folder} is not one of ComfyUI's diffusion_models folders")
+    os.makedirs(folder, exist_ok=True)  # ComfyUI lists model folders that may not exist yet
     path = safe_output_path(folder, filename)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; enable overwrite to replace it")

@@ -9,9 +9,15 @@ from comfy_api.latest import io, ui
 
 from ..quant.calibration import outlier_ratio, save_amax
 from ..quant.quality import format_layer_table, write_report
+from ..quant.safetensors_io import check_output_path
 from . import evaluation, model_io
 from .loader import CALIBRATION_FOLDER, CATEGORY, register_folders
 from .ops import quantized_layers
+
+
+def refuse_existing(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; enable overwrite to replace it")
 
 
 def sampling_inputs() -> list:
@@ -42,7 +48,7 @@ class LTX2QuantCalibrate(io.ComfyNode):
                 io.Combo.Input("folder", options=folder_paths.get_folder_paths(CALIBRATION_FOLDER),
                                tooltip="Which ltx2_calibration folder to write into (the Loader lists them)"),
                 io.String.Input("filename", default="ltx2_amax.json", tooltip="Empty: do not write a file"),
-                io.Boolean.Input("overwrite", default=True),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace the file if it exists"),
             ],
             outputs=[io.Model.Output(tooltip="With static activation scales on the W8A8/NVFP4 layers of a model "
                                              "this pack quantized; otherwise the input model")],
@@ -52,18 +58,19 @@ class LTX2QuantCalibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, sigmas, cfg, seed, folder, filename,
                 overwrite) -> io.NodeOutput:
-        recorder = evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
-        amax = recorder.per_tensor()
-        channels = recorder.per_channel()
-        lines = [f"calibrated {len(amax)} Linear inputs over {len(sigmas) - 1} steps"]
-        if filename.strip():
+        path = None
+        if filename.strip():  # checked before sampling, which takes minutes
             if folder not in folder_paths.get_folder_paths(CALIBRATION_FOLDER):
                 raise ValueError(f"{folder} is not one of ComfyUI's {CALIBRATION_FOLDER} folders")
             os.makedirs(folder, exist_ok=True)
             path = model_io.safe_output_path(folder, filename, ".json")
-            if os.path.exists(path) and not overwrite:
-                raise FileExistsError(f"{path} exists; enable overwrite to replace it")
-            save_amax(path, amax, channels)
+            refuse_existing(path, overwrite)
+        recorder = evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
+        amax = recorder.per_tensor()
+        channels = recorder.per_channel()
+        lines = [f"calibrated {len(amax)} Linear inputs over {len(sigmas) - 1} steps"]
+        if path is not None:
+            save_amax(path, amax, channels, overwrite=overwrite)
             lines.append(f"wrote {path}")
         out = model
         if quantized_layers(model.model.diffusion_model):
@@ -93,6 +100,8 @@ class LTX2QuantQualityReport(io.ComfyNode):
                 io.Int.Input("worst_layers", default=15, min=0, max=10000, tooltip="Layers listed per model"),
                 io.String.Input("report_name", default="", optional=True,
                                 tooltip="If set: writes <name>.json and <name>.png into ComfyUI's output folder"),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Replace <name>.json and <name>.png if they exist"),
             ],
             outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="plot")],
             is_output_node=True,
@@ -100,7 +109,14 @@ class LTX2QuantQualityReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, reference, model, positive, negative, latent, sigmas, cfg, seed, worst_layers,
-                model_b=None, model_c=None, report_name="") -> io.NodeOutput:
+                model_b=None, model_c=None, report_name="", overwrite=False) -> io.NodeOutput:
+        paths = None
+        if report_name.strip():  # checked before the models sample
+            path = model_io.safe_output_path(folder_paths.get_output_directory(), report_name, ".json")
+            paths = (path, path[: -len(".json")] + ".png")
+            check_output_path(paths[1])
+            for target in paths:
+                refuse_existing(target, overwrite)
         given = (("model", model), ("model_b", model_b), ("model_c", model_c))
         candidates = {label + (f" ({m.model.ltx2q_policy})" if getattr(m.model, "ltx2q_policy", None) else ""): m
                       for label, m in given if m is not None}
@@ -110,11 +126,10 @@ class LTX2QuantQualityReport(io.ComfyNode):
             if r["layers"] and worst_layers:
                 parts += ["", f"{label}: worst layers", format_layer_table(r["layers"], worst_layers)]
         image = evaluation.plot_comparison(report)
-        if report_name.strip():
-            path = model_io.safe_output_path(folder_paths.get_output_directory(), report_name, ".json")
-            write_report(path, report)
-            evaluation.save_png(image, path[: -len(".json")] + ".png")
-            parts.append(f"wrote {path} and its .png")
+        if paths is not None:
+            write_report(paths[0], report, overwrite=overwrite)
+            evaluation.save_png(image, paths[1], overwrite=overwrite)
+            parts.append(f"wrote {paths[0]} and its .png")
         plot = evaluation.image_tensor(image)
         text = "\n".join(parts)
         shown = {**ui.PreviewText(text).as_dict(), **ui.PreviewImage(plot, cls=cls).as_dict()}

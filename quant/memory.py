@@ -47,6 +47,8 @@ UPSAMPLER_BLOCKS_PER_STAGE = 4
 UPSAMPLER_LIVE_TENSORS = 4
 # Default hardware: an FP8 GPU (Ada/Hopper), where fp8-cast and NVFP4 expand weights per call.
 FP8_GPU = Capability("cuda", (9, 0), True)
+# ComfyUI's largest width, height and length (its MAX_RESOLUTION, EmptyLTXVLatentVideo's limits).
+MAX_VIDEO_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -183,10 +185,13 @@ def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: Ca
     numbers = {}
     for name in ("width", "height", "frames"):
         raw = query.get(name, "")
-        try:
-            numbers[name] = int(raw)
-        except ValueError:
-            answer["errors"].append(f"{name} must be a whole number, got {raw!r}")
+        shown = repr(raw) if len(raw) <= 20 else repr(raw[:20]) + f"... ({len(raw):,} characters)"
+        # Told from the text: a size of thousands of digits never reaches int() or the arithmetic.
+        value = int(raw) if len(raw) <= len(str(MAX_VIDEO_SIZE)) and raw.isascii() and raw.isdigit() else None
+        if value is None or not 1 <= value <= MAX_VIDEO_SIZE:
+            answer["errors"].append(f"{name} must be a whole number from 1 to {MAX_VIDEO_SIZE:,}, got {shown}")
+        else:
+            numbers[name] = value
     two_stage = query.get("two_stage", "false").lower() in ("1", "true", "yes", "on")
     if len(numbers) == 3:
         answer["errors"] += sampling.video_shape_errors(numbers["width"], numbers["height"], numbers["frames"],

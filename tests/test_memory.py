@@ -151,7 +151,7 @@ def test_answer_lists_every_bad_value():
     got = answer(policy="int3", width=700, height="abc", frames=120)
     assert got["total_gib"] is None and got["weights_gib"] is None
     assert got["errors"] == [
-        "height must be a whole number, got 'abc'",
+        "height must be a whole number from 1 to 16,384, got 'abc'",
         f"unknown policy 'int3'; choose one of: auto, {', '.join(POLICIES)}",
     ]
     got = answer(policy="bf16", width=700, height=512, frames=120, two_stage="false")
