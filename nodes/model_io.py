@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import comfy.patcher_extension
 import comfy.sd
 import comfy.utils
 import folder_paths
+from comfy.ldm.lightricks.av_model import LTXAVModel
 
 from ..quant import advice, checkpoint, ltx2, memory, runtime, weights
 from ..quant.capability import capability
@@ -177,6 +179,15 @@ def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, secon
     return "\n".join(lines)
 
 
+def check_comfyui_builds(info: checkpoint.CheckpointInfo) -> None:
+    """A ComfyUI older than LTX-2.5 (v0.33) builds it with FFN biases and prompt AdaLN embedders the
+    file does not have, and leaves them uninitialized: noise, with no error. Say so instead."""
+    if info.family == "ltx2.5" and "ff_bias" not in inspect.signature(LTXAVModel.__init__).parameters:
+        raise ValueError(f"{os.path.basename(info.path)} is an LTX-2.5 transformer, which this ComfyUI cannot build "
+                         "(its LTX model has no bias-free feed-forward layers). Update ComfyUI: LTX-2.5 runs on "
+                         "ComfyUI 0.33 and newer.")
+
+
 def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str, nvfp4_mode: str, scope: dict,
                       amax: dict[str, float] | None = None, text_connectors_on_cpu: bool = True):
     """Pick the policy (`auto` sized against free VRAM), quantize `source` tensor by tensor (on the GPU
@@ -185,6 +196,7 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     start = time.perf_counter()
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
+    check_comfyui_builds(info)
     why = "chosen by you"
     streams = connectors_stream(device, text_connectors_on_cpu)  # what build_model's patcher will do
     sizes = policy_sizes(info, streams)
@@ -201,9 +213,10 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
         patcher, paths = build_model(loaded, policy_name, nvfp4_mode, text_connectors_on_cpu)
         extra = "\n".join(filter(None, (extra, streaming.describe(patcher, text_connectors_on_cpu))))
         return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
-    # quant.memory estimates an LTX-2.3 layout: the file's when its config gives it, else the release's.
+    # quant.memory estimates an LTX-2.3/2.5 layout: the file's when its config gives it, else LTX-2.3's.
     layout_keys = (*checkpoint.BLOCK_LAYOUT_KEYS, *checkpoint.MODEL_LAYOUT_KEYS)
-    usable = info.family == "ltx2.3" and isinstance(info.config, dict) and all(k in info.config for k in layout_keys)
+    usable = (info.family in checkpoint.CONFIG_FAMILIES and isinstance(info.config, dict)
+              and all(k in info.config for k in layout_keys))
     config = info.config if usable else None
     patcher, text = advise_on_oom("loading and quantizing the model", policy_name,
                                   lambda: memory_needs(sizes, config, scope, nvfp4_mode, text_connectors_on_cpu=streams),

@@ -52,7 +52,7 @@ def check_ltx_model(patcher, role: str = "model") -> None:
     name = type(patcher.model.diffusion_model).__name__
     if name not in LTX_MODELS:
         raise ValueError(f"The {role} is a {name}, not an LTX-2 model ({' or '.join(LTX_MODELS)}); "
-                         f"load an LTX-2 / LTX-2.3 checkpoint.")
+                         f"load an LTX-2 / LTX-2.3 / LTX-2.5 checkpoint.")
 
 
 def check_two_stage_latent(latent: dict) -> None:

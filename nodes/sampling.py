@@ -111,8 +111,9 @@ class LTX2QuantLatentUpscale(io.ComfyNode):
             node_id="LTX2QuantLatentUpscale",
             display_name="LTX-2 Latent Upscale",
             category="LTX-2 Quant",
-            description="The LTX spatial upsampler (x2 / x1.5) on a video or audio-video latent, loaded under "
-                        "ComfyUI's model management; optionally with FP8-stored weights.",
+            description="An LTX latent upsampler (spatial x2 / x1.5, or LTX-2.5's temporal x2) on a video or "
+                        "audio-video latent, loaded under ComfyUI's model management; optionally with FP8-stored "
+                        "weights.",
             inputs=[
                 io.Latent.Input("samples"),
                 io.LatentUpscaleModel.Input("upscale_model"),

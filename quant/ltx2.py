@@ -53,11 +53,12 @@ LTX23_CONFIG = {
     "use_middle_indices_grid": True, "connector_positional_embedding_max_pos": [4096],
 }
 # LTX-2.5 keeps that layout and adds these header keys (Lightricks' ltx-core model_configurator, ComfyUI
-# v0.33's LTXAVModel): bias-free FFN Linears, no prompt AdaLN embedders (use_prompt_adaln_single false:
-# the cross-attention's keys and values no longer depend on the timestep) and the keyframe embedding.
-# connector_ff_bias is Lightricks' switch for the text connectors' FFN biases; ComfyUI v0.33 does not
-# read it and always builds them, so model_shapes does too.
-LTX25_CONFIG = {**LTX23_CONFIG, "ff_bias": False, "audio_ff_bias": False, "use_prompt_adaln_single": False,
+# v0.33's LTXAVModel): bias-free FFN Linears and the keyframe embedding. use_prompt_adaln_single false
+# (no prompt AdaLN embedders: the cross-attention's keys and values no longer depend on the timestep) is
+# a variant ComfyUI v0.33 builds but cannot sample (its cross-attention AdaLN reads their output), so the
+# release keeps them. connector_ff_bias is Lightricks' switch for the text connectors' FFN biases;
+# ComfyUI v0.33 does not read it and always builds them, so model_shapes does too.
+LTX25_CONFIG = {**LTX23_CONFIG, "ff_bias": False, "audio_ff_bias": False, "use_prompt_adaln_single": True,
                 "use_keyframes_abs_pos_embedding": True, "connector_ff_bias": True}
 
 

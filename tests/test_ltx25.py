@@ -47,18 +47,18 @@ def write_bf16(path, config: dict = CONFIG, metadata: dict | None = None, prefix
     return state
 
 
-def test_layout_drops_ffn_biases_and_prompt_embedders_and_adds_the_keyframe_embedding():
+def test_layout_drops_ffn_biases_and_adds_the_keyframe_embedding():
     shapes, shapes23 = ltx2.model_shapes(CONFIG), ltx2.model_shapes(ltx2.tiny_config(
         num_layers=2, heads=4, head_dim=64, audio_heads=4, audio_head_dim=64))
-    dropped = {f"transformer_blocks.{b}.{k}" for b in range(2) for k in FFN_BIASES}
-    dropped |= {k for k in shapes23 if k.startswith(("prompt_adaln_single.", "audio_prompt_adaln_single."))}
-    assert set(shapes23) - set(shapes) == dropped
+    assert set(shapes23) - set(shapes) == {f"transformer_blocks.{b}.{k}" for b in range(2) for k in FFN_BIASES}
     assert set(shapes) - set(shapes23) == {ltx2.KEYFRAMES_EMBEDDING_KEY}
     assert shapes[ltx2.KEYFRAMES_EMBEDDING_KEY] == (1, 256)
-    assert "transformer_blocks.0.prompt_scale_shift_table" in shapes  # the blocks keep their prompt tables
-    with_prompt = ltx2.model_shapes({**CONFIG, "use_prompt_adaln_single": True})
-    assert {k for k in set(with_prompt) - set(shapes)} == {k for k in dropped if "adaln" in k}
     assert all(shapes[k] == shapes23[k] for k in shapes if k in shapes23)
+    # Without the prompt AdaLN embedders; the blocks keep their prompt scale-shift tables.
+    without_prompt = ltx2.model_shapes({**CONFIG, "use_prompt_adaln_single": False})
+    assert {k.split(".")[0] for k in set(shapes) - set(without_prompt)} == {"prompt_adaln_single",
+                                                                           "audio_prompt_adaln_single"}
+    assert "transformer_blocks.0.prompt_scale_shift_table" in without_prompt
 
 
 @pytest.mark.parametrize("prefix", ["", ltx2.CHECKPOINT_PREFIX])
@@ -74,14 +74,15 @@ def test_family_is_told_by_the_bias_free_ffns(prefix):
 @pytest.mark.parametrize("policy_name", list(POLICIES))
 def test_every_policy_plans_the_same_linears_and_counts_no_missing_tensors(policy_name):
     """The block Linears of LTX-2.5 are LTX-2.3's 28 per block; the memory plan's bytes differ from
-    the same model with FFN biases and prompt embedders by exactly those tensors (bf16)."""
+    the same model with FFN biases and no keyframe embedding by exactly those tensors (bf16)."""
     shapes = ltx2.model_shapes(CONFIG)
     linears = [k[: -len(".weight")] for k in shapes if k.endswith(".weight")]
     assert sorted(k for k in linears if ltx2.BLOCK_LINEAR_RE.match(k)) == sorted(block_linears(2))
-    with_all = {**CONFIG, "ff_bias": True, "audio_ff_bias": True, "use_prompt_adaln_single": True}
-    dropped = {k: s for k, s in ltx2.model_shapes(with_all).items() if k not in shapes}
+    with_all = {**CONFIG, "ff_bias": True, "audio_ff_bias": True, "use_keyframes_abs_pos_embedding": False}
+    shapes_all = ltx2.model_shapes(with_all)
+    bf16_bytes = lambda keys, table: sum(2 * torch.Size(table[k]).numel() for k in keys)  # noqa: E731
     assert memory.planned_bytes(policy_name, config=with_all) - memory.planned_bytes(policy_name, config=CONFIG) == (
-        sum(2 * torch.Size(s).numel() for s in dropped.values()))
+        bf16_bytes(set(shapes_all) - set(shapes), shapes_all) - bf16_bytes(set(shapes) - set(shapes_all), shapes))
 
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
@@ -94,7 +95,7 @@ def test_quantize_file_keeps_the_layout_and_the_header(tmp_path, policy_name):
         assert info.family == "ltx2.5" and info.config == CONFIG
         assert {k: v for k, v in f.metadata.items() if k in METADATA} == METADATA
         assert not block_ffn_biases(f.keys())
-        assert ltx2.KEYFRAMES_EMBEDDING_KEY in f.keys() and "prompt_adaln_single.linear.weight" not in f.keys()
+        assert ltx2.KEYFRAMES_EMBEDDING_KEY in f.tensors
         check_layers(f, info)
         assert sum(source.quantized for source in info.layers.values()) == 2 * (28 - KEPT_PER_BLOCK[policy_name])
         for layer in block_linears(2):
@@ -134,19 +135,22 @@ def test_header_and_weights_of_different_generations_are_refused(tmp_path):
 
 def test_keyframe_embedding_follows_the_file_and_prompt_embedders_the_header(tmp_path):
     """ComfyUI builds the keyframe embedding when the key is there, whatever the header says; the
-    prompt AdaLN embedders when the header asks for them (then they must be in the file)."""
+    prompt AdaLN embedders unless the header says use_prompt_adaln_single false (then they must be in
+    the file)."""
     state = ltx2.synthetic_state_dict(CONFIG, seed=4)
     without_keyframes = {k: v for k, v in state.items() if k != ltx2.KEYFRAMES_EMBEDDING_KEY}
     save_tensors(tmp_path / "no_kf.safetensors", without_keyframes, METADATA)
     save_tensors(tmp_path / "kf_not_in_header.safetensors", state,
                  ltx2.header_metadata({**CONFIG, "use_keyframes_abs_pos_embedding": False}))
-    save_tensors(tmp_path / "prompt_in_header.safetensors", state,
-                 ltx2.header_metadata({**CONFIG, "use_prompt_adaln_single": True}))
-    for name in ("no_kf", "kf_not_in_header"):
+    without_prompt = {k: v for k, v in state.items() if "prompt_adaln_single." not in k}
+    save_tensors(tmp_path / "no_prompt.safetensors", without_prompt,
+                 ltx2.header_metadata({**CONFIG, "use_prompt_adaln_single": False}))
+    save_tensors(tmp_path / "prompt_missing.safetensors", without_prompt, METADATA)
+    for name in ("no_kf", "kf_not_in_header", "no_prompt"):
         with SafetensorsFile(tmp_path / f"{name}.safetensors") as f:
             check_layers(f, inspect_checkpoint(f))
-    with SafetensorsFile(tmp_path / "prompt_in_header.safetensors") as f:
-        with pytest.raises(CheckpointError, match="missing: prompt_adaln_single"):
+    with SafetensorsFile(tmp_path / "prompt_missing.safetensors") as f:
+        with pytest.raises(CheckpointError, match="missing: .*prompt_adaln_single"):
             check_layers(f, inspect_checkpoint(f))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -13,16 +14,22 @@ import urllib.error
 import urllib.request
 import uuid
 
+from quant import ltx2
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DISTILLED_STAGE1 = "1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0"
 # The tiny random LTX-2.3 transformer the integration tests load (2 blocks, narrow widths).
 TINY_CONFIG = {"num_layers": 2, "heads": 4, "head_dim": 16, "audio_heads": 4, "audio_head_dim": 8}
+# The tiny LTX-2.5 one: widths of 256, so every block Linear takes whole ConvRot groups as in the release.
+TINY_LTX25_CONFIG = ltx2.tiny_config(num_layers=2, heads=4, head_dim=64, audio_heads=4, audio_head_dim=64,
+                                     release=ltx2.LTX25_CONFIG)
+# Its header, as the release's: the config and the model version (Lightricks' pipelines read it).
+LTX25_METADATA = {**ltx2.header_metadata(TINY_LTX25_CONFIG), "model_version": "2.5.0"}
 
 
 def write_tiny_model(path, seed: int, config: dict | None = None) -> None:
     """A random LTX-2.3-layout checkpoint with its header config (ltx2.tiny_config(**TINY_CONFIG) by default)."""
-    from quant import ltx2
     from quant.safetensors_io import save_tensors
     config = config or ltx2.tiny_config(**TINY_CONFIG)
     save_tensors(path, ltx2.synthetic_state_dict(config, seed=seed), ltx2.header_metadata(config))
@@ -33,7 +40,6 @@ def write_lora(path, config: dict, layers: list[str], seed: int, b_scale: float,
     A defaults to 1/sqrt(in_features) so the update is O(b_scale)."""
     import torch
     from safetensors.torch import save_file
-    from quant import ltx2
     shapes = ltx2.model_shapes(config)
     g = torch.Generator().manual_seed(seed)
     lora = {}
@@ -60,6 +66,19 @@ def missing_requirements() -> str | None:
     return None
 
 
+@functools.cache
+def ltx25_missing() -> str | None:
+    """Why this ComfyUI cannot run LTX-2.5 (its LTXAVModel builds no bias-free FFNs), or None; asked
+    once, in a subprocess (the test process does not import comfy)."""
+    check = ("import inspect, sys; sys.path.insert(0, sys.argv[1]); import comfy.cli_args; "
+             "comfy.cli_args.args.cpu = True; from comfy.ldm.lightricks.av_model import LTXAVModel; "
+             "print('ff_bias' in inspect.signature(LTXAVModel.__init__).parameters)")
+    out = subprocess.run([sys.executable, "-c", check, os.environ["COMFYUI_PATH"]], capture_output=True, text=True,
+                         timeout=300)
+    builds = out.stdout.strip().splitlines()[-1:] == ["True"]
+    return None if builds else "this ComfyUI has no LTX-2.5 (its LTXAVModel takes no ff_bias)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +99,8 @@ class ComfyServer:
         with open(config, "w") as f:
             f.write(f"test:\n  base_path: {base}\n  diffusion_models: models/diffusion_models\n"
                     f"  loras: models/loras\n  ltx2_calibration: models/ltx2_calibration\n  checkpoints: models/checkpoints\n"
-                    f"  latent_upscale_models: models/latent_upscale_models\n  custom_nodes: {os.path.basename(nodes)}\n")
+                    f"  latent_upscale_models: models/latent_upscale_models\n  vae: models/vae\n"
+                    f"  custom_nodes: {os.path.basename(nodes)}\n")
         self.output = os.path.join(base, "output")
         os.makedirs(os.path.join(base, "user"), exist_ok=True)
         # ComfyUI's own folders (custom_nodes, input, temp, models) under `base`: the source tree may

@@ -1,8 +1,14 @@
-"""Write a tiny random full LTX-2.3 checkpoint (transformer + video VAE, as the official single-file
-release lays them out) and a tiny random spatial upsampler, built from ComfyUI's own model classes so
-ComfyUI's loaders detect and load them. Run in a subprocess with COMFYUI_PATH set (it imports comfy).
+"""Write tiny random LTX models as the official releases lay them out, built from ComfyUI's own model
+classes so ComfyUI's loaders detect and load them. Run in a subprocess with COMFYUI_PATH set (it
+imports comfy).
 
-usage: python make_tiny_models.py CHECKPOINT_PATH UPSAMPLER_PATH
+LTX-2.3: a full single-file checkpoint (transformer + video VAE) and a spatial upsampler.
+LTX-2.5 (ComfyUI v0.33+): one file per component: the transformer (ComfyUI's LTXAVModel built from the
+LTX-2.5 config, checked to be what ComfyUI detects from the written file), the convolutional video VAE,
+and the spatial and temporal x2 upsamplers.
+
+usage: python make_tiny_models.py ltx2.3 CHECKPOINT_PATH UPSAMPLER_PATH
+       python make_tiny_models.py ltx2.5 TRANSFORMER_PATH VAE_PATH UPSAMPLER_PATH TEMPORAL_UPSAMPLER_PATH
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch  # noqa: E402
 from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler  # noqa: E402
 from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE  # noqa: E402
 
-from comfy_server import TINY_CONFIG  # noqa: E402
+from comfy_server import LTX25_METADATA, TINY_CONFIG, TINY_LTX25_CONFIG  # noqa: E402
 from quant import ltx2  # noqa: E402
 from quant.safetensors_io import save_tensors  # noqa: E402
 
@@ -37,6 +43,7 @@ VAE = {"dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128,
 UPSAMPLER = {"_class_name": "LatentUpsampler", "in_channels": 128, "mid_channels": 32, "num_blocks_per_stage": 1,
              "dims": 3, "spatial_upsample": True, "temporal_upsample": False, "spatial_scale": 2.0,
              "rational_resampler": False}
+TEMPORAL_UPSAMPLER = {**UPSAMPLER, "spatial_upsample": False, "temporal_upsample": True, "spatial_scale": 1.0}
 
 
 def randomized(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -62,14 +69,46 @@ def upsampler_operations() -> dict:
     return {}
 
 
-def main(checkpoint_path: str, upsampler_path: str) -> None:
+def save_upsampler(path: str, config: dict, generator: torch.Generator) -> None:
+    upsampler = LatentUpsampler.from_config(config, **upsampler_operations())
+    save_tensors(path, randomized(upsampler, generator), {"config": json.dumps(config)})
+
+
+def ltx23(checkpoint_path: str, upsampler_path: str) -> None:
     generator = torch.Generator().manual_seed(11)
     tensors = {ltx2.CHECKPOINT_PREFIX + k: v for k, v in ltx2.synthetic_state_dict(TRANSFORMER, seed=3).items()}
     tensors.update({"vae." + k: v for k, v in randomized(VideoVAE(config=VAE), generator).items()})
     save_tensors(checkpoint_path, tensors, {"config": json.dumps({"transformer": TRANSFORMER, "vae": VAE})})
-    upsampler = LatentUpsampler.from_config(UPSAMPLER, **upsampler_operations())
-    save_tensors(upsampler_path, randomized(upsampler, generator), {"config": json.dumps(UPSAMPLER)})
+    save_upsampler(upsampler_path, UPSAMPLER, generator)
+
+
+def comfyui_ltxav(config: dict) -> torch.nn.Module:
+    """ComfyUI's LTXAVModel for `config`, on the meta device (shapes only)."""
+    import comfy.ops
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+    with torch.device("meta"):
+        return LTXAVModel(**config, operations=comfy.ops.disable_weight_init, dtype=torch.bfloat16)
+
+
+def ltx25(transformer_path: str, vae_path: str, upsampler_path: str, temporal_upsampler_path: str) -> None:
+    import comfy.model_detection
+    generator = torch.Generator().manual_seed(12)
+    tensors = randomized(comfyui_ltxav(TINY_LTX25_CONFIG), generator)
+    # ComfyUI's detection, on the file it will read, must give the model that holds exactly these tensors.
+    detected = comfy.model_detection.model_config_from_unet(tensors, "", metadata=LTX25_METADATA)
+    built = comfyui_ltxav({k: v for k, v in detected.unet_config.items() if k != "image_model"}).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if type(detected).__name__ != "LTXAV" or {k: tuple(v.shape) for k, v in built.items()} != shapes:
+        raise SystemExit(f"ComfyUI detects {type(detected).__name__} {detected.unet_config}, not the LTX-2.5 "
+                         "model written")
+    if shapes != ltx2.model_shapes(TINY_LTX25_CONFIG):  # e.g. a ComfyUI that builds FFN biases whatever the config
+        raise SystemExit("this ComfyUI's LTXAVModel does not build LTX-2.5's layout")
+    save_tensors(transformer_path, {ltx2.CHECKPOINT_PREFIX + k: v.bfloat16() for k, v in tensors.items()},
+                 LTX25_METADATA)
+    save_tensors(vae_path, randomized(VideoVAE(config=VAE), generator), {"config": json.dumps({"vae": VAE})})
+    save_upsampler(upsampler_path, UPSAMPLER, generator)
+    save_upsampler(temporal_upsampler_path, TEMPORAL_UPSAMPLER, generator)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    {"ltx2.3": ltx23, "ltx2.5": ltx25}[sys.argv[1]](*sys.argv[2:])

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import faults
-from comfy_server import (TINY_CONFIG, loader_node, missing_requirements, sampling_graph, saved_latent, write_lora,
-                          write_tiny_model)
+from comfy_server import (TINY_CONFIG, loader_node, ltx25_missing, missing_requirements, sampling_graph, saved_latent,
+                          write_lora, write_tiny_model)
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 
@@ -235,22 +235,27 @@ LAYOUT_IN_COMFYUI = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("generation", ["ltx2.3", "ltx2"])
+@pytest.mark.parametrize("generation", ["ltx2.3", "ltx2", "ltx2.5", "ltx2.5 without prompt embedders"])
 def test_layout_check_matches_the_model_comfyui_builds(generation):
     """check_layers compares files with ltx2.block_shapes / model_shapes: they must be exactly what
-    ComfyUI builds from the config (full-size LTX-2.3, and LTX-2's layout), or real files would be
-    refused or wrong ones let through."""
+    ComfyUI builds from the config (full-size LTX-2.3 and LTX-2.5, and LTX-2's layout), or real files
+    would be refused or wrong ones let through."""
     config = dict(ltx2.LTX23_CONFIG, num_layers=2)
     if generation == "ltx2":
         for key in ("apply_gated_attention", "cross_attention_adaln", "caption_proj_before_connector",
                     "connector_apply_gated_attention"):
             config.pop(key)
+    if generation.startswith("ltx2.5"):
+        if ltx25_missing():
+            pytest.skip(ltx25_missing())
+        config = dict(ltx2.LTX25_CONFIG, num_layers=2, use_prompt_adaln_single="without" not in generation)
+    pythonpath = os.pathsep.join(filter(None, (os.environ["COMFYUI_PATH"], os.environ.get("PYTHONPATH"))))
     done = subprocess.run([sys.executable, "-c", LAYOUT_IN_COMFYUI, json.dumps(config)], capture_output=True,
                           text=True, cwd=os.environ["COMFYUI_PATH"], timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.environ["COMFYUI_PATH"]})
+                          env={**os.environ, "PYTHONPATH": pythonpath})
     assert done.returncode == 0, done.stderr[-3000:]
     comfy = {k: tuple(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
     blocks = {k[len("transformer_blocks.1."):]: v for k, v in comfy.items() if k.startswith("transformer_blocks.1.")}
     assert blocks == ltx2.block_shapes(config)
-    if generation == "ltx2.3":
+    if generation != "ltx2":
         assert comfy == ltx2.model_shapes(config)

@@ -30,7 +30,7 @@ def base(tmp_path_factory):
     upsamplers = root / "models" / "latent_upscale_models"
     checkpoints.mkdir(parents=True)
     upsamplers.mkdir(parents=True)
-    subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_models.py"), str(checkpoints / CHECKPOINT),
+    subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_models.py"), "ltx2.3", str(checkpoints / CHECKPOINT),
                     str(upsamplers / UPSAMPLER)], check=True)
     write_tiny_model(checkpoints / "ltx2q_test_transformer_only.safetensors", seed=3)
     return root
