@@ -73,7 +73,7 @@ def register_folders() -> None:
 def checkpoint_choices() -> list[str]:
     local = folder_paths.get_filename_list("diffusion_models") + folder_paths.get_filename_list("checkpoints")
     missing = [f.filename + DOWNLOAD_MARK for f in hub.OFFICIAL_FILES
-               if f.folder == "checkpoints" and f.filename not in local]
+               if f.folder in hub.TRANSFORMER_FOLDERS and f.filename not in local]
     return sorted(set(local)) + missing
 
 
@@ -127,7 +127,7 @@ class LTX2QuantLoader(io.ComfyNode):
             node_id="LTX2QuantLoader",
             display_name="LTX-2 Quant Loader",
             category=CATEGORY,
-            description="Loads an LTX-2 / LTX-2.3 transformer and quantizes it while reading the file.",
+            description="Loads an LTX-2 / LTX-2.3 / LTX-2.5 transformer and quantizes it while reading the file.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoint_choices(),
                                tooltip="From diffusion_models or checkpoints; [download] marks official files "

@@ -1,5 +1,5 @@
-"""The official LTX-2.3 files: where each lives on Hugging Face and which model folder it belongs in,
-and fetching a missing one (only when the user opts in)."""
+"""The official LTX-2.3 and LTX-2.5 files: where each lives on Hugging Face and which model folder it
+belongs in, and fetching a missing one (only when the user opts in)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ class OfficialFile:
     filename: str
     repo_id: str
     folder: str  # ComfyUI model folder name
+    in_folder: bool = False  # the repository keeps it under a folder of that name (LTX-2.5's layout)
+
+    @property
+    def path_in_repo(self) -> str:
+        return f"{self.folder}/{self.filename}" if self.in_folder else self.filename
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.path_in_repo}"
+
+
+def _ltx25(filename: str, folder: str) -> OfficialFile:
+    return OfficialFile(filename, "Lightricks/LTX-2.5", folder, in_folder=True)
 
 
 OFFICIAL_FILES = (
@@ -28,7 +37,22 @@ OFFICIAL_FILES = (
     OfficialFile("ltx-2.3-22b-distilled-fp8.safetensors", "Lightricks/LTX-2.3-fp8", "checkpoints"),
     OfficialFile("ltx-2.3-22b-dev-nvfp4.safetensors", "Lightricks/LTX-2.3-nvfp4", "checkpoints"),
     OfficialFile("ltx-2.3-22b-distilled-nvfp4.safetensors", "Lightricks/LTX-2.3-nvfp4", "checkpoints"),
+    # LTX-2.5: one file per component.
+    _ltx25("ltx-2.5-22b-dev-transformer-bf16.safetensors", "diffusion_models"),
+    _ltx25("ltx-2.5-22b-distilled-transformer-bf16.safetensors", "diffusion_models"),
+    _ltx25("ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors", "diffusion_models"),
+    _ltx25("ltx-2.5-22b-distilled-transformer-nvfp4.safetensors", "diffusion_models"),
+    _ltx25("ltx-2.5-22b-distilled-lora-450-bf16.safetensors", "loras"),
+    _ltx25("ltx-2.5-latent-spatial-upscaler-x2-bf16-1.0.safetensors", "latent_upscale_models"),
+    _ltx25("ltx-2.5-latent-temporal-upscaler-x2-bf16-1.0.safetensors", "latent_upscale_models"),
+    _ltx25("gemma4-12b-with-proj-ltx-2.5-bf16.safetensors", "text_encoders"),
+    _ltx25("gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors", "text_encoders"),
+    _ltx25("ltx-2.5-video-vae-bf16.safetensors", "vae"),
+    _ltx25("ltx-2.5-video-vae-conv-bf16.safetensors", "vae"),
+    _ltx25("ltx-2.5-audio-vae-bf16.safetensors", "vae"),
 )
+# The transformers the loader offers to download.
+TRANSFORMER_FOLDERS = ("checkpoints", "diffusion_models")
 BY_NAME = {f.filename: f for f in OFFICIAL_FILES}
 
 
@@ -57,10 +81,15 @@ def fetch(official: OfficialFile, folder_path: str, allow_download: bool,
     if progress is not None:
         progress(0, 1)
     try:
-        path = hf_hub_download(repo_id=official.repo_id, filename=official.filename, local_dir=folder_path)
+        path = hf_hub_download(repo_id=official.repo_id, filename=official.path_in_repo, local_dir=folder_path)
     except Exception as e:  # offline, gated repo, no token: say what to do instead
         raise MissingModelFile(f"could not download {official.filename} ({type(e).__name__}: {e}). "
                                + missing_message(official, folder_path)) from e
+    if os.path.abspath(path) != os.path.abspath(target):  # local_dir keeps the repository's folder: lift it out
+        os.replace(path, target)
+        if not os.listdir(os.path.dirname(path)):
+            os.rmdir(os.path.dirname(path))
+        path = target
     if progress is not None:
         progress(1, 1)
     return path

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import sys
+from typing import NamedTuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,11 +29,15 @@ def schemas_path(comfyui_version: str) -> str:
     return os.path.join(REPO, "tests", "data", f"node_schemas_v{comfyui_version}.json")
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def snapshot_versions() -> list[str]:
     """The ComfyUI versions with a schema snapshot, oldest first."""
     names = glob.glob(schemas_path("*"))
     versions = [os.path.basename(n)[len("node_schemas_v"):-len(".json")] for n in names]
-    return sorted(versions, key=lambda v: tuple(int(part) for part in v.split(".")))
+    return sorted(versions, key=version_key)
 
 
 DISTILLED = "ltx-2.3-22b-distilled-1.1.safetensors"
@@ -40,26 +45,53 @@ DEV = "ltx-2.3-22b-dev.safetensors"
 GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
 UPSCALER = "ltx-2.3-spatial-upscaler-x2-1.1.safetensors"
 DISTILLED_LORA = "ltx-2.3-22b-distilled-lora-384-1.1.safetensors"
+# LTX-2.5: one file per component, as ComfyUI's LTX-2.5 templates load them (the text encoder with its
+# projection through CLIPLoader type ltxv, both VAEs through VAELoader).
+DISTILLED_25 = "ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors"
+DEV_25 = "ltx-2.5-22b-dev-transformer-bf16.safetensors"
+GEMMA4_25 = "gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors"
+VIDEO_VAE_25 = "ltx-2.5-video-vae-bf16.safetensors"
+AUDIO_VAE_25 = "ltx-2.5-audio-vae-bf16.safetensors"
+UPSCALER_25 = "ltx-2.5-latent-spatial-upscaler-x2-bf16-1.0.safetensors"
+DISTILLED_LORA_25 = "ltx-2.5-22b-distilled-lora-450-bf16.safetensors"
 PROMPT = ("A red fox trots across a snowy forest clearing at dawn, breath steaming, soft golden light through "
           "the pines; the crunch of snow underfoot and distant birdsong.")
 NEGATIVE = "blurry, low quality, still frame, watermark, text"
+
+
+def component_loaders(checkpoint: str) -> list[dict]:
+    """Nodes 2-4: the text encoder, the video VAE and the audio VAE. LTX-2.3's come out of its
+    single-file checkpoint (the video VAE without reading the transformer); LTX-2.5 ships each as a
+    file of its own."""
+    if checkpoint.startswith("ltx-2.5"):
+        return [
+            {"id": 2, "type": "CLIPLoader", "col": 0, "row": 2,
+             "widgets": {"clip_name": GEMMA4_25, "type": "ltxv", "device": "default"}},
+            {"id": 3, "type": "VAELoader", "col": 0, "row": 3, "widgets": {"vae_name": VIDEO_VAE_25}},
+            {"id": 4, "type": "VAELoader", "col": 0, "row": 4, "widgets": {"vae_name": AUDIO_VAE_25}},
+        ]
+    return [
+        {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
+         "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
+        {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},
+        {"id": 4, "type": "LTXVAudioVAELoader", "col": 0, "row": 4, "widgets": {"ckpt_name": checkpoint}},
+    ]
 
 
 def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: str, compile_mode: str,
                     image: bool = False, lora: str | None = None) -> list[dict]:
     """Nodes as {id, type, widgets: {input: value}, links: {input: (node id, output slot)}, col, row}."""
     model = (1, 0)
+    ltx25 = checkpoint.startswith("ltx-2.5")
     nodes = [
         {"id": 1, "type": "LTX2QuantLoader", "col": 0, "row": 0,
          "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "policy default",
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
                      "keep_audio": False, "calibration": "none", "download_missing": False,
                      "attention": "comfyui default", "text_connectors_on_cpu": True}},
-        {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
-         "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
-        {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},
-        {"id": 4, "type": "LTXVAudioVAELoader", "col": 0, "row": 4, "widgets": {"ckpt_name": checkpoint}},
-        {"id": 5, "type": "LatentUpscaleModelLoader", "col": 0, "row": 5, "widgets": {"model_name": UPSCALER}},
+        *component_loaders(checkpoint),
+        {"id": 5, "type": "LatentUpscaleModelLoader", "col": 0, "row": 5,
+         "widgets": {"model_name": UPSCALER_25 if ltx25 else UPSCALER}},
         {"id": 6, "type": "CLIPTextEncode", "col": 1, "row": 0, "widgets": {"text": PROMPT}, "links": {"clip": (2, 0)}},
         {"id": 7, "type": "CLIPTextEncode", "col": 1, "row": 1, "widgets": {"text": NEGATIVE},
          "links": {"clip": (2, 0)}},
@@ -81,14 +113,17 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
          "links": {"model": model, "positive": (8, 0), "negative": (8, 1), "latent": (11, 0), "upscale_model": (5, 0),
                    "vae": (3, 0), "sigmas_stage1": (12, 0), "sigmas_stage2": (13, 0)}},
         {"id": 15, "type": "LTXVSeparateAVLatent", "col": 3, "row": 0, "links": {"av_latent": (14, 0)}},
+        # LTX-2.5's templates decode its diffusion VAE in smaller tiles.
         {"id": 16, "type": "VAEDecodeTiled", "col": 3, "row": 1,
-         "widgets": {"tile_size": 768, "overlap": 64, "temporal_size": 4096, "temporal_overlap": 4},
+         "widgets": {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 16} if ltx25 else
+         {"tile_size": 768, "overlap": 64, "temporal_size": 4096, "temporal_overlap": 4},
          "links": {"samples": (15, 0), "vae": (3, 0)}},
         {"id": 17, "type": "LTXVAudioVAEDecode", "col": 3, "row": 3, "links": {"samples": (15, 1), "audio_vae": (4, 0)}},
         {"id": 18, "type": "CreateVideo", "col": 4, "row": 0, "widgets": {"fps": 24.0},
          "links": {"images": (16, 0), "audio": (17, 0)}},
         {"id": 19, "type": "SaveVideo", "col": 4, "row": 1,
-         "widgets": {"filename_prefix": "video/LTX-2.3_quant", "format": "auto", "codec": "auto"},
+         "widgets": {"filename_prefix": f"video/LTX-{'2.5' if ltx25 else '2.3'}_quant", "format": "auto",
+                     "codec": "auto"},
          "links": {"video": (18, 0)}},
     ]
     if image:
@@ -109,20 +144,42 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
     return nodes
 
 
-# file stem -> (title, graph)
+class Workflow(NamedTuple):
+    title: str
+    graph: list[dict]
+    comfyui: str = "0.20.1"  # the oldest ComfyUI it runs on (LTX-2.5 came with 0.33)
+
+
+# file stem -> workflow
 WORKFLOWS = {
-    "ltx2.3_t2v_two_stage_fp8_scaled_mm": (
+    "ltx2.3_t2v_two_stage_fp8_scaled_mm": Workflow(
         "LTX-2.3 text-to-video, two-stage distilled, fp8-scaled-mm",
         two_stage_graph(DISTILLED, "fp8-scaled-mm", "euler", "distilled stage 2 (Lightricks)", "blocks")),
-    "ltx2.3_i2v_two_stage_nvfp4": (
+    "ltx2.3_i2v_two_stage_nvfp4": Workflow(
         "LTX-2.3 image-to-video, two-stage distilled, nvfp4",
         two_stage_graph(DISTILLED, "nvfp4", "euler", "distilled stage 2 (Lightricks)", "blocks, cuda graphs",
                         image=True)),
-    "ltx2.3_dev_distilled_lora_fp8_scaled_mm": (
+    "ltx2.3_dev_distilled_lora_fp8_scaled_mm": Workflow(
         "LTX-2.3 dev + distilled LoRA 0.5 on fp8-scaled-mm, two-stage",
         two_stage_graph(DEV, "fp8-scaled-mm", "euler_ancestral_cfg_pp / euler_cfg_pp",
                         "distilled stage 2 (ComfyUI templates)", "blocks", lora=DISTILLED_LORA)),
+    # The official INT8 ConvRot file read as it is, on this pack's INT8 path (every GPU from Turing on);
+    # stage 1 ancestral and stage 2 Euler as Lightricks' LTX-2.5 distilled pipeline, ComfyUI's stage-2 sigmas.
+    "ltx2.5_t2v_two_stage_int8_convrot": Workflow(
+        "LTX-2.5 text-to-video, two-stage distilled (official int8-convrot file), int8-convrot",
+        two_stage_graph(DISTILLED_25, "int8-convrot", "euler_ancestral_cfg_pp / euler_cfg_pp",
+                        "distilled stage 2 (ComfyUI templates)", "blocks"), comfyui="0.33.0"),
+    "ltx2.5_dev_distilled_lora_fp8_scaled_mm": Workflow(
+        "LTX-2.5 dev + distilled LoRA 0.5 on fp8-scaled-mm, two-stage",
+        two_stage_graph(DEV_25, "fp8-scaled-mm", "euler_ancestral_cfg_pp / euler_cfg_pp",
+                        "distilled stage 2 (ComfyUI templates)", "blocks", lora=DISTILLED_LORA_25),
+        comfyui="0.33.0"),
 }
+
+
+def runs_on(stem: str, comfyui_version: str) -> bool:
+    """Whether the workflow `stem` runs on that ComfyUI version (its nodes and models exist there)."""
+    return version_key(comfyui_version) >= version_key(WORKFLOWS[stem].comfyui)
 
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -248,10 +305,11 @@ def main() -> None:
     parser.add_argument("--schemas-from", help="a full /object_info JSON to take the used node schemas from")
     parser.add_argument("--comfyui", help="the version of the ComfyUI that --schemas-from came from (e.g. 0.33.0)")
     args = parser.parse_args()
-    used = sorted({n["type"] for _, spec in WORKFLOWS.values() for n in spec})
     if args.schemas_from:
         if not args.comfyui:
             parser.error("--schemas-from needs --comfyui (the snapshot is kept per ComfyUI version)")
+        used = sorted({n["type"] for stem, workflow in WORKFLOWS.items() if runs_on(stem, args.comfyui)
+                       for n in workflow.graph})
         with open(args.schemas_from) as f:
             info = json.load(f)
         write_text(schemas_path(args.comfyui), json.dumps({t: info[t] for t in used}, indent=1, sort_keys=True) + "\n",
@@ -259,8 +317,9 @@ def main() -> None:
     with open(schemas_path(snapshot_versions()[-1])) as f:
         schemas = json.load(f)
     os.makedirs(OUT, exist_ok=True)
-    for stem, (title, spec) in WORKFLOWS.items():
-        write_text(os.path.join(OUT, stem + ".json"), json.dumps(build(title, spec, schemas), indent=1) + "\n",
+    for stem, workflow in WORKFLOWS.items():
+        write_text(os.path.join(OUT, stem + ".json"),
+                   json.dumps(build(workflow.title, workflow.graph, schemas), indent=1) + "\n",
                    overwrite=True)
         print(os.path.join("example_workflows", stem + ".json"))
 

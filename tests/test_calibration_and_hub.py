@@ -1,6 +1,7 @@
 """Calibration JSON (Lightricks' documented layout) and the official-file fetcher."""
 
 import json
+import os
 import sys
 import types
 
@@ -69,6 +70,22 @@ def test_download_goes_through_huggingface_hub_into_the_folder(tmp_path, monkeyp
     path = hub.fetch(official, str(tmp_path), allow_download=True, progress=lambda d, t: progress.append((d, t)))
     assert calls == [("Lightricks/LTX-2.3-nvfp4", official.filename, str(tmp_path))]
     assert path.endswith(official.filename) and progress[-1] == (1, 1)
+
+
+def test_ltx25_download_lands_in_the_folder_itself(tmp_path, monkeypatch):
+    """LTX-2.5's repository keeps each file under a folder named like ComfyUI's (diffusion_models/...),
+    which huggingface_hub recreates under local_dir: the file is moved up into the model folder."""
+    def fake_download(repo_id, filename, local_dir):
+        target = os.path.join(local_dir, filename)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "wb").close()
+        return target
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=fake_download))
+    official = hub.BY_NAME["ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors"]
+    assert official.url == ("https://huggingface.co/Lightricks/LTX-2.5/resolve/main/diffusion_models/"
+                            "ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors")
+    path = hub.fetch(official, str(tmp_path), allow_download=True)
+    assert path == str(tmp_path / official.filename) and os.listdir(tmp_path) == [official.filename]
 
 
 def test_offline_download_failure_is_actionable(tmp_path, monkeypatch):

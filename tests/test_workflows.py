@@ -11,12 +11,21 @@ import os
 
 import pytest
 
-from scripts.make_workflows import schemas_path, snapshot_versions
+from scripts.make_workflows import WORKFLOWS as SPECS
+from scripts.make_workflows import runs_on, schemas_path, snapshot_versions
 from workflow_check import check_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 VERSIONS = snapshot_versions()
+
+
+def stem(path: str) -> str:
+    return os.path.basename(path)[: -len(".json")]
+
+
+# Each workflow against the snapshot of every ComfyUI it runs on (LTX-2.5's from 0.33 on).
+CHECKS = [(path, version) for path in WORKFLOWS for version in VERSIONS if runs_on(stem(path), version)]
 
 
 def schemas(version: str) -> dict:
@@ -32,15 +41,21 @@ def load(path: str) -> dict:
 def test_the_promised_workflows_exist():
     names = {os.path.basename(p) for p in WORKFLOWS}
     assert {"ltx2.3_t2v_two_stage_fp8_scaled_mm.json", "ltx2.3_i2v_two_stage_nvfp4.json",
-            "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"} <= names
+            "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json", "ltx2.5_t2v_two_stage_int8_convrot.json",
+            "ltx2.5_dev_distilled_lora_fp8_scaled_mm.json"} <= names
+    assert {stem(p) for p in WORKFLOWS} == set(SPECS)  # every file is made by scripts/make_workflows.py
 
 
 def test_both_tested_comfyui_versions_have_a_snapshot():
     assert {"0.20.1", "0.33.0"} <= set(VERSIONS)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_ltx25_workflows_need_comfyui_033():
+    assert {SPECS[stem(p)].comfyui for p in WORKFLOWS if stem(p).startswith("ltx2.5")} == {"0.33.0"}
+    assert not any(runs_on(stem(p), "0.20.1") for p in WORKFLOWS if stem(p).startswith("ltx2.5"))
+
+
+@pytest.mark.parametrize("path, version", CHECKS, ids=lambda v: os.path.basename(v))
 def test_workflow_is_valid(path, version):
     workflow = load(path)
     assert check_workflow(workflow, schemas(version)) == []
@@ -55,9 +70,24 @@ def test_workflows_use_the_promised_policies_and_models():
     assert loaders["ltx2.3_t2v_two_stage_fp8_scaled_mm.json"] == [["ltx-2.3-22b-distilled-1.1.safetensors", "fp8-scaled-mm"]]
     assert loaders["ltx2.3_i2v_two_stage_nvfp4.json"] == [["ltx-2.3-22b-distilled-1.1.safetensors", "nvfp4"]]
     assert loaders["ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"] == [["ltx-2.3-22b-dev.safetensors", "fp8-scaled-mm"]]
-    lora = [n for n in load(os.path.join(REPO, "example_workflows", "ltx2.3_dev_distilled_lora_fp8_scaled_mm.json"))["nodes"]
-            if n["type"] == "LoraLoaderModelOnly"]
-    assert lora[0]["widgets_values"] == ["ltx-2.3-22b-distilled-lora-384-1.1.safetensors", 0.5]
+    assert loaders["ltx2.5_t2v_two_stage_int8_convrot.json"] == [
+        ["ltx-2.5-22b-distilled-transformer-comfy-int8-convrot.safetensors", "int8-convrot"]]
+    assert loaders["ltx2.5_dev_distilled_lora_fp8_scaled_mm.json"] == [
+        ["ltx-2.5-22b-dev-transformer-bf16.safetensors", "fp8-scaled-mm"]]
+    for name, lora_file in (("ltx2.3_dev_distilled_lora_fp8_scaled_mm.json", "ltx-2.3-22b-distilled-lora-384-1.1"),
+                            ("ltx2.5_dev_distilled_lora_fp8_scaled_mm.json", "ltx-2.5-22b-distilled-lora-450-bf16")):
+        lora = [n for n in load(os.path.join(REPO, "example_workflows", name))["nodes"]
+                if n["type"] == "LoraLoaderModelOnly"]
+        assert lora[0]["widgets_values"] == [lora_file + ".safetensors", 0.5]
+    # LTX-2.5's components as its release ships them, loaded by ComfyUI's own loaders.
+    for name in ("ltx2.5_t2v_two_stage_int8_convrot.json", "ltx2.5_dev_distilled_lora_fp8_scaled_mm.json"):
+        values = {n["type"]: n["widgets_values"] for n in load(os.path.join(REPO, "example_workflows", name))["nodes"]}
+        assert values["CLIPLoader"] == ["gemma4-12b-with-proj-ltx-2.5-comfy-int8-convrot.safetensors", "ltxv",
+                                        "default"]
+        assert values["LatentUpscaleModelLoader"] == ["ltx-2.5-latent-spatial-upscaler-x2-bf16-1.0.safetensors"]
+        assert sorted(n["widgets_values"][0] for n in load(os.path.join(REPO, "example_workflows", name))["nodes"]
+                      if n["type"] == "VAELoader") == ["ltx-2.5-audio-vae-bf16.safetensors",
+                                                       "ltx-2.5-video-vae-bf16.safetensors"]
 
 
 def broken(mutate, version: str = VERSIONS[-1]) -> list[str]:

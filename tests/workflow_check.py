@@ -1,7 +1,7 @@
 """Static checks of a UI-format workflow against node schemas (/object_info entries): every node type
 exists, every link joins an output to an input of the same type, every widget value is valid for its
 input. Model-file combos list whatever the user has, so their values are checked against the official
-LTX-2.3 file names instead. Optional widgets at the end may have no value: the UI gives them their
+LTX-2.3 / LTX-2.5 file names instead. Optional widgets at the end may have no value: the UI gives them their
 defaults (a workflow saved before ComfyUI added such an input, as ComfyUI's own templates are)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import json
 from quant import hub
 from scripts.make_workflows import DYNAMIC_COMBO, is_widget, walk_node_widgets, widget_type
 
-# Widget inputs whose options are the user's files: (node input name) -> model folder it lists.
-FILE_INPUTS = {"ckpt_name": "checkpoints", "model_name": "latent_upscale_models", "lora_name": "loras"}
+# Widget inputs whose options are the user's files: (node input name) -> model folders it lists.
+FILE_INPUTS = {"ckpt_name": hub.TRANSFORMER_FOLDERS, "model_name": ("latent_upscale_models",),
+               "lora_name": ("loras",), "clip_name": ("text_encoders",), "vae_name": ("vae",)}
 USER_FILE_INPUTS = (*FILE_INPUTS, "text_encoder", "image", "calibration")
 TEXT_ENCODERS = {"gemma_3_12B_it_fp4_mixed.safetensors"}  # ComfyUI's LTX-2.3 text encoder file (ltx2.md)
 
@@ -27,8 +28,8 @@ def check_value(node_type: str, name: str, spec: list, value) -> str | None:
         choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
         if name in FILE_INPUTS:
             official = hub.BY_NAME.get(value)
-            if official is None or official.folder != FILE_INPUTS[name]:
-                return f"{where}: not an official LTX-2.3 file name for {FILE_INPUTS[name]}"
+            if official is None or official.folder not in FILE_INPUTS[name]:
+                return f"{where}: not an official LTX file name for {' or '.join(FILE_INPUTS[name])}"
             return None
         if name == "text_encoder":
             return None if value in TEXT_ENCODERS else f"{where}: not the LTX-2.3 text encoder file"
