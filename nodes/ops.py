@@ -71,8 +71,7 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                         stored[suffix] = tensor
                 qw = QuantizedWeight.from_tensors(format_from_conf(conf), shape, stored)
                 asked = layer_activation(conf, nvfp4_mode)
-                path, reason = runtime.choose_path(qw.format, asked, capability, shape)
-                activation = runtime.BY_NAME[path].activation_for(qw.format) or asked  # what the path runs
+                path, reason, activation = runtime.choose_path(qw.format, asked, capability, shape)
                 LTX2QuantOps.paths[(qw.format, path)] = reason
                 # Re-blocking MXFP8 is real work: do it on the GPU, keep the result where the weight was.
                 prepare_on = compute_device if qw.format == MXFP8 else qw.data.device

@@ -115,7 +115,7 @@ def _runtime_layers(decisions, capability: Capability, nvfp4_mode: str) -> tuple
         if not d.changed:
             continue
         conf = layer_conf(d)  # the path our ops choose when they load this layer
-        name, _ = runtime.choose_path(d.target_format, layer_activation(conf, nvfp4_mode), capability, d.shape)
+        name = runtime.choose_path(d.target_format, layer_activation(conf, nvfp4_mode), capability, d.shape).path
         path = runtime.BY_NAME[name]
         held += weights.storage_nbytes(runtime.resident_format(name, d.target_format), d.shape)
         expanded = max(expanded, path.expanded_bytes_per_weight * math.prod(d.shape))

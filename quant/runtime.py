@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -69,10 +69,11 @@ class ExecutionPath:
     fuses_gelu: bool = False  # its activation-quantization kernel applies the FFN GELU (run's gelu_fused)
     reblocks_mxfp8: bool = False  # holds an MXFP8 layer as per-row FP8 (3% smaller than MXFP8 storage)
 
-    def activation_for(self, fmt: str) -> Activation | None:
-        """What this path makes of a `fmt` layer's input (the reference's: the layer's own request)."""
-        served = {act for served_fmt, act in self.serves if served_fmt == fmt}
-        return served.pop() if len(served) == 1 else None
+
+class PathChoice(NamedTuple):
+    path: str
+    reason: str
+    activation: Activation  # what the path makes of the layer's input (the request, or its fallback)
 
 
 def _every(*checks: Requirement) -> Requirement:
@@ -301,9 +302,13 @@ def _fp8_path(name: str, summary: str, formats_: tuple[str, ...], activation: Ac
     return replace(base, run=_run_fp8(base))
 
 
+# The reference emulates each 8-bit format's own W8A8 (the semantics the GPU paths are tested against)
+# and runs NVFP4 weight-only: W4A4 is Blackwell hardware's mode, and ComfyUI's CPU path quantizes no
+# activations either, so a CPU model matches a file loaded by stock ComfyUI.
 REFERENCE = ExecutionPath(
     "reference", "no GPU kernels: dequantize + fp32 matmul (correct, slow)",
-    frozenset((fmt, act) for fmt in FORMATS for act in Activation),
+    frozenset({(fmt, Activation.NONE) for fmt in FORMATS} | _pairs((*FP8_FORMATS, MXFP8), Activation.FP8)
+              | _pairs(INT8_FORMATS, Activation.INT8)),
     lambda cap, shape: "the fp32 reference is the path of devices without CUDA" if cap.device_type == "cuda" else None,
     _prepare_as_stored, _run_reference, expanded_bytes_per_weight=4)
 
@@ -336,24 +341,24 @@ PATHS: tuple[ExecutionPath, ...] = (
 BY_NAME = {path.name: path for path in (*PATHS, REFERENCE)}
 
 
-def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int]) -> tuple[str, str]:
-    """(path name, reason) for a layer of `fmt` whose activations are asked to be `activation`."""
+def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int]) -> PathChoice:
+    """The path for a layer of `fmt` whose activations are asked to be `activation`, why, and the
+    activation it runs."""
     if fmt not in FORMATS:
         raise ValueError(f"no execution path for format {fmt!r}")
-    if REFERENCE.requires(cap, shape) is None:
-        return REFERENCE.name, f"{cap.describe()}: {REFERENCE.summary}"
+    candidates = (REFERENCE,) if REFERENCE.requires(cap, shape) is None else PATHS
     asked = wanted = Activation(activation)
     skipped = []
     while wanted is not None:
-        for path in PATHS:
+        for path in candidates:
             if (fmt, wanted) not in path.serves:
                 continue
             why = path.requires(cap, shape)
             if why is None:
                 reason = f"{cap.describe()}: {path.summary}"
                 if wanted != asked:
-                    reason += f" ({asked} activations not run here: {'; '.join(skipped)})"
-                return path.name, reason
+                    reason += f" ({asked} activations not run here: {'; '.join(skipped) or 'no GPU'})"
+                return PathChoice(path.name, reason, wanted)
             skipped.append(f"{path.name}: {why}")
         wanted = ACTIVATION_FALLBACK[wanted]
     raise ValueError(f"no execution path for format {fmt!r} on {cap.describe()}: {'; '.join(skipped)}")
@@ -453,8 +458,7 @@ class PreparedLinear:
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: str,
                  device: torch.device | str, name: str = ""):
         self.shape, self.format = qw.shape, qw.format
-        self.path, self.reason = choose_path(qw.format, Activation(activation), capability(device), qw.shape)
-        self.activation = BY_NAME[self.path].activation_for(qw.format) or Activation(activation)
+        self.path, self.reason, self.activation = choose_path(qw.format, activation, capability(device), qw.shape)
         self.tensors = prepare(qw, self.path, device)
         self.bias = None if bias is None else bias.to(device)
         log.debug("%s %s -> %s (%s)", name, qw.format, self.path, self.reason)

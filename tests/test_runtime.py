@@ -85,21 +85,21 @@ def test_every_policy_on_every_generation(policy, mode, gpu):
     (MXFP8, "fp8", CPU, "reference"),
 ])
 def test_choose_path(fmt, activation, cap, expected):
-    path, reason = runtime.choose_path(fmt, activation, cap, (4096, 4096))
+    path, reason, _ = runtime.choose_path(fmt, activation, cap, (4096, 4096))
     assert path == expected
     assert reason  # every choice says why
 
 
 def test_fallbacks_say_why():
     """A W8A8 policy on a GPU without FP8 tensor cores runs weight-only and the reason names the cause."""
-    path, reason = runtime.choose_path(FP8_ROWWISE, "fp8", GENERATIONS["sm_86"], (4096, 4096))
+    path, reason, _ = runtime.choose_path(FP8_ROWWISE, "fp8", GENERATIONS["sm_86"], (4096, 4096))
     assert path == "bf16-dequant" and "fp8 activations not run here" in reason and "sm_89" in reason
-    path, reason = runtime.choose_path(INT8, "int8", HOPPER_NO_TRITON, (4096, 4096))
+    path, reason, _ = runtime.choose_path(INT8, "int8", HOPPER_NO_TRITON, (4096, 4096))
     assert path == "bf16-dequant" and "Triton" in reason
 
 
 def test_odd_shapes_avoid_scaled_mm():
-    path, reason = runtime.choose_path(FP8_ROWWISE, "fp8", HOPPER, (4096, 100))
+    path, reason, _ = runtime.choose_path(FP8_ROWWISE, "fp8", HOPPER, (4096, 100))
     assert path == "bf16-dequant" and "16" in reason
 
 
@@ -153,10 +153,15 @@ def test_cpu_reference_path_matches_oracle(fmt, activation):
     qw = quantize_weight(w, fmt)
     layer = runtime.PreparedLinear(qw, bias, activation, "cpu")
     assert layer.path == "reference"
+    # Each format's own W8A8 is emulated; NVFP4 runs weight-only on the CPU, as ComfyUI's CPU path does.
+    own = Activation.INT8 if fmt in (INT8, INT8_CONVROT) else Activation.NONE if fmt == NVFP4 else Activation.FP8
+    fallback = {Activation.NVFP4: own if own == Activation.FP8 else Activation.NONE}
+    assert layer.activation == (activation if activation in (Activation.NONE, own) else
+                                fallback.get(activation, Activation.NONE))
     x = torch.randn(2, 7, 256).bfloat16()
     y = layer(x)
     assert y.shape == (2, 7, 96) and y.dtype == torch.bfloat16
-    assert relative_error(y.float(), reference_linear(x, qw, bias, activation)) < 4e-3  # bf16 output rounding
+    assert relative_error(y.float(), reference_linear(x, qw, bias, layer.activation)) < 4e-3  # bf16 output rounding
 
 
 def test_mxfp8_reblock_is_exact_except_underflow():
