@@ -168,6 +168,7 @@ def test_implausible_layout_values_are_refused(tmp_path, key, value):
     ('{"transformer": {"num_layers": 2,', "the header's 'config' metadata is unreadable: invalid JSON"),
     ("[1]", "'config' metadata is a JSON list, not an object"),
     ('{"transformer": ' + "[" * 80 + "]" * 80 + "}", "nested deeper than 64 levels"),
+    ('{"transformer": {"num_layers": ' + "2" * 5000 + "}}", "an integer of 5,000 digits (at most 20)"),
 ])
 def test_config_that_is_there_but_unreadable_is_not_called_missing(tmp_path, config, needle):
     # These used to read as "header has no 'config' metadata".
@@ -505,6 +506,22 @@ def test_release_config_values_pass():
     info = checkpoint.CheckpointInfo("x", "", "ltx2.5", dict(ltx2.LTX25_CONFIG), {}, {}, 48, "plain")
     checkpoint.check_config_values(info)
     checkpoint.check_config_values(replace(info, config=dict(ltx2.LTX23_CONFIG)))
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ("[" * 100 + "]" * 100, "nested deeper than 64 levels"),
+    ('{"format_version": "1.0", "layers": {"a": {"shape": [' + "9" * 400 + "]}}}", "an integer of 400 digits"),
+])
+def test_quantization_metadata_nested_or_with_huge_integers(tmp_path, raw, needle):
+    config, state = tiny()
+    refused(tmp_path, state, {**ltx2.header_metadata(config), checkpoint.QUANT_METADATA_KEY: raw},
+            f"corrupt {checkpoint.QUANT_METADATA_KEY} header metadata", needle)
+
+
+def test_comfy_quant_tensor_too_large(tmp_path):
+    config, state = tiny()
+    state[LAYER + ".comfy_quant"] = torch.full((100_000,), ord(" "), dtype=torch.uint8)
+    refused(tmp_path, state, ltx2.header_metadata(config), f"'{LAYER}.comfy_quant' holds 100,000 bytes")
 
 
 @pytest.mark.parametrize("policy", ["bf16", "fp8-scaled-mm", "nvfp4"])
