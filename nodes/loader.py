@@ -24,7 +24,7 @@ MAX_SCOPE_PATTERNS = 64
 MAX_PATTERN_CHARS = 256
 POLICY_CHOICES = ["auto", *POLICIES]
 POLICY_TOOLTIP = ("auto picks the fastest policy your GPU runs that fits its free memory: fp8-scaled-mm on Ada/Hopper, "
-                  "int8-scaled-mm on Turing/Ampere, nvfp4 on Blackwell (nvfp4 when the 8-bit one does not fit). "
+                  "int8-convrot on Turing/Ampere, nvfp4 on Blackwell (nvfp4 when the 8-bit one does not fit). "
                   "int8-convrot: INT8 with ComfyUI's Hadamard rotation of the input (spreads outliers)")
 NVFP4_MODE_TOOLTIP = ("fast = Blackwell: native W4A4; Ada/Hopper: 4-bit weights expanded to FP8 per layer (W8A8, ~1 "
                       "point more error); exact = expanded to 16 bits everywhere. The FP8 layers of an 8-bit scope "

@@ -246,3 +246,22 @@ def test_static_scaled_mm_compiles_once_per_token_count():
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         assert torch.equal(compiled(x), linear(x))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
+
+
+@pytest.mark.parametrize("gpu,roomy,tight", [
+    ("sm_75", "int8-convrot", "nvfp4"), ("sm_80", "int8-convrot", "nvfp4"), ("sm_86", "int8-convrot", "nvfp4"),
+    ("sm_89", "fp8-scaled-mm", "nvfp4"), ("sm_90", "fp8-scaled-mm", "nvfp4"),
+    ("sm_100", "nvfp4", "nvfp4"), ("sm_120", "nvfp4", "nvfp4"), ("cpu", "bf16", "bf16"),
+])
+def test_auto_policy_per_generation(gpu, roomy, tight):
+    """`auto` per generation: the fastest policy that fits (weights plus headroom), else the next
+    smaller one; the reason names the device and the sizes."""
+    from quant import advice, memory
+    sizes = {name: memory.planned_bytes(name, text_connectors_on_cpu=True) for name in POLICIES}
+    cap = GENERATIONS[gpu]
+    gib = 2 ** 30
+    name, reason = advice.choose_auto_policy(cap, 80 * gib, sizes, 6 * gib)
+    assert name == roomy and cap.describe() in reason
+    name, reason = advice.choose_auto_policy(cap, 20 * gib, sizes, 6 * gib)
+    assert name == tight, reason
+    assert advice.choose_auto_policy(cap, None, sizes, 6 * gib)[0] == roomy
