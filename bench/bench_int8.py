@@ -90,10 +90,6 @@ def check_quantizers(m: int, k: int) -> list[str]:
     exact = torch.equal(data, ref_data) and torch.equal(scale, ref_scale)
     lines.append(check(f"quantize_int8_rows {m}x{k}", exact,
                        "bit-exact" if exact else f"codes off by <= / in: {code_mismatch(data, ref_data)}"))
-    input_scale = ref_scale.amax() * 0.5
-    static = kernels_int8.quantize_int8_static(x, input_scale)
-    lines.append(check(f"quantize_int8_static {m}x{k}", torch.equal(static, formats.quantize_int8_static(
-        x, input_scale)), "bit-exact (half the range: clamps)"))
     for gelu, group in ((True, 0), (False, 256), (True, 256)):
         data, scale = kernels_int8.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
         values = torch.nn.functional.gelu(x.float(), approximate="tanh") if gelu else x  # fp32, as fused
@@ -198,19 +194,17 @@ def _int8_linear(x, w, w_scale, bias, group, gemm):
 def quantizer_rows(m: int, k: int) -> list[dict]:
     x = activation(m, k)
     gigabytes = m * k * 3 / 1e9
-    scale = torch.tensor(0.05, device=DEVICE)
     variants = {
         "fp8 rows": lambda: kernels.quantize_fp8_rows(x),
         "fp8 rows gelu": lambda: kernels.quantize_fp8_rows(x, gelu=True),
         "int8 rows": lambda: kernels_int8.quantize_int8_rows(x),
-        "int8 static": lambda: kernels_int8.quantize_int8_static(x, scale),
         "int8 rows gelu": lambda: kernels_int8.quantize_int8_rows(x, gelu=True),
         "int8 rows rotate": lambda: kernels_int8.quantize_int8_rows(x, rotate_groupsize=256),
         "int8 rows gelu rotate": lambda: kernels_int8.quantize_int8_rows(x, gelu=True, rotate_groupsize=256),
     }
     if k > 4096:  # against the default whole row: 4,096-feature chunks, each read twice (amax, quantize)
         variants["int8 rows gelu rotate, 4096 chunks"] = lambda: kernels_int8._quantize_int8_launch(
-            x, None, True, 256, block_k=4096)
+            x, True, 256, block_k=4096)
     rows = []
     for name, fn in variants.items():
         row = {"table": "quantize", "M": m, "K": k, "name": name}
@@ -301,12 +295,11 @@ def compile_variants(capability: int, tiles: str):
                 "out_ptr": out, "N": "i32", "K": "i32", "stride_packed": "i32", "stride_out": "i32",
                 "scale_cols_padded": "i32"}, {"TO_FP8": False, "BLOCK_N": 16, "BLOCK_K": 256, "INTERPRET": False}, 4, 3)
     quantizer = {"x_ptr": "*bf16" if capability >= 80 else "*fp16", "out_ptr": "*i8", "scale_ptr": "*fp32",
-                 "static_scale_ptr": "*fp32", "stride_x": "i32", "stride_out": "i32"}
-    for k, gelu, group, static in ((4096, False, 0, False), (16384, True, 0, False), (4096, False, 256, True),
-                                   (16384, True, 256, False)):
+                 "stride_x": "i32", "stride_out": "i32"}
+    for k, gelu, group in ((4096, False, 0), (16384, True, 0), (4096, False, 256), (16384, True, 256)):
         block = kernels.row_block(k)
-        yield (f"quantize K={k} gelu={gelu} rotate={group} static={static}", kernels_int8._quantize_int8_kernel,
-               quantizer, {"K": k, "STATIC": static, "GELU": gelu, "ROTATE_GROUP": group,
+        yield (f"quantize K={k} gelu={gelu} rotate={group}", kernels_int8._quantize_int8_kernel,
+               quantizer, {"K": k, "GELU": gelu, "ROTATE_GROUP": group,
                            "ROTATE_SCALE": group ** -0.5 if group else 1.0, "BLOCK_K": block},
                kernels.row_warps(block), 3)
     gpu_class = COMPILE_TARGETS[capability][0]

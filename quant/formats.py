@@ -448,11 +448,6 @@ def quantize_int8_rowwise_dynamic(x: torch.Tensor, rotate_groupsize: int = 0) ->
     return _round_to_int8(values * (1.0 / scale)), scale
 
 
-def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, rotate_groupsize: int = 0) -> torch.Tensor:
-    """INT8 of an activation with one calibrated fp32 decode scale; values beyond it clamp to +-127."""
-    return _round_to_int8(_int8_activation_values(x, rotate_groupsize) * (1.0 / input_scale.float()))
-
-
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The W8A8 product the INT8 GEMM kernels reproduce: (a @ b^T as exact integers) * a_scale * b_scale

@@ -1,6 +1,6 @@
 """Triton kernels for INT8 W8A8, exposed as torch custom ops (so torch.compile sees one node each).
 
-- `quantize_int8_rows` / `quantize_int8_static`: activation quantization to INT8, dynamic per-row
+- `quantize_int8_rows`: activation quantization to INT8, dynamic per-row
   scales or one calibrated scale; optionally the FFN's tanh GELU first and ComfyUI's ConvRot
   rotation (a block-diagonal Hadamard over groups of 256 input features) before the amax, all in
   one pass over the activation. The rotation is a radix-4 butterfly in fp32 on CUDA cores (four
@@ -124,35 +124,28 @@ if AVAILABLE:
 
     @triton.jit
     def _round_to_int8(q):
-        """Round half to even into [-127, 127]; NaN (a row whose scale is NaN, a NaN under a static
-        scale) -> 0."""
+        """Round half to even into [-127, 127]; NaN (a row whose scale is NaN) -> 0."""
         q = tl.where(q == q, q, 0.0)
         q = tl.minimum(tl.maximum(q, -_INT8_MAX), _INT8_MAX)
         return ((q + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23 leaves no fraction bits
 
     @triton.jit
-    def _quantize_int8_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, stride_x, stride_out,
-                              K: tl.constexpr, STATIC: tl.constexpr, GELU: tl.constexpr,
+    def _quantize_int8_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out,
+                              K: tl.constexpr, GELU: tl.constexpr,
                               ROTATE_GROUP: tl.constexpr, ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         if K <= BLOCK_K:  # the whole row in registers: one read from memory
             v, cols = _quantizer_values(x_row, 0, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
-            if STATIC:
-                inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
-            else:
-                inverse = _int8_row_scale(_abs_max_bits(v), scale_ptr + row)
+            inverse = _int8_row_scale(_abs_max_bits(v), scale_ptr + row)
             tl.store(out_row + cols, _round_to_int8(v * inverse), mask=cols < K)
         else:  # long rows: amax pass, then quantize pass (the re-read mostly hits L2)
-            if STATIC:
-                inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
-            else:
-                amax_bits = 0
-                for start in range(0, K, BLOCK_K):
-                    v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
-                    amax_bits = tl.maximum(amax_bits, _abs_max_bits(v))
-                inverse = _int8_row_scale(amax_bits, scale_ptr + row)
+            amax_bits = 0
+            for start in range(0, K, BLOCK_K):
+                v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
+                amax_bits = tl.maximum(amax_bits, _abs_max_bits(v))
+            inverse = _int8_row_scale(amax_bits, scale_ptr + row)
             for start in range(0, K, BLOCK_K):
                 v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
                 tl.store(out_row + cols, _round_to_int8(v * inverse), mask=cols < K)
@@ -253,7 +246,7 @@ def _check_rotation(cols: int, group: int) -> None:
                          f"{ROTATE_GROUPS} and divide the features")
 
 
-def _quantize_int8_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool, rotate_groupsize: int,
+def _quantize_int8_launch(x: torch.Tensor, gelu: bool, rotate_groupsize: int,
                           wrap=_identity, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_k`: features read at a time (default: kernels.row_block, the whole row up to 16,384
     features, rotated rows too: their rotation is then computed once, not twice); the benchmark and
@@ -261,14 +254,13 @@ def _quantize_int8_launch(x: torch.Tensor, static_scale: torch.Tensor | None, ge
     rows, cols = x.shape
     if rotate_groupsize:
         _check_rotation(cols, rotate_groupsize)
-    static = static_scale is not None
     out = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
-    scale = static_scale if static else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, scale
     block_k = block_k or row_block(cols)
     wrap(_quantize_int8_kernel)[(rows,)](
-        x, out, scale, scale, x.stride(0), out.stride(0), K=cols, STATIC=static, GELU=gelu,
+        x, out, scale, x.stride(0), out.stride(0), K=cols, GELU=gelu,
         ROTATE_GROUP=rotate_groupsize, ROTATE_SCALE=rotate_groupsize ** -0.5 if rotate_groupsize else 1.0,
         BLOCK_K=block_k, num_warps=row_warps(block_k))
     return out, scale
@@ -383,13 +375,7 @@ def _checked_operands(a, b, a_scale, b_scale):
 
 @torch.library.triton_op("ltx2q::quantize_int8_rows", mutates_args=())
 def _quantize_int8_rows_op(x: torch.Tensor, gelu: bool, rotate_groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_int8_launch(x, None, gelu, rotate_groupsize, wrap=torch.library.wrap_triton)
-
-
-@torch.library.triton_op("ltx2q::quantize_int8_static", mutates_args=())
-def _quantize_int8_static_op(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool,
-                             rotate_groupsize: int) -> torch.Tensor:
-    return _quantize_int8_launch(x, input_scale, gelu, rotate_groupsize, wrap=torch.library.wrap_triton)[0]
+    return _quantize_int8_launch(x, gelu, rotate_groupsize, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("ltx2q::int8_scaled_mm", mutates_args=())
@@ -409,18 +395,7 @@ def quantize_int8_rows(x: torch.Tensor, gelu: bool = False, rotate_groupsize: in
         if gelu or rotate_groupsize:
             return _quantize_int8_rows_op(x.contiguous(), gelu, rotate_groupsize)
         return formats.quantize_int8_rowwise_dynamic(x)
-    return _quantize_int8_launch(x.contiguous(), None, gelu, rotate_groupsize)
-
-
-def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool = False,
-                         rotate_groupsize: int = 0) -> torch.Tensor:
-    """(M, K) -> int8 with one calibrated fp32 decode scale, clamped to +-127 (never wrapped); `gelu`,
-    the rotation and torch.compile as in quantize_int8_rows."""
-    if torch.compiler.is_compiling():
-        if gelu or rotate_groupsize:
-            return _quantize_int8_static_op(x.contiguous(), input_scale, gelu, rotate_groupsize)
-        return formats.quantize_int8_static(x, input_scale)
-    return _quantize_int8_launch(x.contiguous(), input_scale, gelu, rotate_groupsize)[0]
+    return _quantize_int8_launch(x.contiguous(), gelu, rotate_groupsize)
 
 
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -61,10 +61,6 @@ def reference_rows(x, gelu=False, group=0):
     return formats.quantize_int8_rowwise_dynamic(gelu_tanh(x) if gelu else x, group)
 
 
-def reference_static(x, input_scale, gelu=False, group=0):
-    return formats.quantize_int8_static(gelu_tanh(x) if gelu else x, input_scale, group)
-
-
 def random_rows(shape, dtype, outliers=True):
     x = torch.randn(shape) * 3
     if outliers:  # a few large channels, as LTX activations have
@@ -115,16 +111,6 @@ def test_rows_special_values():
     assert data[4].min().item() == -127
 
 
-def test_static_matches_reference_and_clamps():
-    x = torch.randn(4, 96) * 10
-    x[0, :4] = torch.tensor([1e9, -1e9, float("inf"), float("-inf")])
-    x[1, 1] = float("nan")
-    scale = torch.tensor(0.05)
-    out = kernels_int8.quantize_int8_static(x.to(DEVICE), scale.to(DEVICE)).cpu()
-    assert torch.equal(out, reference_static(x, scale))
-    assert out[0, :4].tolist() == [127, -127, 127, -127] and out[1, 1].item() == 0
-
-
 @pytest.mark.parametrize("shape", [(7, 300), (3, 2048), (2, 20000)])
 def test_gelu_quant_matches_gelu_then_quant(shape):
     """The kernel's GELU (one exp, quant.kernels._gelu_tanh) differs from torch's tanh by float
@@ -134,8 +120,6 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
     ref_data, ref_scale = reference_rows(x, gelu=True)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
     assert codes_close(data, ref_data)
-    static = kernels_int8.quantize_int8_static(x.to(DEVICE), ref_scale.amax().to(DEVICE), gelu=True)
-    assert codes_close(static, reference_static(x, ref_scale.amax(), gelu=True))
 
 
 @pytest.mark.parametrize("group", kernels_int8.ROTATE_GROUPS)
@@ -172,20 +156,16 @@ def test_rotation_one_pass_equals_chunked():
     """A row read whole and the same row read in 4,096-feature chunks (the last one partial) give the
     same bytes."""
     x = random_rows((3, 5120), torch.bfloat16).to(DEVICE)
-    chunked = kernels_int8._quantize_int8_launch(x, None, True, 256, block_k=4096)
-    whole = kernels_int8._quantize_int8_launch(x, None, True, 256)
+    chunked = kernels_int8._quantize_int8_launch(x, True, 256, block_k=4096)
+    whole = kernels_int8._quantize_int8_launch(x, True, 256)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
-def test_rotated_gelu_and_static():
+def test_rotated_gelu():
     x = random_rows((4, 2048), torch.bfloat16)
     data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=True, rotate_groupsize=256)
     ref_data, ref_scale = reference_rows(x, gelu=True, group=256)
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0) and codes_close(data, ref_data)
-    input_scale = ref_scale.amax() * 0.5  # half the range: the largest values clamp
-    static = kernels_int8.quantize_int8_static(x.to(DEVICE), input_scale.to(DEVICE), rotate_groupsize=256)
-    ref_static = reference_static(x, input_scale, group=256)
-    assert codes_close(static, ref_static) and (ref_static.abs() == 127).any()
 
 
 def test_rotation_rejects_groups_it_cannot_run():
@@ -309,8 +289,6 @@ def test_gpu_quantizers_at_model_shapes(m, k):
     data, scale = kernels_int8.quantize_int8_rows(x)
     ref_data, ref_scale = reference_rows(x)
     assert torch.equal(data, ref_data) and torch.equal(scale, ref_scale)
-    static = kernels_int8.quantize_int8_static(x, ref_scale.amax() * 0.5)
-    assert torch.equal(static, reference_static(x, ref_scale.amax() * 0.5))
     for gelu, group in ((True, 0), (False, 256), (True, 256)):
         data, scale = kernels_int8.quantize_int8_rows(x, gelu=gelu, rotate_groupsize=group)
         ref_data, ref_scale = reference_rows(x, gelu, group)
@@ -378,20 +356,15 @@ def test_gpu_every_tile_config():
 
 
 @gpu
-@pytest.mark.parametrize("gelu,group,static", [(True, 256, False), (False, 0, True)])
-def test_gpu_compiled_linear_matches_eager(gelu, group, static):
+@pytest.mark.parametrize("gelu,group", [(True, 256), (False, 0)])
+def test_gpu_compiled_linear_matches_eager(gelu, group):
     x = random_rows((4096, 4096), torch.bfloat16).cuda()
     w_codes = torch.randint(-127, 128, (2048, 4096), dtype=torch.int8, device="cuda")
     w_scale = torch.rand(2048, device="cuda") * 1e-3
     bias = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
-    input_scale = torch.tensor(0.05, device="cuda")
 
     def linear(x):
-        if static:
-            a = kernels_int8.quantize_int8_static(x, input_scale, gelu, group)
-            a_scale = torch.ones((x.shape[0], 1), device=x.device)
-        else:
-            a, a_scale = kernels_int8.quantize_int8_rows(x, gelu, group)
+        a, a_scale = kernels_int8.quantize_int8_rows(x, gelu, group)
         return kernels_int8.int8_scaled_mm(a, w_codes, a_scale, w_scale, bias)
 
     eager = linear(x)
