@@ -89,7 +89,8 @@ def plain(base):
     s.stop()
 
 
-def sample(server, base, model_node: dict, name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(server, base, model_node: dict, name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(video, audio, the model node's report) of one sampling_graph run."""
     entry = server.run(sampling_graph(model_node, name, **kwargs))
     return (*saved_latent(base, name).values(), json.dumps(entry["outputs"].get("1", {})))
 
