@@ -1,7 +1,7 @@
 """LTX-2.5 in quant/: its family and layout (bias-free FFNs, no prompt AdaLN embedders, the keyframe
 embedding), every policy over its layers, files written and read back with the header kept verbatim,
 and the official transformer files' layouts (per-layer `.comfy_quant`, no header quantization
-metadata) made here by comfy-kitchen, the independent producer. tests/integration/test_ltx25.py
+metadata) made here by comfy-kitchen, the independent producer. tests/integration/test_ltx25_comfyui.py
 runs the same model in ComfyUI v0.33."""
 
 from __future__ import annotations
