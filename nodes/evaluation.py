@@ -1,5 +1,5 @@
 """Calibration and quality measurement on ComfyUI models: the plain functions behind the Calibrate and
-Quality report nodes and scripts/comfy_quality.py. The math and file formats are in quant/."""
+Quality Report nodes and of bench/bench_quality.py. The math and file formats are in quant/."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ log = logging.getLogger("ltx2_quant")
 # "cuda graphs" also records each block's kernels once and replays them (no per-kernel launch cost).
 # "tuned kernels" times launch configurations for each fused kernel (coordinate descent): fp8-scaled-mm +
 # cudnn-fp8 at 24,576 tokens 1.316 vs 1.330 s/step, for ~2 more minutes on the first compile of each size
-# (H200, 48 blocks; kept in Inductor's on-disk cache afterwards; docs/BENCHMARKS.md, session 12).
+# (H200, 48 blocks; kept in Inductor's on-disk cache afterwards; docs/BENCHMARKS.md, "Whole step on Hopper").
 COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cudagraphs": True},
                  "blocks, tuned kernels": {"coordinate_descent_tuning": True},
                  "blocks, max-autotune": {"max_autotune": True}}

@@ -17,8 +17,8 @@ GIB = 2 ** 30
 # Preference order per GPU generation: fastest first, then smaller. Blackwell runs NVFP4 natively (W4A4);
 # Ada and Hopper run W8A8 FP8; Turing and Ampere have INT8 tensor cores (2x bf16 on Ampere) but no FP8
 # ones, and take INT8 with ConvRot, whose rotation keeps outlier channels from stretching INT8's uniform
-# grid (per Linear with outliers: 0.013 error against 0.069 unrotated; docs/BENCHMARKS.md session 13);
-# older GPUs only expand weights per call.
+# grid (per Linear with outliers: 0.013 error against 0.069 unrotated; bench/bench_int8.py,
+# docs/BENCHMARKS.md "Linear layers"); older GPUs only expand weights per call.
 AUTO_ORDER = {
     "blackwell": ("nvfp4",),
     "hopper": ("fp8-scaled-mm", "nvfp4"), "ada": ("fp8-scaled-mm", "nvfp4"),

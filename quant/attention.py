@@ -311,10 +311,11 @@ if kernels.AVAILABLE:
 
 # Tokens per K scale; a multiple of every BLOCK_N below.
 K_BLOCK = 128
-# Measured on an H200 at 24,576 tokens (docs/BENCHMARKS.md, sessions 8 and 9): 64-row tiles with one warpgroup
-# beat 128-row tiles by ~10% (more blocks resident per SM hide the softmax; Triton 3.6's warp specialization
-# did not compile or did not help here); with the scores issued one block ahead, 128-key blocks in 3 stages
-# are 8% faster than 64x64 in 2 (64x64 gets slower with it); the interpreter takes small ones.
+# Measured on an H200 at 24,576 tokens (bench/bench_attention.py --tiles; docs/BENCHMARKS.md "Attention
+# kernels"): 64-row tiles with one warpgroup beat 128-row tiles by ~10% (more blocks resident per SM hide the
+# softmax; Triton 3.6's warp specialization did not compile or did not help here); with the scores issued one
+# block ahead, 128-key blocks in 3 stages are 8% faster than 64x64 in 2 (64x64 gets slower with it); the
+# interpreter takes small ones.
 _TILE = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1) if kernels.INTERPRET else \
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)
 
@@ -335,7 +336,7 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     k_scale = torch.empty((batch * heads, k_blocks), dtype=torch.float32, device=device)
     # V centred on its per-channel mean (SageAttention2's V smoothing: the output's mean part stays exact,
     # E4M3 carries only the deviations; on the full-size model it took the final error's excess over
-    # exact attention from +31% to +1%, docs/BENCHMARKS.md session 8), then one scale per channel.
+    # exact attention from +31% to +1%, docs/BENCHMARKS.md "Attention kernels"), then one scale per channel.
     v_mean, v_amax = _centred_range(v)  # (B, H, 1, D): the kernels index them as (B*H, D)
     v_mean = v_mean.contiguous()
     v_scale = (v_amax / FP8_MAX).clamp_min(FP32_TINY).contiguous()  # NaN stays NaN
@@ -530,13 +531,13 @@ _FP8_TRITON = _triton_requires(9, 0, "Triton 8-bit attention (TMA and FP8 tensor
 # tokens, 1.03x at 9,216, 1.09x at 12,288 and 14,080, 1.10-1.13x at 16,384, 1.13-1.15x at 24,576. Inside the
 # model at 24,576 the kernel itself was 1.05x of cuDNN (1.17x alone), about 1.02x with the prepare pass, so
 # the threshold is not lowered before a length below it is measured inside the model (docs/BENCHMARKS.md,
-# session 9). The text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA too. Below
-# this, calls go to ComfyUI's attention.
+# "Attention kernels"). The text, audio and audio-video calls (126-1,024 tokens a side) are faster in SDPA
+# too. Below this, calls go to ComfyUI's attention.
 MIN_8BIT_TOKENS = 16384
-# cudnn-fp8 vs bf16 SDPA on the video self-attention, H200 (docs/BENCHMARKS.md, session 11): the call alone 1.51x
-# at 12,288 tokens, 1.50x at 16,384 and 1.53x at 24,576, with its compiled preparation 1.35x, 1.33x and 1.39x;
-# at 6,144 the call alone is 0.95x. Inside the model at 24,576 it kept its speed (10.8 ms against cuDNN bf16's
-# 15.8).
+# cudnn-fp8 vs bf16 SDPA on the video self-attention, H200 (docs/BENCHMARKS.md, "Attention kernels"): the
+# call alone 1.51x at 12,288 tokens, 1.50x at 16,384 and 1.53x at 24,576, with its compiled preparation 1.35x,
+# 1.33x and 1.39x; at 6,144 the call alone is 0.95x. Inside the model at 24,576 it kept its speed (10.8 ms
+# against cuDNN bf16's 15.8).
 MIN_CUDNN_FP8_TOKENS = 12288
 IMPLEMENTATIONS = {a.name: a for a in [
     Attention("cudnn-fp8", "cuDNN FP8 flash attention, E4M3 Q/K/P/V with one scale per tensor (K and V centred "

@@ -323,7 +323,7 @@ def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor, out_dtype:
 
 # Under torch.compile the GELU + quantization stays our kernel: Inductor's own fusion of the formula
 # read each row twice and evaluated the fp32 GELU on both passes, 1.27 ms a call on the video FFN at
-# 24,576 tokens on an H200 (docs/BENCHMARKS.md, session 7).
+# 24,576 tokens on an H200 (docs/BENCHMARKS.md, "Where a step's time goes"; bench/profile_step.py).
 @torch.library.triton_op("ltx2q::gelu_quantize_fp8_rows", mutates_args=())
 def _gelu_quantize_fp8_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_fp8_rows_launch(x, None, gelu=True, wrap=torch.library.wrap_triton)

@@ -92,12 +92,12 @@ class Policy:
 
 # The audio->video cross-attention (video queries, audio keys and values) carries more FP8 error per byte
 # than any other module: keeping it in bf16 cut fp8-scaled-mm's video error by 11-16% on the 48-block model
-# (H200, two weight seeds), to 7-17% below core's pre-quantized fp8 (docs/QUALITY.md, session 7).
+# (H200, two weight seeds), to 7-17% below core's pre-quantized fp8 (docs/QUALITY.md, "Full-size model on an H200").
 KEEP_AUDIO_TO_VIDEO_ATTENTION = ("*.audio_to_video_attn.*",)
 # fp8-scaled-mm keeps only the layers of it that carry that error: to_out.0 and to_v (the CPU study, -12%
 # and -8% of the -20%), with to_k. Its video-token to_q runs W8A8: on the 48-block model at 24,576 tokens
 # the same error (0.0339 / 0.0291 vs 0.0340 / 0.0291), 0.4 GiB less and ~0.5% faster (docs/BENCHMARKS.md,
-# session 12).
+# "Whole step on Hopper").
 FP8_SCALED_MM_KEEPS = ("*.audio_to_video_attn.to_k", "*.audio_to_video_attn.to_v", "*.audio_to_video_attn.to_out.0")
 
 POLICIES: dict[str, Policy] = {

@@ -197,7 +197,8 @@ def _scaled_mm_rowwise(x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Te
     return torch._scaled_mm(a, w_fp8.t(), scale_a=a_scale, scale_b=w_scale,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             # Hopper's fast FP8 accumulation: measured on the 48-block model it moved the final-latent
-                            # error by 0.5% (0.0382 vs 0.0380) and saved ~2% of the step (docs/BENCHMARKS.md).
+                            # error by 0.5% (0.0382 vs 0.0380) and saved ~2% of the step (docs/BENCHMARKS.md,
+                            # "Whole step on Hopper"; bench/bench_model.py --blocks 48).
                             use_fast_accum=True)
 
 
