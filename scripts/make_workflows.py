@@ -65,80 +65,92 @@ def component_loaders(checkpoint: str) -> list[dict]:
     file of its own."""
     if checkpoint.startswith("ltx-2.5"):
         return [
-            {"id": 2, "type": "CLIPLoader", "col": 0, "row": 2,
+            {"id": 2, "type": "CLIPLoader",
              "widgets": {"clip_name": GEMMA4_25, "type": "ltxv", "device": "default"}},
-            {"id": 3, "type": "VAELoader", "col": 0, "row": 3, "widgets": {"vae_name": VIDEO_VAE_25}},
-            {"id": 4, "type": "VAELoader", "col": 0, "row": 4, "widgets": {"vae_name": AUDIO_VAE_25}},
+            {"id": 3, "type": "VAELoader", "widgets": {"vae_name": VIDEO_VAE_25}},
+            {"id": 4, "type": "VAELoader", "widgets": {"vae_name": AUDIO_VAE_25}},
         ]
     return [
-        {"id": 2, "type": "LTXAVTextEncoderLoader", "col": 0, "row": 2,
+        {"id": 2, "type": "LTXAVTextEncoderLoader",
          "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
-        {"id": 3, "type": "LTX2QuantVAELoader", "col": 0, "row": 3, "widgets": {"ckpt_name": checkpoint}},
-        {"id": 4, "type": "LTXVAudioVAELoader", "col": 0, "row": 4, "widgets": {"ckpt_name": checkpoint}},
+        {"id": 3, "type": "LTX2QuantVAELoader", "widgets": {"ckpt_name": checkpoint}},
+        {"id": 4, "type": "LTXVAudioVAELoader", "widgets": {"ckpt_name": checkpoint}},
     ]
+
+
+# Where each node of two_stage_graph sits: groups left to right in the order the graph runs, each group
+# one or more columns of node ids, top to bottom. The Loader has a column of its own (its widgets, the
+# VRAM line and, after a run, its report make it the tallest node); the LoRA and Compile Blocks follow it
+# down the model's path.
+LAYOUT = (
+    ("Load", ((1, 22, 23), (2, 3, 4, 5))),
+    ("Condition", ((6, 7, 8), (9, 10, 11, 21, 20))),
+    ("Sample", ((14, 12, 13),)),
+    ("Decode", ((15, 16, 17, 18, 19),)),
+)
 
 
 def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: str, compile_mode: str,
                     image: bool = False, lora: str | None = None) -> list[dict]:
-    """Nodes as {id, type, widgets: {input: value}, links: {input: (node id, output slot)}, col, row}."""
+    """Nodes as {id, type, widgets: {input: value}, links: {input: (node id, output slot)}}; LAYOUT places them."""
     model = (1, 0)
     ltx25 = checkpoint.startswith("ltx-2.5")
     nodes = [
-        {"id": 1, "type": "LTX2QuantLoader", "col": 0, "row": 0,
+        {"id": 1, "type": "LTX2QuantLoader",
          "widgets": {"ckpt_name": checkpoint, "policy": policy, "nvfp4_mode": "fast", "scope": "policy default",
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
                      "keep_audio": False, "calibration": "none", "download_missing": False,
                      "attention": "comfyui default", "text_connectors_on_cpu": True}},
         *component_loaders(checkpoint),
-        {"id": 5, "type": "LatentUpscaleModelLoader", "col": 0, "row": 5,
+        {"id": 5, "type": "LatentUpscaleModelLoader",
          "widgets": {"model_name": UPSCALER_25 if ltx25 else UPSCALER}},
-        {"id": 6, "type": "CLIPTextEncode", "col": 1, "row": 0, "widgets": {"text": PROMPT}, "links": {"clip": (2, 0)}},
-        {"id": 7, "type": "CLIPTextEncode", "col": 1, "row": 1, "widgets": {"text": NEGATIVE},
+        {"id": 6, "type": "CLIPTextEncode", "widgets": {"text": PROMPT}, "links": {"clip": (2, 0)}},
+        {"id": 7, "type": "CLIPTextEncode", "widgets": {"text": NEGATIVE},
          "links": {"clip": (2, 0)}},
-        {"id": 8, "type": "LTXVConditioning", "col": 1, "row": 2, "widgets": {"frame_rate": 24.0},
+        {"id": 8, "type": "LTXVConditioning", "widgets": {"frame_rate": 24.0},
          "links": {"positive": (6, 0), "negative": (7, 0)}},
-        {"id": 9, "type": "EmptyLTXVLatentVideo", "col": 1, "row": 3,
+        {"id": 9, "type": "EmptyLTXVLatentVideo",
          "widgets": {"width": 768, "height": 512, "length": 121, "batch_size": 1}},
-        {"id": 10, "type": "LTXVEmptyLatentAudio", "col": 1, "row": 4,
+        {"id": 10, "type": "LTXVEmptyLatentAudio",
          "widgets": {"frames_number": 121, "frame_rate": 24, "batch_size": 1}, "links": {"audio_vae": (4, 0)}},
-        {"id": 11, "type": "LTXVConcatAVLatent", "col": 1, "row": 5,
+        {"id": 11, "type": "LTXVConcatAVLatent",
          "links": {"video_latent": (9, 0), "audio_latent": (10, 0)}},
-        {"id": 12, "type": "LTX2QuantSigmas", "col": 2, "row": 3,
+        {"id": 12, "type": "LTX2QuantSigmas",
          "widgets": {"preset": "distilled stage 1", "steps": 30, "terminal": 0.1}},
-        {"id": 13, "type": "LTX2QuantSigmas", "col": 2, "row": 4,
+        {"id": 13, "type": "LTX2QuantSigmas",
          "widgets": {"preset": stage2_preset, "steps": 30, "terminal": 0.1}},
-        {"id": 14, "type": "LTX2QuantTwoStageSampler", "col": 2, "row": 0,
+        {"id": 14, "type": "LTX2QuantTwoStageSampler",
          "widgets": {"noise_seed": 42, "sampler": sampler, "ge_gamma": 2.0, "cfg": 1.0, "image_strength": 1.0,
                      "upscale_weights": "as loaded"},
          "links": {"model": model, "positive": (8, 0), "negative": (8, 1), "latent": (11, 0), "upscale_model": (5, 0),
                    "vae": (3, 0), "sigmas_stage1": (12, 0), "sigmas_stage2": (13, 0)}},
-        {"id": 15, "type": "LTXVSeparateAVLatent", "col": 3, "row": 0, "links": {"av_latent": (14, 0)}},
+        {"id": 15, "type": "LTXVSeparateAVLatent", "links": {"av_latent": (14, 0)}},
         # LTX-2.5's templates decode its diffusion VAE in smaller tiles.
-        {"id": 16, "type": "VAEDecodeTiled", "col": 3, "row": 1,
+        {"id": 16, "type": "VAEDecodeTiled",
          "widgets": {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 16} if ltx25 else
          {"tile_size": 768, "overlap": 64, "temporal_size": 4096, "temporal_overlap": 4},
          "links": {"samples": (15, 0), "vae": (3, 0)}},
-        {"id": 17, "type": "LTXVAudioVAEDecode", "col": 3, "row": 3, "links": {"samples": (15, 1), "audio_vae": (4, 0)}},
-        {"id": 18, "type": "CreateVideo", "col": 4, "row": 0, "widgets": {"fps": 24.0},
+        {"id": 17, "type": "LTXVAudioVAEDecode", "links": {"samples": (15, 1), "audio_vae": (4, 0)}},
+        {"id": 18, "type": "CreateVideo", "widgets": {"fps": 24.0},
          "links": {"images": (16, 0), "audio": (17, 0)}},
-        {"id": 19, "type": "SaveVideo", "col": 4, "row": 1,
+        {"id": 19, "type": "SaveVideo",
          "widgets": {"filename_prefix": f"video/LTX-{'2.5' if ltx25 else '2.3'}_quant", "format": "auto",
                      "codec": "auto"},
          "links": {"video": (18, 0)}},
     ]
     if image:
         nodes += [
-            {"id": 20, "type": "LoadImage", "col": 1, "row": 6, "widgets": {"image": "example.png", "upload": "image"}},
-            {"id": 21, "type": "LTXVPreprocess", "col": 2, "row": 6, "widgets": {"img_compression": 18},
+            {"id": 20, "type": "LoadImage", "widgets": {"image": "example.png", "upload": "image"}},
+            {"id": 21, "type": "LTXVPreprocess", "widgets": {"img_compression": 18},
              "links": {"image": (20, 0)}},
         ]
         nodes[13]["links"]["image"] = (21, 0)
     if lora:
-        nodes.append({"id": 22, "type": "LoraLoaderModelOnly", "col": 1, "row": 7,
+        nodes.append({"id": 22, "type": "LoraLoaderModelOnly",
                       "widgets": {"lora_name": lora, "strength_model": 0.5}, "links": {"model": model}})
         nodes[13]["links"]["model"] = (22, 0)
     # Compile Blocks last, on the model the sampler gets (the measured speed comes with it: BENCHMARKS.md).
-    nodes.append({"id": 23, "type": "LTX2QuantCompile", "col": 1, "row": 8, "widgets": {"mode": compile_mode},
+    nodes.append({"id": 23, "type": "LTX2QuantCompile", "widgets": {"mode": compile_mode},
                   "links": {"model": nodes[13]["links"]["model"]}})
     nodes[13]["links"]["model"] = (23, 0)
     return nodes
@@ -269,6 +281,92 @@ def widgets_values(node_type: str, schema: dict, widgets: dict) -> list:
     return values
 
 
+# LiteGraph's metrics as the ComfyUI frontend lays a node out (LiteGraphNode.computeSize): a title bar
+# above the node's position, one row per input or output slot, one line per widget, more for a
+# multiline text box; this pack's extension adds a VRAM or size line under the nodes it checks.
+TITLE_HEIGHT = 30
+SLOT_HEIGHT = 20
+WIDGET_HEIGHT = 24
+MULTILINE_HEIGHT = 54
+STATUS_HEIGHT = 38
+STATUS_NODES = ("LTX2QuantLoader", "LTX2QuantQuantizeModel", "LTX2QuantTwoStageSampler", "EmptyLTXVLatentVideo")
+# Room for the report a node shows after it runs (web/ltx2_quant.js, a multiline box at the bottom), and
+# for the prompt's text to be read without scrolling.
+ROOM = {"LTX2QuantLoader": 120, "LTX2QuantCompile": 60, "CLIPTextEncode": 60}
+NODE_WIDTH = 380
+NODE_GAP = 40      # between a node's bottom and the next one's title bar
+COLUMN_GAP = 60    # between columns of one group
+GROUP_PAD = 20     # group border to its nodes
+GROUP_TITLE = 40   # a group's title bar (font size 24)
+GROUP_GAP = 60     # between groups
+# The template opens scaled to fit this window, clear of the frontend's side bar and top menu (screen pixels).
+VIEW = (1800, 1100)
+VIEW_MARGIN = (80, 100, 20, 20)  # left, top, right, bottom
+
+
+def node_height(schema: dict, widgets: dict) -> int:
+    """The height the frontend gives a node of this schema (without its title bar), and room for what
+    this pack's extension adds to it."""
+    lines = multiline = 0
+
+    def take(name, spec, optional):
+        nonlocal lines, multiline
+        options = spec[1] if len(spec) > 1 else {}
+        if widget_type(spec) == "STRING" and options.get("multiline"):
+            multiline += 1
+        else:
+            lines += 1 + bool(options.get("control_after_generate")) + bool(options.get("image_upload"))
+        return widgets.get(name, options.get("default"))
+
+    walk_node_widgets(schema, take)
+    rows = max(len(link_inputs(schema)), len(schema["output"]))
+    height = 6 + SLOT_HEIGHT * rows
+    if lines or multiline:
+        height += 8 + WIDGET_HEIGHT * lines + MULTILINE_HEIGHT * multiline
+    return height
+
+
+def layout(spec: list[dict], schemas: dict) -> tuple[dict, list[dict], dict]:
+    """Each node's position and size, the groups (LAYOUT, left to right) and the view that shows them."""
+    by_id = {n["id"]: n for n in spec}
+    placed, groups = {}, []
+    x = GROUP_PAD
+    bottom = 0
+    for title, columns in LAYOUT:
+        columns = [[i for i in column if i in by_id] for column in columns]
+        columns = [column for column in columns if column]
+        if not columns:
+            continue
+        group_x = x - GROUP_PAD
+        group_bottom = 0
+        for column in columns:
+            y = GROUP_TITLE + GROUP_PAD + TITLE_HEIGHT
+            for node_id in column:
+                node = by_id[node_id]
+                schema = schemas[node["type"]]
+                height = node_height(schema, node.get("widgets", {}))
+                height += STATUS_HEIGHT if node["type"] in STATUS_NODES else 0
+                height += ROOM.get(node["type"], 0)
+                placed[node_id] = ([x, y], [NODE_WIDTH, height])
+                group_bottom = max(group_bottom, y + height)
+                y += height + NODE_GAP + TITLE_HEIGHT
+            x += NODE_WIDTH + COLUMN_GAP
+        x += GROUP_GAP - COLUMN_GAP + 2 * GROUP_PAD
+        groups.append({"title": title, "bounding": [group_x, 0, x - GROUP_GAP - GROUP_PAD - group_x,
+                                                   group_bottom + GROUP_PAD],
+                       "color": "#3f789e", "font_size": 24, "flags": {}})
+        bottom = max(bottom, group_bottom + GROUP_PAD)
+    missing = sorted(set(by_id) - set(placed))
+    if missing:
+        raise ValueError(f"LAYOUT places no node {missing}")
+    width = x - GROUP_GAP - GROUP_PAD
+    left, top, right, below = VIEW_MARGIN
+    scale = min((VIEW[0] - left - right) / width, (VIEW[1] - top - below) / bottom, 1.0)
+    scale = int(scale * 100) / 100
+    # The canvas draws a point at (position + offset) * scale.
+    return placed, groups, {"scale": scale, "offset": [round(left / scale), round(top / scale)]}
+
+
 def build(title: str, spec: list[dict], schemas: dict) -> dict:
     links, nodes = [], []
     outputs = {n["id"]: [[] for _ in schemas[n["type"]]["output"]] for n in spec}
@@ -283,11 +381,12 @@ def build(title: str, spec: list[dict], schemas: dict) -> dict:
                           source_type])
             outputs[source][slot].append(link_id)
             link_of[(node["id"], name)] = link_id
+    placed, groups, view = layout(spec, schemas)
     for order, node in enumerate(spec):
         schema = schemas[node["type"]]
+        pos, size = placed[node["id"]]
         nodes.append({
-            "id": node["id"], "type": node["type"], "pos": [40 + 420 * node["col"], 40 + 200 * node["row"]],
-            "size": [380, 160], "flags": {}, "order": order, "mode": 0,
+            "id": node["id"], "type": node["type"], "pos": pos, "size": size, "flags": {}, "order": order, "mode": 0,
             "inputs": [{"name": name, "type": kind, "link": link_of.get((node["id"], name)), **({"shape": 7} if optional else {})}
                        for name, kind, optional in link_inputs(schema)],
             "outputs": [{"name": name, "type": kind, "links": outputs[node["id"]][slot] or None, "slot_index": slot}
@@ -296,7 +395,7 @@ def build(title: str, spec: list[dict], schemas: dict) -> dict:
             "widgets_values": widgets_values(node["type"], schema, node.get("widgets", {})),
         })
     return {"last_node_id": max(n["id"] for n in spec), "last_link_id": link_id, "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"title": title, "ds": {"scale": 0.8, "offset": [0, 0]}},
+            "groups": groups, "config": {}, "extra": {"title": title, "ds": view},
             "version": 0.4}
 
 

@@ -9,13 +9,15 @@ chromium`, or LTX2Q_CHROMIUM=/path/to/chrome); skips with the reason otherwise."
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import urllib.parse
 
 import pytest
 
-from comfy_server import ComfyServer, missing_requirements
+from comfy_server import REPO, ComfyServer, missing_requirements
 from quant import memory
 from quant.capability import Capability
 
@@ -61,7 +63,7 @@ def page(server):
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1800, "height": 1100})
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(f"http://127.0.0.1:{server.port}/")
@@ -186,4 +188,59 @@ def test_two_stage_sampler_checks_multiples_of_64(page):
     expected = memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, two_stage=True)
     wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB")
     assert "two-stage" in page.evaluate(STATUS, loader)["text"]
+    assert not page.errors
+
+
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
+# Each node's box as the canvas draws it: its title bar sits above `pos`.
+BOXES = """() => (window.app.graph._nodes ?? window.app.graph.nodes).map((n) => ({
+  id: String(n.id), type: n.type,
+  box: [n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT],
+}))"""
+GROUPS = """() => (window.app.graph._groups ?? window.app.graph.groups ?? []).map((g) => ({
+  title: g.title, box: [...(g._bounding ?? g.bounding)],
+}))"""
+
+
+def intersect(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def overlaps(items) -> list[tuple[str, str]]:
+    return [(f"{a.get('type', a.get('title'))} #{a.get('id', '')}", f"{b.get('type', b.get('title'))} #{b.get('id', '')}")
+            for i, a in enumerate(items) for b in items[i + 1:] if intersect(a["box"], b["box"])]
+
+
+def inside(inner, outer) -> bool:
+    return (outer[0] <= inner[0] and inner[0] + inner[2] <= outer[0] + outer[2]
+            and outer[1] <= inner[1] and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_example_workflow_opens_without_overlapping_nodes(page, server, path):
+    """Opened in the frontend, no two nodes of an example workflow overlap, neither as loaded nor once the
+    extension's lines under the loader, the latent and the sampler have rendered; the groups read left
+    to right in the order the graph runs, each node inside one."""
+    from scripts.make_workflows import runs_on
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    stem = os.path.basename(path)[: -len(".json")]
+    if not runs_on(stem, version):
+        pytest.skip(f"needs a newer ComfyUI than {version}")
+    with open(path) as f:
+        workflow = json.load(f)
+    page.evaluate("async (data) => { await window.app.loadGraphData(data); }", workflow)
+    loaded = page.evaluate(BOXES)
+    assert sorted(n["id"] for n in loaded) == sorted(str(n["id"]) for n in workflow["nodes"])
+    assert overlaps(loaded) == []
+    by_type = {n["type"]: n["id"] for n in workflow["nodes"]}
+    wait_status(page, by_type["LTX2QuantLoader"], "VRAM ~")
+    wait_status(page, by_type["EmptyLTXVLatentVideo"], "ok: 768x512x121")
+    wait_status(page, by_type["LTX2QuantTwoStageSampler"], "ok: 768x512x121")
+    rendered = page.evaluate(BOXES)
+    assert overlaps(rendered) == []
+    groups = page.evaluate(GROUPS)
+    assert [g["title"] for g in sorted(groups, key=lambda g: g["box"][0])] == ["Load", "Condition", "Sample", "Decode"]
+    assert overlaps(groups) == []
+    for node in rendered:
+        assert sum(inside(node["box"], g["box"]) for g in groups) == 1, node
     assert not page.errors
