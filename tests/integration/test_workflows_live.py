@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -57,3 +58,17 @@ def test_comfyui_lists_the_workflows_as_templates(object_info):
     templates = object_info[1]
     listed = next(names for pack, names in templates.items() if pack in ("ltx2-quant",))
     assert sorted(listed) == sorted(os.path.basename(p)[: -len(".json")] for p in WORKFLOWS)
+
+
+def test_every_node_and_input_of_the_pack_is_in_the_nodes_doc(object_info):
+    """docs/NODES.md has a section per node of the pack that names the node class and each of its inputs."""
+    with open(os.path.join(REPO, "docs", "NODES.md")) as f:
+        sections = re.split(r"^## ", f.read(), flags=re.M)[1:]
+    ours = {name: schema for name, schema in object_info[0].items() if name.startswith("LTX2Quant")}
+    assert ours
+    for name, schema in ours.items():
+        section = next((s for s in sections if f"(`{name}`)" in s.splitlines()[0]), None)
+        assert section is not None, f"docs/NODES.md has no section for {name}"
+        inputs = [i for part in ("required", "optional") for i in schema["input"].get(part, {})]
+        missing = [i for i in inputs if f"`{i}`" not in section]
+        assert missing == [], f"docs/NODES.md's {name} section does not name {missing}"
