@@ -8,8 +8,9 @@ from quant.policies import POLICIES
 
 GIB = 2 ** 30
 # Peak VRAM (GiB, torch.cuda.max_memory_allocated over an 8-step run) measured by
-# `bench/bench_model.py` through ComfyUI v0.20.1 on an NVIDIA H200, 2026-11-27: docs/BENCHMARKS.md,
-# "Peak VRAM" (its first 48- and 8-block tables). Model: LTX-2.3 widths, text connectors cut to one layer.
+# `bench/bench_model.py` through ComfyUI v0.20.1 on an NVIDIA H200, 2026-11-27: the "48 blocks" and "8 blocks"
+# tables of docs/benchmarks/log/01-linear-layers-and-full-model.md. Model: LTX-2.3 widths, text connectors cut to
+# one layer.
 # "core bf16" is ComfyUI core with bf16 weights, i.e. the bf16 policy. Key: (blocks, policy, width, height).
 MEASURED_PEAK_GIB = {
     # "48 blocks (19.24 B parameters, the real depth)"
@@ -56,8 +57,8 @@ def test_activation_growth_within_15_percent_of_measured(blocks, policy):
     assert abs(estimated / measured - 1) <= 0.15, (estimated, measured)
 
 
-# Same card and ComfyUI (docs/BENCHMARKS.md, "Peak VRAM"): the release's 8-layer text connectors,
-# streamed from host memory (the loader's default), 768x512x121. Key: (policy, scope items).
+# Same card and ComfyUI (docs/BENCHMARKS.md, "Peak VRAM and the estimator"): the release's 8-layer text
+# connectors, streamed from host memory (the loader's default), 768x512x121. Key: (policy, scope items).
 MEASURED_STREAMED_PEAK_GIB = {("nvfp4", ()): 11.5, ("fp8-cast", ()): 18.9, ("nvfp4", (("audio_8bit", True),)): 13.2}
 
 
