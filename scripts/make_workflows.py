@@ -330,39 +330,37 @@ def layout(spec: list[dict], schemas: dict) -> tuple[dict, list[dict], dict]:
     """Each node's position and size, the groups (LAYOUT, left to right) and the view that shows them."""
     by_id = {n["id"]: n for n in spec}
     placed, groups = {}, []
-    x = GROUP_PAD
+    group_x = 0  # the next group's left edge
     bottom = 0
     for title, columns in LAYOUT:
         columns = [[i for i in column if i in by_id] for column in columns]
         columns = [column for column in columns if column]
         if not columns:
             continue
-        group_x = x - GROUP_PAD
+        x = group_x + GROUP_PAD
         group_bottom = 0
         for column in columns:
             y = GROUP_TITLE + GROUP_PAD + TITLE_HEIGHT
             for node_id in column:
                 node = by_id[node_id]
-                schema = schemas[node["type"]]
-                height = node_height(schema, node.get("widgets", {}))
+                height = node_height(schemas[node["type"]], node.get("widgets", {}))
                 height += STATUS_HEIGHT if node["type"] in STATUS_NODES else 0
                 height += ROOM.get(node["type"], 0)
                 placed[node_id] = ([x, y], [NODE_WIDTH, height])
-                group_bottom = max(group_bottom, y + height)
+                group_bottom = max(group_bottom, y + height + GROUP_PAD)
                 y += height + NODE_GAP + TITLE_HEIGHT
             x += NODE_WIDTH + COLUMN_GAP
-        x += GROUP_GAP - COLUMN_GAP + 2 * GROUP_PAD
-        groups.append({"title": title, "bounding": [group_x, 0, x - GROUP_GAP - GROUP_PAD - group_x,
-                                                   group_bottom + GROUP_PAD],
+        group_width = x - COLUMN_GAP + GROUP_PAD - group_x
+        groups.append({"title": title, "bounding": [group_x, 0, group_width, group_bottom],
                        "color": "#3f789e", "font_size": 24, "flags": {}})
-        bottom = max(bottom, group_bottom + GROUP_PAD)
+        bottom = max(bottom, group_bottom)
+        group_x += group_width + GROUP_GAP
     missing = sorted(set(by_id) - set(placed))
     if missing:
         raise ValueError(f"LAYOUT places no node {missing}")
-    width = x - GROUP_GAP - GROUP_PAD
+    width = group_x - GROUP_GAP
     left, top, right, below = VIEW_MARGIN
-    scale = min((VIEW[0] - left - right) / width, (VIEW[1] - top - below) / bottom, 1.0)
-    scale = int(scale * 100) / 100
+    scale = int(min((VIEW[0] - left - right) / width, (VIEW[1] - top - below) / bottom, 1.0) * 100) / 100
     # The canvas draws a point at (position + offset) * scale.
     return placed, groups, {"scale": scale, "offset": [round(left / scale), round(top / scale)]}
 

@@ -127,3 +127,26 @@ def test_the_check_catches_broken_workflows(mutate, needle):
 ])
 def test_the_check_follows_each_comfyuis_widgets(version, mutate, needle):
     assert any(needle in p for p in broken(mutate, version)), broken(mutate, version)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_nodes_as_written_do_not_overlap_and_groups_read_left_to_right(path):
+    """The layout make_workflows writes (title bars included); test_web.py checks the same in the
+    frontend, after it sized the nodes and the pack's lines rendered."""
+    from scripts.make_workflows import TITLE_HEIGHT
+    workflow = load(path)
+    boxes = [(n["id"], (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT))
+             for n in workflow["nodes"]]
+
+    def intersect(a, b):
+        return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+    assert [(i, j) for k, (i, a) in enumerate(boxes) for j, b in boxes[k + 1:] if intersect(a, b)] == []
+    groups = workflow["groups"]
+    assert [g["title"] for g in sorted(groups, key=lambda g: g["bounding"][0])] == [
+        "Load", "Condition", "Sample", "Decode"]
+    for node_id, box in boxes:
+        inside = [g["title"] for g in groups if g["bounding"][0] <= box[0] and box[0] + box[2] <= g["bounding"][0]
+                  + g["bounding"][2] and g["bounding"][1] <= box[1] and box[1] + box[3] <= g["bounding"][1]
+                  + g["bounding"][3]]
+        assert len(inside) == 1, (node_id, inside)
