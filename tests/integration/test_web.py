@@ -67,14 +67,18 @@ def page(server):
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(f"http://127.0.0.1:{server.port}/")
-        page.wait_for_function("() => window.app?.graph && window.LiteGraph?.registered_node_types?.LTX2QuantLoader",
-                               timeout=120_000)
+        # Ready once the frontend has also opened its first workflow (a blank one on a fresh server, a few
+        # hundred ms after the node types register): a graph edited before that load is replaced by it.
+        page.wait_for_function(STARTED, timeout=120_000)
+        page.wait_for_load_state("networkidle")
         page.evaluate("() => window.app.graph.clear()")
         page.errors = errors
         yield page
         browser.close()
 
 
+STARTED = """() => window.app?.graph && window.LiteGraph?.registered_node_types?.LTX2QuantLoader
+  && (window.app.extensionManager?.workflow === undefined || !!window.app.extensionManager.workflow.activeWorkflow)"""
 ADD_NODE = """(type) => {
   const node = window.LiteGraph.createNode(type);
   window.app.graph.add(node);
