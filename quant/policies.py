@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from . import weights
 from .ltx2 import BLOCK_LINEAR_RE, CONNECTOR_LINEAR_RE, is_audio_side, reads_few_tokens
 from .modes import Activation
+from .outliers import NONE as NO_OUTLIER_HANDLING, Outliers
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class Policy:
     activation: Activation = Activation.NONE  # what its block Linears' activations become where the GPU can
     scope: Scope = field(default_factory=Scope)
     outer_fp8_per_tensor: bool = False  # NVFP4 policies: their FP8 outer layers with one scale per tensor
+    # Smoothing and the low-rank branch for the block Linears in the policy's own format (quant.outliers).
+    # Applied by whatever quantizes with LayerDecision.outliers (the reference, `quality-layers`); the
+    # loader's conversion does not pass them yet, and no GPU path runs them (runtime.applies_outliers).
+    outliers: Outliers = NO_OUTLIER_HANDLING
 
     def with_scope(self, **changes) -> "Policy":
         """The policy with its scope changed: patterns (tuples) add to the scope's own, the other fields
@@ -145,6 +150,7 @@ class LayerDecision:
     # (ltx2.reads_few_tokens). The block Linears an NVFP4 scope puts in FP8 (Scope.wants_8bit) that
     # read video tokens run W8A8, as its NVFP4 layers do on the fast path.
     weight_only: bool = False
+    outliers: Outliers = NO_OUTLIER_HANDLING  # the policy's, on its own-format block Linears
 
     @property
     def changed(self) -> bool:
@@ -160,12 +166,15 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
     for layer, shape, source, nbytes in layers:
         target = source
         mixed_8bit = False  # a block Linear an NVFP4 scope puts in FP8: W8A8, like the fast path's NVFP4
+        handling = NO_OUTLIER_HANDLING
         if policy.weight_format is not None and len(shape) == 2 and policy.scope.selects(layer, num_blocks):
             in_block = BLOCK_LINEAR_RE.match(layer) is not None
             eight_bit = in_block and policy.scope.wants_8bit(layer)
             target = policy.weight_format if in_block and not eight_bit else policy.outer_format
             mixed_8bit = eight_bit and policy.weight_format == weights.NVFP4
             target = weights.fitting_format(target, shape)
+            if in_block and not eight_bit:
+                handling = policy.outliers
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         # The FP8 layers of a policy that is not W8A8 FP8 (fp8-cast's, an NVFP4 policy's connectors and
         # `include`d outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
@@ -174,7 +183,8 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
             reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
             or (target != source and policy.activation != Activation.FP8 and not mixed_8bit
                 and target in weights.FP8_FORMATS))
-        decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))
+        decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only,
+                                       handling if target != source else NO_OUTLIER_HANDLING))
     return decisions
 
 

@@ -21,6 +21,7 @@ from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error
 from .modes import Nvfp4Mode, layer_activation
+from .outliers import smoothed_amax
 from .safetensors_io import SafetensorsFile, write_text
 from .weights import QuantizedWeight, quantize_weight
 
@@ -110,13 +111,15 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
                                  f"needs the full-precision source")
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
-            qw = quantize_weight(weight.float(), decision.target_format)
+            channels = (channel_amax or {}).get(decision.layer)
+            qw = quantize_weight(weight.float(), decision.target_format, decision.outliers, channels)
             conf = layer_conf(decision)
             # NVFP4 layers as the exact mode runs them (weight-only): the fast modes differ per GPU.
             activation = layer_activation(conf, Nvfp4Mode.EXACT)
             if amax and decision.layer in amax and gets_input_scale(conf):
-                qw.tensors["input_scale"] = input_scale(amax[decision.layer], qw.format)
-            x = evaluation_inputs(weight.shape[1], tokens, seed, (channel_amax or {}).get(decision.layer))
+                layer_amax = smoothed_amax(amax[decision.layer], channels, qw.pre_quant_scale)
+                qw.tensors["input_scale"] = input_scale(layer_amax, qw.format)
+            x = evaluation_inputs(weight.shape[1], tokens, seed, channels)
             rows.append(layer_quality(decision.layer, weight, qw, bias, x, activation))
     return rows
 

@@ -42,21 +42,22 @@ def quantize_activation_reference(x: torch.Tensor, input_scale: torch.Tensor | N
 
 def reference_linear(x: torch.Tensor, weight: QuantizedWeight | torch.Tensor, bias: torch.Tensor | None = None,
                      activation: str = Activation.NONE) -> torch.Tensor:
-    """y = act(x) @ W^T + b in fp32; `activation` is a modes.Activation."""
-    if isinstance(weight, QuantizedWeight):
-        w = weight.dequantize(torch.float32)
-        input_scale, group = weight.input_scale, rotation(weight.format)
-    else:
-        w = weight.float()
-        input_scale, group = None, 0
-    if activation == Activation.NONE:
-        x32 = x.float()
-    else:
-        x32 = quantize_activation_reference(x, input_scale, activation, group)
-    y = x32 @ w.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y
+    """y = act(x) @ W^T + b in fp32; `activation` is a modes.Activation. A weight's outlier transforms
+    apply as the fast paths must: x * pre_quant_scale is what gets quantized, and the low-rank branch
+    reads x unquantized (weights.QuantizedWeight)."""
+    if not isinstance(weight, QuantizedWeight):
+        x32 = x.float() if activation == Activation.NONE else quantize_activation_reference(x, None, activation)
+        y = x32 @ weight.float().t()
+        return y if bias is None else y + bias.float()
+    smoothed = x.float() if weight.pre_quant_scale is None else x.float() * weight.pre_quant_scale.float()
+    if activation != Activation.NONE:
+        smoothed = quantize_activation_reference(smoothed, weight.input_scale, activation,
+                                                 rotation(weight.format))
+    y = smoothed @ weight.quantized_part(torch.float32).t()
+    if weight.low_rank is not None:
+        down, up = weight.low_rank
+        y = y + (x.float() @ down.float().t()) @ up.float().t()
+    return y if bias is None else y + bias.float()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

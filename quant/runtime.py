@@ -7,8 +7,8 @@ temporary memory (read by quant.memory). `choose_path()` is a lookup over those 
 decided up front from the compute capability (Hopper fails MX/NVFP4 GEMMs only at run time, so we
 never try): the first path, in PATHS order, that serves the layer's format and activation and can
 run; when none can, the activation falls back (ACTIVATION_FALLBACK: NVFP4 -> FP8 -> weight-only,
-INT8 -> weight-only) and the reason says why. A CUDA GPU always finds a GPU path; the fp32
-reference is the path of devices without CUDA, and the tests' oracle.
+INT8 -> weight-only) and the reason says why. A CUDA GPU always finds a GPU path (except for the
+outlier transforms below); the fp32 reference is the path of devices without CUDA, and the tests' oracle.
 
   nvfp4-native    Blackwell: activations to NVFP4 per 16 elements, native W4A4 block-scaled GEMM.
   mxfp8-native    Blackwell: activations to MXFP8 per 32 elements, native block-scaled GEMM.
@@ -26,6 +26,11 @@ reference is the path of devices without CUDA, and the tests' oracle.
   bf16-dequant    any CUDA GPU, 8-bit weight-only: expanded to 16 bits per call, 16-bit GEMM (fp16 on
                   Turing, which has no bf16).
   reference       devices without CUDA: dequantize, matmul in fp32 (correct, slow).
+
+Layers with outlier transforms (smoothing's pre_quant_scale, the low-rank branch: quant.outliers) run
+only on paths that declare `applies_outliers`: today the reference alone. Their GPU form (the scale
+applied in the activation-quantization kernels, the branch's two thin GEMMs beside the quantized one)
+is not written yet, so choose_path refuses such a layer on a CUDA GPU and says why.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class ExecutionPath:
     row_scale: str | None = None  # W8A8 paths: the prepared tensor holding the (1, N) weight scale
     fuses_gelu: bool = False  # its activation-quantization kernel applies the FFN GELU (run's gelu_fused)
     reblocks_mxfp8: bool = False  # holds an MXFP8 layer as per-row FP8 (3% smaller than MXFP8 storage)
+    applies_outliers: bool = False  # runs a weight's pre_quant_scale and low-rank branch (quant.outliers)
 
 
 class PathChoice(NamedTuple):
@@ -311,7 +317,7 @@ REFERENCE = ExecutionPath(
     frozenset({(fmt, Activation.NONE) for fmt in FORMATS} | _pairs((*FP8_FORMATS, MXFP8), Activation.FP8)
               | _pairs(INT8_FORMATS, Activation.INT8)),
     lambda cap, shape: "the fp32 reference is the path of devices without CUDA" if cap.device_type == "cuda" else None,
-    _prepare_as_stored, _run_reference, expanded_bytes_per_weight=4)
+    _prepare_as_stored, _run_reference, expanded_bytes_per_weight=4, applies_outliers=True)
 
 PATHS: tuple[ExecutionPath, ...] = (
     ExecutionPath("nvfp4-native", "native NVFP4 W4A4 block-scaled GEMM, activations to NVFP4 per 16 elements",
@@ -342,9 +348,10 @@ PATHS: tuple[ExecutionPath, ...] = (
 BY_NAME = {path.name: path for path in (*PATHS, REFERENCE)}
 
 
-def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int]) -> PathChoice:
+def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int],
+                outlier_transforms: bool = False) -> PathChoice:
     """The path for a layer of `fmt` whose activations are asked to be `activation`, why, and the
-    activation it runs."""
+    activation it runs. `outlier_transforms`: the weight has a pre_quant_scale or a low-rank branch."""
     if fmt not in FORMATS:
         raise ValueError(f"no execution path for format {fmt!r}")
     candidates = (REFERENCE,) if REFERENCE.requires(cap, shape) is None else PATHS
@@ -355,6 +362,8 @@ def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, in
             if (fmt, wanted) not in path.serves:
                 continue
             why = path.requires(cap, shape)
+            if why is None and outlier_transforms and not path.applies_outliers:
+                why = "smoothing and the low-rank branch have no GPU kernels yet (the fp32 reference runs them)"
             if why is None:
                 reason = f"{cap.describe()}: {path.summary}"
                 if wanted != asked:
@@ -403,7 +412,8 @@ def stored_form(path: str, tensors: dict[str, torch.Tensor], fmt: str, shape: tu
     inverse of prepare(). For a re-blocked MXFP8 layer that is the exact per-row FP8 form (an MXFP8
     file can be re-derived from it, see to_file_format)."""
     n, _ = shape
-    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale") if key in tensors}
+    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale",
+                                          "low_rank_down", "low_rank_up") if key in tensors}
     if BY_NAME[path].prepare is _prepare_rows:
         scale = keep["weight_scale"]
         if fmt == FP8_TENSOR:
@@ -459,7 +469,9 @@ class PreparedLinear:
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: str,
                  device: torch.device | str, name: str = ""):
         self.shape, self.format = qw.shape, qw.format
-        self.path, self.reason, self.activation = choose_path(qw.format, activation, capability(device), qw.shape)
+        transforms = qw.pre_quant_scale is not None or qw.low_rank is not None
+        self.path, self.reason, self.activation = choose_path(qw.format, activation, capability(device), qw.shape,
+                                                              transforms)
         self.tensors = prepare(qw, self.path, device)
         self.bias = None if bias is None else bias.to(device)
         log.debug("%s %s -> %s (%s)", name, qw.format, self.path, self.reason)

@@ -5,6 +5,10 @@ Format names are ComfyUI's (`float8_e4m3fn`, `mxfp8`, `nvfp4`, `int8_tensorwise`
 meant for stock ComfyUI are written with per-tensor scales), and `int8_tensorwise_convrot`, our name
 for ComfyUI's `int8_tensorwise` layer with `"convrot": true` (weights stored rotated by a
 block Hadamard of CONVROT_GROUP_SIZE; format_from_conf / conf_for_format translate).
+
+Any format may carry the outlier transforms of quant.outliers as extra tensors: `pre_quant_scale`
+(smoothing; stock ComfyUI v0.33 applies it to NVFP4 layers, ignores it on others) and
+`low_rank_down` / `low_rank_up` (the bf16 branch; pack-only). The checkpoint writer does not write them yet.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import formats
+from . import formats, outliers
 
 FP8_TENSOR = "float8_e4m3fn"
 FP8_ROWWISE = "float8_e4m3fn_rowwise"
@@ -78,8 +82,10 @@ def conf_for_format(fmt: str) -> dict:
 class QuantizedWeight:
     """Packed weight of a Linear with logical shape (out_features, in_features).
 
-    `tensors` uses the checkpoint's suffixes: `weight`, `weight_scale`, `weight_scale_2`, and the
-    optional static activation scale `input_scale`."""
+    `tensors` uses the checkpoint's suffixes: `weight`, `weight_scale`, `weight_scale_2`, the
+    optional static activation scale `input_scale` and the outlier transforms (module docstring):
+    the layer computes (quantize(rotate(x * pre_quant_scale)) @ stored^T + (x @ low_rank_down^T) @
+    low_rank_up^T; `input_scale` is the scale of x * pre_quant_scale."""
 
     format: str
     shape: tuple[int, int]
@@ -96,6 +102,17 @@ class QuantizedWeight:
     @property
     def input_scale(self) -> torch.Tensor | None:
         return self.tensors.get("input_scale")
+
+    @property
+    def pre_quant_scale(self) -> torch.Tensor | None:
+        return self.tensors.get("pre_quant_scale")
+
+    @property
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(down (r, K), up (N, r)) of the bf16 branch, or None."""
+        if "low_rank_down" not in self.tensors:
+            return None
+        return self.tensors["low_rank_down"], self.tensors["low_rank_up"]
 
     @property
     def nbytes(self) -> int:
@@ -126,7 +143,9 @@ class QuantizedWeight:
             tensors[suffix] = tensors[suffix].reshape(stored[suffix][1])
         return cls(fmt, tuple(shape), tensors)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def quantized_part(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The quantized matrix, rotation undone: the weight the smoothed input x * pre_quant_scale
+        meets, without the low-rank branch."""
         if self.format in (FP8_TENSOR, FP8_ROWWISE):
             return formats.dequantize_fp8(self.data, self.scale, dtype)
         if self.format == MXFP8:
@@ -134,6 +153,31 @@ class QuantizedWeight:
         if self.format in INT8_FORMATS:
             return formats.dequantize_int8(self.data, self.scale, rotation(self.format), dtype)
         return formats.dequantize_nvfp4(self.data, self.scale, self.tensors["weight_scale_2"], self.shape, dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, W such that its output is x @ W^T for unquantized x."""
+        if self.pre_quant_scale is None and self.low_rank is None:
+            return self.quantized_part(dtype)
+        return self._undo_outlier_transforms(self.quantized_part(torch.float32)).to(dtype)
+
+    def _undo_outlier_transforms(self, part: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            part = part * self.pre_quant_scale.float()
+        if self.low_rank is not None:
+            down, up = self.low_rank
+            part = part + up.float() @ down.float()
+        return part
+
+    def to_quantized_basis(self, dense: torch.Tensor) -> torch.Tensor:
+        """The inverse of dequantize before rounding: what the quantized part must hold for the layer to
+        compute with `dense` (fp32, rotation not applied)."""
+        dense = dense.float()
+        if self.low_rank is not None:
+            down, up = self.low_rank
+            dense = dense - up.float() @ down.float()
+        if self.pre_quant_scale is not None:
+            dense = dense / self.pre_quant_scale.float()
+        return dense
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         return QuantizedWeight(self.format, self.shape, {k: v.to(device) for k, v in self.tensors.items()})
@@ -157,15 +201,36 @@ def _amax(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([chunk.abs().amax() for chunk in _row_chunks(w)]).amax()
 
 
-def quantize_weight(w: torch.Tensor, fmt: str) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = outliers.NONE,
+                    channel_amax: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a 2-D weight to `fmt`, in row chunks (identical bytes to one pass: scales that span
-    the tensor are computed first). Raises FormatError for shapes the format cannot hold."""
+    the tensor are computed first), with `handling`'s outlier transforms (smoothing needs the layer's
+    calibrated per-channel amax; without it the layer is not smoothed). Raises FormatError for shapes
+    the format cannot hold."""
     check_format(fmt)
     if w.dim() != 2:
         raise FormatError(f"{fmt} holds 2-D Linear weights only, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise FormatError(f"{fmt} quantizes floating-point weights, got {w.dtype}")
     shape = (int(w.shape[0]), int(w.shape[1]))
+    transforms = {}
+    if handling.smooth_alpha and channel_amax is not None:
+        transforms["pre_quant_scale"] = outliers.pre_quant_scale(channel_amax, w, handling.smooth_alpha)
+    if handling.low_rank_bytes:
+        smoothed = QuantizedWeight(fmt, shape, transforms).to_quantized_basis(w)
+        rank = outliers.branch_rank(torch.linalg.svdvals(smoothed), shape, storage_nbytes(fmt, shape),
+                                    handling.low_rank_bytes)
+        if rank:
+            down, up = outliers.split_low_rank(smoothed, rank)
+            if "pre_quant_scale" in transforms:  # the branch reads x itself: (x * p) @ down^T = x @ (down * p)^T
+                down = (down.float() * transforms["pre_quant_scale"].float()).to(outliers.BRANCH_DTYPE)
+            transforms.update(low_rank_down=down, low_rank_up=up)
+    if transforms:
+        # The residual against the stored (rounded) branch and scale, so their rounding is quantized too.
+        w = QuantizedWeight(fmt, shape, transforms).to_quantized_basis(w)
+        out = quantize_weight(w, fmt)
+        out.tensors.update(transforms)
+        return out
     chunks = _row_chunks(w)
     if fmt in (FP8_TENSOR, FP8_ROWWISE):
         if fmt == FP8_ROWWISE:
@@ -238,7 +303,7 @@ def requantize_like(qw: QuantizedWeight, dense: torch.Tensor, seed: int | None =
     With `seed`, elements round stochastically, so deltas below one quantization step survive on
     average instead of vanishing (ComfyUI core merges LoRAs into FP8 the same way)."""
     n, k = qw.shape
-    dense = dense.float()
+    dense = qw.to_quantized_basis(dense)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=dense.device).manual_seed(seed % (2 ** 63))
