@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quant.calibration import AmaxRecorder, input_scale, outlier_ratio  # noqa: E402
+from quant.outliers import NONE, Outliers, smoothed_amax  # noqa: E402
 from quant.quality import cosine_similarity  # noqa: E402
 from quant.reference import reference_linear, relative_error  # noqa: E402
 from quant.safetensors_io import SafetensorsFile  # noqa: E402
@@ -40,11 +41,14 @@ EVALUATION = ["A woman is slicing an onion in the kitchen.", "Stock prices fell 
               "Diffusion transformers denoise latent video frames step by step.",
               "Two children are running across a sunny beach.", "The committee postponed its decision until May.",
               "Photosynthesis converts light energy into chemical energy."]
-# (label, weight format, activation, layers kept in full precision, activation scale): FP8 activations
+# (label, weight format, activation, layers kept in full precision, activation scale[, outlier handling]):
+# FP8 activations
 # take a per-token scale of each call unless the scale is "calibrated" (static, from other sentences),
 # "unit" (static 1.0) or "tensor" (one per-tensor amax of each call). The "core" rows are ComfyUI's
 # pre-quantized FP8 math: per-tensor weights, activations with the file's input_scale (1.0 in the
 # anchors' measurement, calibrated in Lightricks' files) or, without one, the call's per-tensor amax.
+SMOOTH, BRANCH = Outliers(smooth_alpha=0.5), Outliers(low_rank_bytes=0.1)
+SMOOTH_BRANCH = Outliers(smooth_alpha=0.5, low_rank_bytes=0.1)
 VARIANTS = [
     ("bf16 weights", "bf16", "none", (), None),
     ("fp8-cast", FP8_ROWWISE, "none", (), None),
@@ -60,6 +64,16 @@ VARIANTS = [
     ("nvfp4 + FP8 activations (Hopper fast)", NVFP4, "fp8", (), None),
     ("nvfp4, first+last layer kept", NVFP4, "none", (0, 5), None),
     ("nvfp4, FFN output (net.2 analogue) kept", NVFP4, "none", ("output.dense",), None),
+    # quant.outliers, from the calibration's per-channel amax (SMOOTH) and the weights' spectrum (BRANCH)
+    ("fp8-scaled-mm + smoothing", FP8_ROWWISE, "fp8", (), None, SMOOTH),
+    ("mxfp8 + smoothing", MXFP8, "fp8", (), None, SMOOTH),
+    ("int8-scaled-mm + smoothing", INT8, "int8", (), None, SMOOTH),
+    ("int8-scaled-mm + smoothing + low-rank", INT8, "int8", (), None, SMOOTH_BRANCH),
+    ("int8-convrot + smoothing", INT8_CONVROT, "int8", (), None, SMOOTH),
+    ("nvfp4 + smoothing", NVFP4, "none", (), None, SMOOTH),
+    ("nvfp4 + low-rank", NVFP4, "none", (), None, BRANCH),
+    ("nvfp4 + smoothing + low-rank", NVFP4, "none", (), None, SMOOTH_BRANCH),
+    ("nvfp4 + FP8 act. + smoothing + low-rank", NVFP4, "fp8", (), None, SMOOTH_BRANCH),
 ]
 
 
@@ -142,19 +156,25 @@ def calibrate(weights: dict, vocab: dict) -> AmaxRecorder:
 
 
 def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, keep: tuple, scale: str | None,
-                     amax: dict):
-    """The encoder's Linears under one variant; `quantized[fmt]` caches each format's weights."""
+                     amax: dict, handling: Outliers = NONE, channels: dict | None = None):
+    """The encoder's Linears under one variant; `quantized[(fmt, handling)]` caches each format's weights.
+    `handling` (quant.outliers) smooths with the calibration's per-channel amax `channels`."""
     names = [f"encoder.layer.{n}.{m}" for n in range(6) for m in LINEARS]
-    if fmt not in quantized:
+    if handling.smooth_alpha and channels is None:
+        raise ValueError("smoothing needs the calibration's per-channel amax (channels)")
+    if (fmt, handling) not in quantized:
         # ConvRot needs whole 256-feature groups: only the 1,536-wide FFN output has them (plan()'s rule).
-        quantized[fmt] = {name: (weights[name + ".weight"].bfloat16().float() if fmt == "bf16" else quantize_weight(
-            weights[name + ".weight"], fitting_format(fmt, weights[name + ".weight"].shape))) for name in names}
+        quantized[(fmt, handling)] = {name: (
+            weights[name + ".weight"].bfloat16().float() if fmt == "bf16" else quantize_weight(
+                weights[name + ".weight"], fitting_format(fmt, weights[name + ".weight"].shape), handling,
+                (channels or {}).get(name))) for name in names}
     layers, modes = {}, {}
     for name in names:
         n, m = int(name.split(".")[2]), name.split(".", 3)[3]
-        layer = weights[name + ".weight"] if n in keep or m in keep else quantized[fmt][name]
+        layer = weights[name + ".weight"] if n in keep or m in keep else quantized[(fmt, handling)][name]
         if scale in ("calibrated", "unit") and not isinstance(layer, torch.Tensor):
-            static = input_scale(amax[name], fmt) if scale == "calibrated" else torch.tensor(1.0)
+            layer_amax = smoothed_amax(amax[name], (channels or {}).get(name), layer.pre_quant_scale)
+            static = input_scale(layer_amax, fmt) if scale == "calibrated" else torch.tensor(1.0)
             layer = QuantizedWeight(layer.format, layer.shape, {**layer.tensors, "input_scale": static})
         layers[name], modes[name] = layer, "none" if isinstance(layer, torch.Tensor) else activation
 
@@ -175,8 +195,9 @@ def measure() -> dict:
     inputs = [tokenize(text, vocab) for text in EVALUATION]
     reference = encode(weights, inputs, full_precision(weights))
     rows, quantized = [], {}
-    for label, fmt, activation, keep, scale in VARIANTS:
-        states = encode(weights, inputs, quantized_linear(weights, quantized, fmt, activation, keep, scale, amax))
+    for label, fmt, activation, keep, scale, *handling in VARIANTS:
+        run = quantized_linear(weights, quantized, fmt, activation, keep, scale, amax, *handling, channels=channels)
+        states = encode(weights, inputs, run)
         rows.append({
             "variant": label,
             "token_cosine": sum(cosine_similarity(s, r) for s, r in zip(states, reference)) / len(inputs),
