@@ -22,9 +22,9 @@ import torch
 
 BRANCH_DTYPE = torch.bfloat16
 # A singular direction goes into the branch only while its singular value is at least this many times
-# the median one: a flat spectrum (random weights) keeps no branch, real weights keep their few
-# dominant directions. On the real-weights proxy with smoothing, 3x took 61% of the rank the byte cap
-# allowed for the same sentence cosine (0.9844 against 0.9849, docs/QUALITY.md).
+# the median one: a flat spectrum (random Gaussian weights: largest/median about 2-3x) keeps no
+# branch, and the byte cap is spent only where a few directions dominate (real weights, and smoothed
+# weights whose outlier columns were scaled up).
 LOW_RANK_KNEE = 3.0
 
 
@@ -60,6 +60,9 @@ def pre_quant_scale(channel_amax: torch.Tensor, weight: torch.Tensor, alpha: flo
     w_amax = weight.float().abs().amax(dim=0)
     if x_amax.shape != w_amax.shape:
         raise ValueError(f"per-channel amax has {x_amax.numel()} values, the weight takes {w_amax.numel()} inputs")
+    if not bool(torch.isfinite(x_amax).all()) or bool((x_amax < 0).any()):
+        bad = x_amax[~torch.isfinite(x_amax) | (x_amax < 0)][0].item()
+        raise ValueError(f"per-channel amax must be finite and non-negative, got {bad}")
     usable = (x_amax > 0) & (w_amax > 0)
     s = x_amax.clamp(min=torch.finfo(torch.float32).tiny) ** alpha / w_amax.clamp(
         min=torch.finfo(torch.float32).tiny) ** (1.0 - alpha)
@@ -77,18 +80,18 @@ def smoothed_amax(amax: float, channel_amax: torch.Tensor | None, scale: torch.T
     return float((channel_amax.float() * scale.float()).max())
 
 
-def branch_rank(singular_values: torch.Tensor, shape: tuple[int, int], quantized_bytes: int,
-                byte_fraction: float) -> int:
-    """The rank of the bf16 branch: the directions at least LOW_RANK_KNEE times the median singular
-    value, at most as many as `byte_fraction` of the quantized weight's bytes pay for."""
-    n, k = shape
+def low_rank_branch(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(down (r, K), up (N, r)) in BRANCH_DTYPE, up @ down the best rank-r approximation of `weight`
+    (truncated SVD, the singular values folded into up), or None for rank 0. r counts the directions
+    at least LOW_RANK_KNEE times the median singular value, at most as many as `byte_fraction` of the
+    quantized weight's bytes pay for."""
+    n, k = weight.shape
     cap = int(byte_fraction * quantized_bytes // ((n + k) * BRANCH_DTYPE.itemsize))
-    dominant = int((singular_values >= LOW_RANK_KNEE * singular_values.median()).sum())
-    return min(cap, dominant)
-
-
-def split_low_rank(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down (rank, K), up (N, rank)) in BRANCH_DTYPE with up @ down the best rank-`rank` approximation
-    of `weight` (truncated SVD, the singular values folded into up)."""
+    if cap < 1:
+        return None
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    rank = min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
+    if rank == 0:
+        return None
     return vh[:rank].to(BRANCH_DTYPE), (u[:, :rank] * s[:rank]).to(BRANCH_DTYPE)

@@ -218,10 +218,9 @@ def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = out
         transforms["pre_quant_scale"] = outliers.pre_quant_scale(channel_amax, w, handling.smooth_alpha)
     if handling.low_rank_bytes:
         smoothed = QuantizedWeight(fmt, shape, transforms).to_quantized_basis(w)
-        rank = outliers.branch_rank(torch.linalg.svdvals(smoothed), shape, storage_nbytes(fmt, shape),
-                                    handling.low_rank_bytes)
-        if rank:
-            down, up = outliers.split_low_rank(smoothed, rank)
+        branch = outliers.low_rank_branch(smoothed, storage_nbytes(fmt, shape), handling.low_rank_bytes)
+        if branch is not None:
+            down, up = branch
             if "pre_quant_scale" in transforms:  # the branch reads x itself: (x * p) @ down^T = x @ (down * p)^T
                 down = (down.float() * transforms["pre_quant_scale"].float()).to(outliers.BRANCH_DTYPE)
             transforms.update(low_rank_down=down, low_rank_up=up)
