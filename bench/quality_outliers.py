@@ -58,10 +58,10 @@ def outlier_gains(channels: int, max_ratio: float, generator: torch.Generator) -
     gains = torch.exp(BULK_SIGMA * torch.randn(channels, generator=generator))
     count = max(1, round(OUTLIER_FRACTION * channels))
     picked = torch.randperm(channels, generator=generator)[:count]
-    spread = torch.rand(count, generator=generator)
-    spread[0] = 1.0
-    gains[picked] = math.exp(math.log(4.0)) * (max_ratio / 4.0) ** spread
-    return gains / gains.median()
+    gains[picked] = gains.median() * 4.0 * (max_ratio / 4.0) ** torch.rand(count, generator=generator)
+    gains = gains / gains.median()
+    gains[picked[0]] = max_ratio  # above the median, so the median stays 1
+    return gains
 
 
 class Block:
