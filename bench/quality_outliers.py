@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quant.calibration import AmaxRecorder, outlier_ratio  # noqa: E402
-from quant.outliers import NONE, Outliers  # noqa: E402
-from quant.reference import reference_linear, relative_error  # noqa: E402
-from quant.weights import FP8_ROWWISE, INT8, INT8_CONVROT, MXFP8, NVFP4, quantize_weight  # noqa: E402
+from quant.calibration import AmaxRecorder, outlier_ratio
+from quant.outliers import NONE, Outliers
+from quant.reference import reference_linear, relative_error
+from quant.weights import FP8_ROWWISE, INT8, INT8_CONVROT, MXFP8, NVFP4, quantize_weight
 
 # Largest channel / median channel of each Linear's input (the upper ends measured on the real proxy).
 ATTENTION_RATIO, FFN_IN_RATIO, FFN_OUT_RATIO = 8.0, 25.0, 42.0
@@ -100,7 +100,7 @@ def measure(width: int, num_blocks: int, tokens: int, seed: int = 0, log=print) 
     g = torch.Generator().manual_seed(seed)
     blocks = [Block(width, g, f"blocks.{n}") for n in range(num_blocks)]
     weights = {name: w for block in blocks for name, w in block.weights.items()}
-    full = lambda name, x: x @ weights[name].t()  # noqa: E731
+    full = lambda name, x: x @ weights[name].t()
     recorder = AmaxRecorder()
 
     def observed(name, x):
@@ -121,7 +121,8 @@ def measure(width: int, num_blocks: int, tokens: int, seed: int = 0, log=print) 
         quantized = {name: quantize_weight(w, fmt, handling, channels[name]) for name, w in weights.items()}
         layer_error = {name: relative_error(reference_linear(inputs[name], qw, None, activation), full(name, inputs[name]))
                        for name, qw in quantized.items()}
-        output = run_model(blocks, evaluation, lambda name, x: reference_linear(x, quantized[name], None, activation))
+        output = run_model(blocks, evaluation,
+                           lambda name, x, layers=quantized, mode=activation: reference_linear(x, layers[name], None, mode))
         extra = sum(qw.nbytes for qw in quantized.values()) / sum(quantize_weight(w, fmt).nbytes for w in weights.values()) - 1
         rows.append({"variant": label, "layer_error": layer_error, "model_error": relative_error(output, reference),
                      "extra_bytes": extra})
