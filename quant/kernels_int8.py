@@ -68,16 +68,24 @@ def gemm_class(device: torch.device | str) -> str:
 
 if AVAILABLE:
     @triton.jit
-    def _plain_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _smoothed(v, pre_scale_ptr, cols, K: tl.constexpr, PRE_SCALE: tl.constexpr):
+        """v times the layer's smoothing factor per input feature (quant.outliers.pre_quant_scale)."""
+        if PRE_SCALE:
+            v = v * tl.load(pre_scale_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _plain_values(x_row, pre_scale_ptr, start, K: tl.constexpr, GELU: tl.constexpr, PRE_SCALE: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
         cols = start + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         if GELU:
             v = _gelu_tanh(v)  # gelu(0) = 0: masked lanes stay out of the amax
-        return v, cols
+        return _smoothed(v, pre_scale_ptr, cols, K, PRE_SCALE), cols
 
     @triton.jit
-    def _rotated_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, GROUP: tl.constexpr,
-                        GROUP_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _rotated_values(x_row, pre_scale_ptr, start, K: tl.constexpr, GELU: tl.constexpr, PRE_SCALE: tl.constexpr,
+                        GROUP: tl.constexpr, GROUP_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         """x[row, start:start + BLOCK_K] @ blockdiag(H, ..., H), as (BLOCK_K / 8, 8) values and their
         output columns. H = H4 (x) ... (x) H4 / sqrt(GROUP) and H4 = (J - 2I) R (J all ones, R the 4 x 4
         reversal), so x H is x (J - 2I) (x) ... (x) (J - 2I), reversed within each group, / sqrt(GROUP):
@@ -89,6 +97,7 @@ if AVAILABLE:
         v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)  # K holds whole groups
         if GELU:
             v = _gelu_tanh(v)
+        v = _smoothed(v, pre_scale_ptr, cols, K, PRE_SCALE)  # smoothing, then the rotation, as the weight was
         if GROUP == 256:
             v = tl.reshape(v, (BLOCK_K // GROUP, 4, 4, 4, 4))
         else:
@@ -104,12 +113,13 @@ if AVAILABLE:
         return tl.reshape(v, (BLOCK_K // 8, 8)) * GROUP_SCALE, mirrored[:, None] * 8 + tl.arange(0, 8)[None, :]
 
     @triton.jit
-    def _quantizer_values(x_row, start, K: tl.constexpr, GELU: tl.constexpr, ROTATE_GROUP: tl.constexpr,
-                          ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _quantizer_values(x_row, pre_scale_ptr, start, K: tl.constexpr, GELU: tl.constexpr, PRE_SCALE: tl.constexpr,
+                          ROTATE_GROUP: tl.constexpr, ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         if ROTATE_GROUP == 0:
-            v, cols = _plain_values(x_row, start, K, GELU, BLOCK_K)
+            v, cols = _plain_values(x_row, pre_scale_ptr, start, K, GELU, PRE_SCALE, BLOCK_K)
         else:
-            v, cols = _rotated_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
+            v, cols = _rotated_values(x_row, pre_scale_ptr, start, K, GELU, PRE_SCALE, ROTATE_GROUP, ROTATE_SCALE,
+                                      BLOCK_K)
         return v, cols
 
     _INT8_MAX = tl.constexpr(formats.INT8_MAX)
@@ -130,24 +140,26 @@ if AVAILABLE:
         return ((q + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23 leaves no fraction bits
 
     @triton.jit
-    def _quantize_int8_kernel(x_ptr, out_ptr, scale_ptr, stride_x, stride_out,
-                              K: tl.constexpr, GELU: tl.constexpr,
+    def _quantize_int8_kernel(x_ptr, pre_scale_ptr, out_ptr, scale_ptr, stride_x, stride_out,
+                              K: tl.constexpr, GELU: tl.constexpr, PRE_SCALE: tl.constexpr,
                               ROTATE_GROUP: tl.constexpr, ROTATE_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         if K <= BLOCK_K:  # the whole row in registers: one read from memory
-            v, cols = _quantizer_values(x_row, 0, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
+            v, cols = _quantizer_values(x_row, pre_scale_ptr, 0, K, GELU, PRE_SCALE, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
             inverse = _int8_row_scale(_abs_max_bits(v), scale_ptr + row)
             tl.store(out_row + cols, _round_to_int8(v * inverse), mask=cols < K)
         else:  # long rows: amax pass, then quantize pass (the re-read mostly hits L2)
             amax_bits = 0
             for start in range(0, K, BLOCK_K):
-                v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
+                v, cols = _quantizer_values(x_row, pre_scale_ptr, start, K, GELU, PRE_SCALE, ROTATE_GROUP, ROTATE_SCALE,
+                                             BLOCK_K)
                 amax_bits = tl.maximum(amax_bits, _abs_max_bits(v))
             inverse = _int8_row_scale(amax_bits, scale_ptr + row)
             for start in range(0, K, BLOCK_K):
-                v, cols = _quantizer_values(x_row, start, K, GELU, ROTATE_GROUP, ROTATE_SCALE, BLOCK_K)
+                v, cols = _quantizer_values(x_row, pre_scale_ptr, start, K, GELU, PRE_SCALE, ROTATE_GROUP, ROTATE_SCALE,
+                                             BLOCK_K)
                 tl.store(out_row + cols, _round_to_int8(v * inverse), mask=cols < K)
 
     @triton.jit
@@ -246,7 +258,7 @@ def _check_rotation(cols: int, group: int) -> None:
                          f"{ROTATE_GROUPS} and divide the features")
 
 
-def _quantize_int8_launch(x: torch.Tensor, gelu: bool, rotate_groupsize: int,
+def _quantize_int8_launch(x: torch.Tensor, gelu: bool, rotate_groupsize: int, pre_quant_scale: torch.Tensor | None = None,
                           wrap=_identity, block_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_k`: features read at a time (default: kernels.row_block, the whole row up to 16,384
     features, rotated rows too: their rotation is then computed once, not twice); the benchmark and
@@ -254,13 +266,16 @@ def _quantize_int8_launch(x: torch.Tensor, gelu: bool, rotate_groupsize: int,
     rows, cols = x.shape
     if rotate_groupsize:
         _check_rotation(cols, rotate_groupsize)
+    if pre_quant_scale is not None and pre_quant_scale.numel() != cols:
+        raise ValueError(f"pre_quant_scale has {pre_quant_scale.numel()} values for rows of {cols} features")
     out = torch.empty((rows, cols), dtype=torch.int8, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, scale
     block_k = block_k or row_block(cols)
     wrap(_quantize_int8_kernel)[(rows,)](
-        x, out, scale, x.stride(0), out.stride(0), K=cols, GELU=gelu,
+        x, x if pre_quant_scale is None else pre_quant_scale, out, scale, x.stride(0), out.stride(0), K=cols, GELU=gelu,
+        PRE_SCALE=pre_quant_scale is not None,
         ROTATE_GROUP=rotate_groupsize, ROTATE_SCALE=rotate_groupsize ** -0.5 if rotate_groupsize else 1.0,
         BLOCK_K=block_k, num_warps=row_warps(block_k))
     return out, scale
@@ -374,8 +389,9 @@ def _checked_operands(a, b, a_scale, b_scale):
 # code; eager callers launch directly (see quant.kernels).
 
 @torch.library.triton_op("ltx2q::quantize_int8_rows", mutates_args=())
-def _quantize_int8_rows_op(x: torch.Tensor, gelu: bool, rotate_groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_int8_launch(x, gelu, rotate_groupsize, wrap=torch.library.wrap_triton)
+def _quantize_int8_rows_op(x: torch.Tensor, gelu: bool, rotate_groupsize: int, pre_quant_scale: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_int8_launch(x, gelu, rotate_groupsize, pre_quant_scale, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("ltx2q::int8_scaled_mm", mutates_args=())
@@ -385,17 +401,20 @@ def _int8_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, 
                            wrap=torch.library.wrap_triton)
 
 
-def quantize_int8_rows(x: torch.Tensor, gelu: bool = False, rotate_groupsize: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_rows(x: torch.Tensor, gelu: bool = False, rotate_groupsize: int = 0,
+                       pre_quant_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) bf16/fp16/fp32 -> (int8 (M, K), fp32 (M, 1) decode scales), per row amax/127; with
     `gelu` of gelu_tanh(x) (in fp32), with `rotate_groupsize` (256 or 1024) of x rotated by ConvRot
-    (after the GELU), all in one pass. Under torch.compile the plain case is traced as the reference
-    formula, so Inductor fuses it into the op that produced x; the others run the kernel."""
+    (after the GELU), with `pre_quant_scale` (K,) of x times a smoothing factor per feature (after the
+    GELU, before the rotation), all in one pass. Under torch.compile the plain case is traced as the
+    reference formula, so Inductor fuses it into the op that produced x; the others run the kernel."""
     if torch.compiler.is_compiling():
-        if gelu or rotate_groupsize:
-            return _quantize_int8_rows_op(x.contiguous(), gelu, rotate_groupsize)
+        if gelu or rotate_groupsize or pre_quant_scale is not None:
+            return _quantize_int8_rows_op(x.contiguous(), gelu, rotate_groupsize,
+                                          None if pre_quant_scale is None else pre_quant_scale.contiguous())
         return formats.quantize_int8_rowwise_dynamic(x)
-    return _quantize_int8_launch(x.contiguous(), gelu, rotate_groupsize)
+    return _quantize_int8_launch(x.contiguous(), gelu, rotate_groupsize,
+                                 None if pre_quant_scale is None else pre_quant_scale.contiguous())
 
 
 def int8_scaled_mm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -7,8 +7,8 @@ temporary memory (read by quant.memory). `choose_path()` is a lookup over those 
 decided up front from the compute capability (Hopper fails MX/NVFP4 GEMMs only at run time, so we
 never try): the first path, in PATHS order, that serves the layer's format and activation and can
 run; when none can, the activation falls back (ACTIVATION_FALLBACK: NVFP4 -> FP8 -> weight-only,
-INT8 -> weight-only) and the reason says why. A CUDA GPU always finds a GPU path (except for the
-outlier transforms below); the fp32 reference is the path of devices without CUDA, and the tests' oracle.
+INT8 -> weight-only) and the reason says why. A CUDA GPU always finds a GPU path; the fp32 reference
+is the path of devices without CUDA, and the tests' oracle.
 
   nvfp4-native    Blackwell: activations to NVFP4 per 16 elements, native W4A4 block-scaled GEMM.
   mxfp8-native    Blackwell: activations to MXFP8 per 32 elements, native block-scaled GEMM.
@@ -27,10 +27,11 @@ outlier transforms below); the fp32 reference is the path of devices without CUD
                   Turing, which has no bf16).
   reference       devices without CUDA: dequantize, matmul in fp32 (correct, slow).
 
-Layers with outlier transforms (smoothing's pre_quant_scale, the low-rank branch: quant.outliers) run
-only on paths that declare `applies_outliers`: today the reference alone. Their GPU form (the scale
-applied in the activation-quantization kernels, the branch's two thin GEMMs beside the quantized one)
-is not written yet, so choose_path refuses such a layer on a CUDA GPU and says why.
+Layers with outlier transforms (quant.outliers) run on every path: run() multiplies the input by
+smoothing's pre_quant_scale before the path quantizes it (one elementwise pass), except on paths whose
+activation quantizer applies it itself (`fuses_pre_quant_scale`: the INT8 kernel), and adds the
+low-rank branch as two thin 16-bit GEMMs on the unquantized input. The reference applies both itself
+(reference_linear).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class ExecutionPath:
     row_scale: str | None = None  # W8A8 paths: the prepared tensor holding the (1, N) weight scale
     fuses_gelu: bool = False  # its activation-quantization kernel applies the FFN GELU (run's gelu_fused)
     reblocks_mxfp8: bool = False  # holds an MXFP8 layer as per-row FP8 (3% smaller than MXFP8 storage)
-    applies_outliers: bool = False  # runs a weight's pre_quant_scale and low-rank branch (quant.outliers)
+    applies_outliers: bool = False  # its run() applies pre_quant_scale and the low-rank branch itself
+    fuses_pre_quant_scale: bool = False  # its activation quantizer multiplies by pre_quant_scale (one pass)
 
 
 class PathChoice(NamedTuple):
@@ -224,7 +226,7 @@ def _run_fp8(path: ExecutionPath) -> PathRun:
 
 
 def _run_int8(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
-    a, a_scale = kernels_int8.quantize_int8_rows(x2d, gelu, rotation(fmt))
+    a, a_scale = kernels_int8.quantize_int8_rows(x2d, gelu, rotation(fmt), tensors.get("pre_quant_scale"))
     return kernels_int8.int8_scaled_mm(a, tensors["weight"], a_scale, tensors["weight_scale"], bias, out_dtype)
 
 
@@ -331,7 +333,7 @@ PATHS: tuple[ExecutionPath, ...] = (
                   _pairs(INT8_FORMATS, Activation.INT8),
                   _every(_gpu((7, 5), "INT8 tensor cores"), _triton("the INT8 kernels"),
                          _multiples(16, 16, "the INT8 GEMM")),
-                  _prepare_rows, _run_int8, quantizes_input=True, fuses_gelu=True),
+                  _prepare_rows, _run_int8, quantizes_input=True, fuses_gelu=True, fuses_pre_quant_scale=True),
     _fp8_path("fp8-rowwise", "W8A8 _scaled_mm rowwise, per-token FP8 activations (Triton)", FP8_FORMATS,
               Activation.FP8, lambda cap, shape: None, "weight_scale"),
     _fp8_path("mxfp8-as-fp8", "MXFP8 re-blocked to per-row power-of-two FP8 at load, W8A8 _scaled_mm",
@@ -346,12 +348,12 @@ PATHS: tuple[ExecutionPath, ...] = (
                   _prepare_rows, _run_dequant16, expanded_bytes_per_weight=2, reblocks_mxfp8=True),
 )
 BY_NAME = {path.name: path for path in (*PATHS, REFERENCE)}
+OUTLIER_TENSORS = ("pre_quant_scale", "low_rank_down", "low_rank_up")  # quant.outliers, kept by every path
 
 
-def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int],
-                outlier_transforms: bool = False) -> PathChoice:
+def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int]) -> PathChoice:
     """The path for a layer of `fmt` whose activations are asked to be `activation`, why, and the
-    activation it runs. `outlier_transforms`: the weight has a pre_quant_scale or a low-rank branch."""
+    activation it runs."""
     if fmt not in FORMATS:
         raise ValueError(f"no execution path for format {fmt!r}")
     candidates = (REFERENCE,) if REFERENCE.requires(cap, shape) is None else PATHS
@@ -362,8 +364,6 @@ def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, in
             if (fmt, wanted) not in path.serves:
                 continue
             why = path.requires(cap, shape)
-            if why is None and outlier_transforms and not path.applies_outliers:
-                why = "smoothing and the low-rank branch have no GPU kernels yet (the fp32 reference runs them)"
             if why is None:
                 reason = f"{cap.describe()}: {path.summary}"
                 if wanted != asked:
@@ -378,6 +378,7 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
     """The tensors `run()` reads for `path`, on `device`. Computed once per layer at load."""
     qw = qw.to(device)
     tensors = BY_NAME[path].prepare(qw)
+    tensors.update({key: qw.tensors[key] for key in OUTLIER_TENSORS if key in qw.tensors})
     if qw.input_scale is not None:
         tensors.update(static_scale_tensors(path, qw.format, tensors, qw.input_scale))
     return tensors
@@ -412,8 +413,8 @@ def stored_form(path: str, tensors: dict[str, torch.Tensor], fmt: str, shape: tu
     inverse of prepare(). For a re-blocked MXFP8 layer that is the exact per-row FP8 form (an MXFP8
     file can be re-derived from it, see to_file_format)."""
     n, _ = shape
-    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale",
-                                          "low_rank_down", "low_rank_up") if key in tensors}
+    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale", *OUTLIER_TENSORS)
+            if key in tensors}
     if BY_NAME[path].prepare is _prepare_rows:
         scale = keep["weight_scale"]
         if fmt == FP8_TENSOR:
@@ -451,13 +452,23 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
     """y = x @ W^T + b for a prepared layer (`input_gelu`: y = gelu_tanh(x) @ W^T + b, the GELU fused
     into the activation quantization where gelu_fuses(), else applied first as the model would).
     Output dtype: x's on the reference path, x's 16-bit dtype (bf16 for fp32 x) on the GPU paths."""
-    fused_gelu = input_gelu and gelu_fuses(path, x.device)
+    spec = BY_NAME[path]
+    branch = None if spec.applies_outliers or "low_rank_down" not in tensors else (
+        tensors["low_rank_down"], tensors["low_rank_up"])
+    fused_gelu = input_gelu and gelu_fuses(path, x.device) and branch is None  # the branch reads gelu(x)
     if input_gelu and not fused_gelu:
         x = ffn_gelu(x)
     n, k = shape
     lead = x.shape[:-1]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    y = BY_NAME[path].run(x.reshape(-1, k), tensors, shape, bias, fmt, activation, fused_gelu, out_dtype)
+    x2d = x.reshape(-1, k)
+    quantized_input = x2d
+    if "pre_quant_scale" in tensors and not (spec.applies_outliers or spec.fuses_pre_quant_scale):
+        quantized_input = x2d * tensors["pre_quant_scale"].to(x2d.dtype)
+    y = spec.run(quantized_input, tensors, shape, bias, fmt, activation, fused_gelu, out_dtype)
+    if branch is not None:  # the unquantized input through the bf16 low-rank branch: two thin GEMMs
+        down, up = branch
+        y = y + (x2d.to(out_dtype) @ down.to(out_dtype).t()) @ up.to(out_dtype).t()
     return y.reshape(*lead, n)
 
 
@@ -469,9 +480,7 @@ class PreparedLinear:
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, activation: str,
                  device: torch.device | str, name: str = ""):
         self.shape, self.format = qw.shape, qw.format
-        transforms = qw.pre_quant_scale is not None or qw.low_rank is not None
-        self.path, self.reason, self.activation = choose_path(qw.format, activation, capability(device), qw.shape,
-                                                              transforms)
+        self.path, self.reason, self.activation = choose_path(qw.format, activation, capability(device), qw.shape)
         self.tensors = prepare(qw, self.path, device)
         self.bias = None if bias is None else bias.to(device)
         log.debug("%s %s -> %s (%s)", name, qw.format, self.path, self.reason)

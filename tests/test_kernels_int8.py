@@ -168,6 +168,37 @@ def test_rotated_gelu():
     assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0) and codes_close(data, ref_data)
 
 
+def smoothing_factors(cols):
+    """A layer's pre_quant_scale (quant.outliers): bf16, small where the input channel is large."""
+    return (torch.rand(cols) * 2 + 0.05).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(7, 300), (2, 20000)])
+def test_smoothing_matches_reference_exactly(shape):
+    """x * pre_quant_scale in fp32, then the row quantizer: the bytes of the reference (whole rows and
+    rows read in two chunks)."""
+    x, p = random_rows(shape, torch.bfloat16), smoothing_factors(shape[1])
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), pre_quant_scale=p.to(DEVICE))
+    ref_data, ref_scale = formats.quantize_int8_rowwise_dynamic(x.float() * p.float())
+    assert torch.equal(data.cpu(), ref_data) and torch.equal(scale.cpu(), ref_scale)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_smoothing_with_gelu_and_rotation(gelu):
+    """GELU first (it belongs to the model), then the smoothing, then ConvRot: the order the weight was
+    transformed in (x p H)(H W/p)^T... as reference_linear quantizes it."""
+    x, p = random_rows((5, 3072), torch.bfloat16), smoothing_factors(3072)
+    data, scale = kernels_int8.quantize_int8_rows(x.to(DEVICE), gelu=gelu, rotate_groupsize=256,
+                                                  pre_quant_scale=p.to(DEVICE))
+    ref_data, ref_scale = formats.quantize_int8_rowwise_dynamic((gelu_tanh(x) if gelu else x.float()) * p.float(), 256)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5, atol=0) and codes_close(data, ref_data)
+
+
+def test_smoothing_refuses_a_scale_of_another_width():
+    with pytest.raises(ValueError, match="pre_quant_scale has 100 values"):
+        kernels_int8.quantize_int8_rows(torch.randn(2, 256, device=DEVICE), pre_quant_scale=torch.ones(100, device=DEVICE))
+
+
 def test_rotation_rejects_groups_it_cannot_run():
     x = torch.randn(2, 768, device=DEVICE)
     with pytest.raises(ValueError):

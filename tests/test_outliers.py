@@ -12,9 +12,11 @@ import os
 import pytest
 import torch
 
-from quant import outliers, weights
+from quant import outliers, runtime, weights
+from quant.capability import Capability
 from quant.outliers import Outliers, low_rank_branch, pre_quant_scale, smoothed_amax
 from quant.reference import reference_linear, relative_error
+from test_kernels_int8 import interpreter_loops  # noqa: F401 (a fixture: the INT8 GEMM under TRITON_INTERPRET=1)
 
 _spec = importlib.util.spec_from_file_location(
     "quality_outliers", os.path.join(os.path.dirname(__file__), "..", "bench", "quality_outliers.py"))
@@ -138,3 +140,43 @@ def test_lora_requantization_keeps_the_transforms(fmt):
     moved = (again.quantized_part() != qw.quantized_part()).float().mean()
     assert float(moved) < 1e-3, f"{float(moved):.2%} of the elements changed"
     assert again.pre_quant_scale is qw.pre_quant_scale and again.low_rank == qw.low_rank
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU form (quant.runtime.run): the scale before the path's quantizer, the branch beside it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("interpreter_loops")
+@pytest.mark.parametrize("fmt, path, activation, gelu", [
+    (weights.INT8, "bf16-dequant", "none", False), (weights.FP8_ROWWISE, "bf16-dequant", "none", True),
+    (weights.NVFP4, "nvfp4-jit-bf16", "none", False),
+    (weights.INT8, "int8-rowwise", "int8", False), (weights.INT8_CONVROT, "int8-rowwise", "int8", True)])
+def test_paths_run_the_transforms_as_the_reference(fmt, path, activation, gelu):
+    """A smoothed layer with a branch on the GPU paths (run on the CPU; the INT8 kernel under
+    TRITON_INTERPRET=1), against the fp32 reference on the same bf16 input: they differ by bf16
+    rounding (input times the scale, weights, the branch's GEMMs, output: ~0.4% each), while dropping
+    either transform costs several times the layer's quantization error."""
+    if path == "int8-rowwise" and not runtime.kernels_int8.AVAILABLE:
+        pytest.skip("triton is not installed")
+    w, calibration, x = outlier_case(n=128, k=512, tokens=16, seed=20)
+    w[:, :2] += 0.2 * torch.randn(w.shape[0], 1) @ torch.randn(1, 2)
+    bias = torch.randn(128) * 0.1
+    qw = weights.quantize_weight(w, fmt, Outliers(smooth_alpha=0.5, low_rank_bytes=0.2), calibration.abs().amax(0))
+    assert qw.pre_quant_scale is not None and qw.low_rank is not None
+    tensors = runtime.prepare(qw, path, "cpu")
+    x = x.bfloat16()
+    y = runtime.run(x, path, tensors, qw.shape, bias, fmt, activation, input_gelu=gelu)
+    x_in = runtime.ffn_gelu(x.float()) if gelu else x
+    expected = reference_linear(x_in, qw, bias, activation)
+    error = relative_error(y.float(), expected)
+    assert error < 1.5e-2
+    bare = {k: v for k, v in tensors.items() if k not in runtime.OUTLIER_TENSORS}
+    assert relative_error(runtime.run(x, path, bare, qw.shape, bias, fmt, activation, input_gelu=gelu).float(),
+                          expected) > 5 * error
+    kept = runtime.stored_form(path, tensors, fmt, qw.shape)
+    assert all(torch.equal(kept.tensors[k], qw.tensors[k]) for k in runtime.OUTLIER_TENSORS)
+
+
+def test_transforms_never_keep_a_layer_off_the_gpu():
+    hopper = Capability("cuda", (9, 0), True)
+    assert runtime.choose_path(weights.INT8, "int8", hopper, (4096, 4096)).path == "int8-rowwise"
