@@ -25,11 +25,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from quant import formats  # noqa: E402
-from quant.calibration import outlier_ratio  # noqa: E402
-from quant.quality import cosine_similarity  # noqa: E402
-from quant.reference import quantize_activation_reference  # noqa: E402
-from quant.weights import FP8_ROWWISE, INT8, MXFP8, NVFP4, quantize_weight  # noqa: E402
+from quant import formats
+from quant.calibration import outlier_ratio
+from quant.quality import cosine_similarity
+from quant.reference import quantize_activation_reference
+from quant.weights import FP8_ROWWISE, INT8, MXFP8, NVFP4, quantize_weight
 
 _spec = importlib.util.spec_from_file_location("quality_real_weights", os.path.join(ROOT, "bench", "quality_real_weights.py"))
 proxy = importlib.util.module_from_spec(_spec)

@@ -8,9 +8,11 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 
 from . import ltx2
 from .checkpoint import CheckpointInfo, inspect_checkpoint, quantize_file
+from .outliers import Outliers
 from .policies import POLICIES, format_table, get_policy, summarize
 from .safetensors_io import CheckpointError, SafetensorsFile, check_output_path, save_tensors
 from .weights import FormatError
@@ -30,6 +32,17 @@ def whole_number(low: int, high: int):
             raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high:,}")
         return value
     return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not from 0 to 1")
+    return value
 
 
 def _add_scope_options(p: argparse.ArgumentParser) -> None:
@@ -90,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--tokens", type=whole_number(1, MAX_TOKENS), default=256, help="input rows per layer")
     quality.add_argument("--worst", type=whole_number(0, 1_000_000), default=20, metavar="N",
                          help="list the N worst layers per policy")
+    quality.add_argument("--smooth", type=fraction, default=0.0, metavar="ALPHA",
+                         help="smooth each quantized block Linear (SmoothQuant, quant.outliers) with this migration "
+                              "strength from --calibration's per-channel amax; 0.5 measured best (docs/QUALITY.md)")
+    quality.add_argument("--low-rank", type=fraction, default=0.0, metavar="FRACTION",
+                         help="keep each block Linear's dominant singular directions in a bf16 branch of at most this "
+                              "fraction of its quantized bytes (quant.outliers; 0.1 measured)")
     quality.add_argument("--out", metavar="JSON", help="write the full report here")
     quality.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     _add_scope_options(quality)
@@ -133,17 +152,21 @@ def quality_layers(args: argparse.Namespace) -> str:
         check_report_path(args.out, args.file, args.overwrite)
     amax = calibration.load_amax(args.calibration) if args.calibration else None
     channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
+    if args.smooth and not channels:
+        raise ValueError(f"--smooth needs a --calibration file with per-channel amax (amax_per_channel); "
+                         f"{args.calibration or 'none was given'}")
+    handling = Outliers(smooth_alpha=args.smooth, low_rank_bytes=args.low_rank)
     report, lines = {}, []
     for name in args.policy or [p for p in POLICIES if POLICIES[p].weight_format]:
-        policy = get_policy(name, **_scope(args))
+        policy = replace(get_policy(name, **_scope(args)), outliers=handling)
         rows = quality.file_layer_quality(args.file, policy, amax, channels, tokens=args.tokens)
         summary = quality.group_summary(rows)
         report[name] = {"layers": rows, "groups": summary}
         lines += [f"== {name}: {len(rows)} quantized layers, worst {min(args.worst, len(rows))}",
                   quality.format_layer_table(rows, args.worst), quality.format_group_table(summary), ""]
     if args.out:
-        quality.write_report(args.out, {"file": args.file, "calibration": args.calibration, "policies": report},
-                             overwrite=args.overwrite)
+        quality.write_report(args.out, {"file": args.file, "calibration": args.calibration, "smooth": args.smooth,
+                                        "low_rank": args.low_rank, "policies": report}, overwrite=args.overwrite)
         lines.append(f"wrote {args.out}")
     return "\n".join(lines)
 

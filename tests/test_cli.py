@@ -447,3 +447,38 @@ def test_inspect_shows_no_raw_escape(tmp_path, capsys):
     assert code == 1 and "control characters" in err and "\x1b" not in out + err
     code, out, err = run_cli(capsys, "quantize", path, tmp_path / "q.safetensors", "--policy", "nvfp4")
     assert code == 1 and not (tmp_path / "q.safetensors").exists()
+
+
+def test_quality_layers_measures_the_outlier_options(tmp_path, capsys, synth_file):
+    """--smooth / --low-rank reach the per-layer measurement: with a calibration whose per-channel amax
+    has outlier channels, smoothing raises INT8's output SNR; --smooth without per-channel amax is
+    refused before any measurement."""
+    import importlib.util
+
+    from quant import calibration
+    spec = importlib.util.spec_from_file_location(
+        "quality_outliers", os.path.join(os.path.dirname(__file__), "..", "bench", "quality_outliers.py"))
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    import torch
+    with SafetensorsFile(str(synth_file)) as f:
+        info = checkpoint.inspect_checkpoint(f)
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    channels = {layer: recipe.outlier_gains(source.shape[1], 25.0, g) * 4.0 for layer, source in info.layers.items()
+                if source.layer.startswith("transformer_blocks.") and len(source.shape) == 2}
+    amax_file = tmp_path / "amax.json"
+    calibration.save_amax(str(amax_file), {k: float(v.max()) for k, v in channels.items()}, channels, overwrite=False)
+    code, _, err = run_cli(capsys, "quality-layers", synth_file, "--policy", "int8-scaled-mm", "--smooth", "0.5")
+    assert code == 1 and "--smooth needs a --calibration file with per-channel amax" in err
+    assert "argument --smooth: 1.5 is not from 0 to 1" in usage_error(capsys, "quality-layers", synth_file, "--smooth", "1.5")
+    snr = {}
+    for smooth in ("0", "0.5"):
+        out = tmp_path / f"report{smooth}.json"
+        code, _, err = run_cli(capsys, "quality-layers", synth_file, "--policy", "int8-scaled-mm", "--calibration",
+                               amax_file, "--smooth", smooth, "--low-rank", "0.1", "--out", out)
+        assert code == 0, err
+        report = json.loads(out.read_text())
+        assert report["smooth"] == float(smooth) and report["low_rank"] == 0.1
+        rows = [r for r in report["policies"]["int8-scaled-mm"]["layers"] if r["layer"] in channels]
+        snr[smooth] = sum(r["output_snr_db"] for r in rows) / len(rows)
+    assert snr["0.5"] > snr["0"] + 1.0  # dB
