@@ -7,8 +7,13 @@ LTX-2.5 (ComfyUI v0.33+): one file per component: the transformer (ComfyUI's LTX
 LTX-2.5 config, checked to be what ComfyUI detects from the written file), the convolutional video VAE,
 and the spatial and temporal x2 upsamplers.
 
+The LTX-2 text encoder: a Gemma-3-shaped language model (ComfyUI's Gemma3_12B class with small sizes,
+its tokenizer a small SentencePiece model with Gemma's special ids) and an LTX-2.3 text projection whose
+video and audio widths are the tiny transformer's, so its conditioning drives the tiny model.
+
 usage: python make_tiny_models.py ltx2.3 CHECKPOINT_PATH UPSAMPLER_PATH
        python make_tiny_models.py ltx2.5 TRANSFORMER_PATH VAE_PATH UPSAMPLER_PATH TEMPORAL_UPSAMPLER_PATH
+       python make_tiny_models.py gemma3 TEXT_ENCODER_PATH PROJECTION_CHECKPOINT_PATH
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler  # noqa: E402
 from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE  # noqa: E402
 
 from comfy_server import LTX25_METADATA, TINY_CONFIG, TINY_LTX25_CONFIG  # noqa: E402
-from quant import ltx2  # noqa: E402
+from quant import ltx2, text_encoder  # noqa: E402
 from quant.safetensors_io import save_tensors  # noqa: E402
 
 TRANSFORMER = ltx2.tiny_config(**TINY_CONFIG)
@@ -44,6 +49,13 @@ UPSAMPLER = {"_class_name": "LatentUpsampler", "in_channels": 128, "mid_channels
              "dims": 3, "spatial_upsample": True, "temporal_upsample": False, "spatial_scale": 2.0,
              "rational_resampler": False}
 TEMPORAL_UPSAMPLER = {**UPSAMPLER, "spatial_upsample": False, "temporal_upsample": True, "spatial_scale": 1.0}
+# ComfyUI's Gemma 3 config takes head_dim as a fixed class attribute (256), so only the other sizes shrink.
+TINY_GEMMA = text_encoder.GemmaLayout(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=256)
+TOKENIZER_TEXT = ["A woman with long brown hair walks along a beach at sunset, waves rolling in.",
+                  "A red car drives through a rainy city street at night, neon lights reflecting on the asphalt.",
+                  "The camera slowly pushes in on an old man playing chess in a sunny park.",
+                  "A cat jumps onto a wooden table and knocks over a glass of water."] * 8
 
 
 def randomized(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -110,5 +122,40 @@ def ltx25(transformer_path: str, vae_path: str, upsampler_path: str, temporal_up
     save_upsampler(temporal_upsampler_path, TEMPORAL_UPSAMPLER, generator)
 
 
+def tiny_tokenizer() -> torch.Tensor:
+    """A SentencePiece model with Gemma's pad 0, eos 1, bos 2 and unk 3, as the uint8 tensor ComfyUI reads."""
+    import io
+
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_TEXT), model_writer=model,
+                                             vocab_size=TINY_GEMMA.vocab_size - 64, hard_vocab_limit=False,
+                                             pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
+
+
+def gemma3(text_encoder_path: str, projection_path: str) -> None:
+    import comfy.ops
+    from comfy.text_encoders.llama import Gemma3_12B
+    generator = torch.Generator().manual_seed(13)
+    with torch.device("meta"):
+        model = Gemma3_12B(TINY_GEMMA.comfy_config(), torch.bfloat16, "meta", comfy.ops.disable_weight_init)
+    # The language model only: the vision tower (400M parameters whatever the sizes) runs for image prompts.
+    language = {k: v for k, v in randomized(model, generator).items() if k.startswith("model.")}
+    if {k: tuple(v.shape) for k, v in language.items()} != text_encoder.language_shapes(TINY_GEMMA):
+        raise SystemExit("ComfyUI's Gemma3_12B does not build the layout quant/text_encoder.py describes")
+    tensors = {k: v.bfloat16() for k, v in language.items()}
+    tensors[text_encoder.TOKENIZER_KEY] = tiny_tokenizer()
+    save_tensors(text_encoder_path, tensors)
+    widths = ltx2.tiny_config(**TINY_CONFIG)
+    outputs = {"video_aggregate_embed": widths["cross_attention_dim"],
+               "audio_aggregate_embed": widths["audio_cross_attention_dim"]}
+    projection = {}
+    for key, shape in text_encoder.projection_shapes(TINY_GEMMA, outputs).items():
+        scale = shape[-1] ** -0.5 if len(shape) == 2 else 0.1
+        projection[key] = (torch.randn(shape, generator=generator) * scale).bfloat16()
+    save_tensors(projection_path, projection)
+
+
 if __name__ == "__main__":
-    {"ltx2.3": ltx23, "ltx2.5": ltx25}[sys.argv[1]](*sys.argv[2:])
+    {"ltx2.3": ltx23, "ltx2.5": ltx25, "gemma3": gemma3}[sys.argv[1]](*sys.argv[2:])
