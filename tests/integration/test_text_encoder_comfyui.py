@@ -52,7 +52,8 @@ def test_every_policy_quantizes_gemma_and_the_projection_and_reports_the_conditi
 
 def test_partial_load_and_cpu_device_encode_bit_exact(result):
     r = result["offload"]
-    assert r["offloaded_layers"] > 0 and r["loaded_bytes"] <= r["budget"], r
+    # All 17 quantized layers (the embedding, 14 Gemma Linears, 2 projections) left to the per-call cast path.
+    assert r["offloaded_quantized_layers"] == 17, r
     assert r["partial_equal"] and r["cpu_equal"], r
 
 

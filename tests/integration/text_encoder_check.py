@@ -55,14 +55,15 @@ def offload(gemma: str, projection: str) -> dict:
     resident = nodes_te.encode(clip)
     patcher = clip.patcher
     patcher.unpatch_model()
-    budget = loaded.weight_bytes // 4
+    budget = patcher.model_size() // 4
     patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=budget)
     # ComfyUI marks the layers a partial load leaves offloaded (cast to the device per call) this way.
-    offloaded = sum(1 for m in patcher.model.modules() if hasattr(m, "prev_comfy_cast_weights"))
+    offloaded = sum(1 for m in patcher.model.modules()
+                    if hasattr(m, "prev_comfy_cast_weights") and getattr(m, "quant", None) is not None)
     partial = nodes_te.encode(clip)
     cpu_clip, _, _, _ = nodes_te.load_text_encoder(gemma, projection, "fp8-scaled-mm", device_choice="cpu")
-    return {"offloaded_layers": offloaded, "loaded_bytes": patcher.model.model_loaded_weight_memory, "budget": budget,
-            "partial_equal": torch.equal(resident, partial), "cpu_equal": torch.equal(resident, nodes_te.encode(cpu_clip))}
+    return {"offloaded_quantized_layers": offloaded, "partial_equal": torch.equal(resident, partial),
+            "cpu_equal": torch.equal(resident, nodes_te.encode(cpu_clip))}
 
 
 def saved(gemma: str, projection: str, folder: str) -> dict:
