@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..quant.policies import POLICIES
-from . import text_encoder
+from . import text_encoder as loading
 from .loader import CATEGORY
 
 DEFAULT_POLICY = "fp8-scaled-mm"
@@ -46,9 +46,9 @@ class LTX2QuantTextEncoderLoader(io.ComfyNode):
                 save_as="") -> io.NodeOutput:
         gemma_path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder)
         checkpoint_path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        path = text_encoder.save_path(save_as.strip()) if save_as.strip() else None
-        clip, text, _, loaded = text_encoder.load_text_encoder(gemma_path, checkpoint_path, policy, device,
+        path = loading.save_path(save_as.strip()) if save_as.strip() else None
+        clip, text, _, loaded = loading.load_text_encoder(gemma_path, checkpoint_path, policy, device,
                                                               compare_to_bf16)
         if path is not None:
-            text += f"\nsaved {text_encoder.save_text_encoder(loaded, path)}"
+            text += f"\nsaved {loading.save_text_encoder(loaded, path)}"
         return io.NodeOutput(clip, ui=ui.PreviewText(text))

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler  # noqa: E402
 from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE  # noqa: E402
 
+from bench.workflow_models import sentencepiece_tokenizer  # noqa: E402
 from comfy_server import LTX25_METADATA, TINY_CONFIG, TINY_LTX25_CONFIG  # noqa: E402
 from quant import ltx2, text_encoder  # noqa: E402
 from quant.safetensors_io import save_tensors  # noqa: E402
@@ -52,10 +53,7 @@ TEMPORAL_UPSAMPLER = {**UPSAMPLER, "spatial_upsample": False, "temporal_upsample
 # ComfyUI's Gemma 3 config takes head_dim as a fixed class attribute (256), so only the other sizes shrink.
 TINY_GEMMA = text_encoder.GemmaLayout(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=256)
-TOKENIZER_TEXT = ["A woman with long brown hair walks along a beach at sunset, waves rolling in.",
-                  "A red car drives through a rainy city street at night, neon lights reflecting on the asphalt.",
-                  "The camera slowly pushes in on an old man playing chess in a sunny park.",
-                  "A cat jumps onto a wooden table and knocks over a glass of water."] * 8
+
 
 
 def randomized(module: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -122,18 +120,6 @@ def ltx25(transformer_path: str, vae_path: str, upsampler_path: str, temporal_up
     save_upsampler(temporal_upsampler_path, TEMPORAL_UPSAMPLER, generator)
 
 
-def tiny_tokenizer() -> torch.Tensor:
-    """A SentencePiece model with Gemma's pad 0, eos 1, bos 2 and unk 3, as the uint8 tensor ComfyUI reads."""
-    import io
-
-    import sentencepiece
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_TEXT), model_writer=model,
-                                             vocab_size=TINY_GEMMA.vocab_size - 64, hard_vocab_limit=False,
-                                             pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
-    return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
-
-
 def gemma3(text_encoder_path: str, projection_path: str) -> None:
     import comfy.ops
     from comfy.text_encoders.llama import Gemma3_12B
@@ -145,7 +131,7 @@ def gemma3(text_encoder_path: str, projection_path: str) -> None:
     if {k: tuple(v.shape) for k, v in language.items()} != text_encoder.language_shapes(TINY_GEMMA):
         raise SystemExit("ComfyUI's Gemma3_12B does not build the layout quant/text_encoder.py describes")
     tensors = {k: v.bfloat16() for k, v in language.items()}
-    tensors[text_encoder.TOKENIZER_KEY] = tiny_tokenizer()
+    tensors[text_encoder.TOKENIZER_KEY] = sentencepiece_tokenizer(TINY_GEMMA.vocab_size - 64)
     save_tensors(text_encoder_path, tensors)
     widths = ltx2.tiny_config(**TINY_CONFIG)
     outputs = {"video_aggregate_embed": widths["cross_attention_dim"],
