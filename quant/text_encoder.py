@@ -121,14 +121,17 @@ def target_format(policy: Policy, layer: str, shape: tuple[int, ...]) -> str | N
 
 def plan_text_encoder(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]]) -> list[LayerDecision]:
     """Per-weight decisions (layer, logical shape, source format, bytes) as policies.plan gives them for
-    the transformer. Weight-only (dequantize, then a 16-bit matmul): the embedding, the projection (it
+    the transformer; a layer the file holds quantized is kept as stored unless the policy's format is
+    smaller. Weight-only (dequantize, then a 16-bit matmul): the embedding, the projection (it
     reads the prompt's few real tokens once) and every layer of a policy without 8-bit activations."""
     decisions = []
     for layer, shape, source, nbytes in layers:
         target = target_format(policy, layer, shape) or source
-        if source in weights.FP8_FORMATS and target in weights.FP8_FORMATS:
-            target = source  # an FP8 file (gemma_3_12B_it_fp8_scaled) is read as it is, not rounded twice
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
+        if source in weights.FORMATS and after >= nbytes:
+            # A quantized file (gemma_3_12B_it_fp8_scaled, ..._fp4_mixed) is re-quantized only into a smaller
+            # format, never rounded a second time for nothing.
+            target, after = source, nbytes
         weight_only = target in weights.FORMATS and (
             layer == EMBEDDING or PROJECTION_RE.match(layer) is not None or policy.activation == Activation.NONE)
         decisions.append(LayerDecision(layer, tuple(shape), source, target, nbytes, after, weight_only))

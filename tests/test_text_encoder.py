@@ -73,3 +73,15 @@ def test_layout_read_back_from_shapes_and_wrong_files_refused():
     odd["model.layers.0.self_attn.q_norm.weight"] = (128,)
     with pytest.raises(ValueError, match="heads of 128 features"):
         te.layout_from_shapes("h.safetensors", odd)
+
+
+def test_quantized_file_layers_are_requantized_only_into_smaller_formats():
+    shape = (3840, 15360)
+    fp8 = ("model.layers.0.mlp.down_proj", shape, weights.FP8_TENSOR, weights.storage_nbytes(weights.FP8_TENSOR, shape))
+    fp4 = ("model.layers.1.mlp.down_proj", shape, weights.NVFP4, weights.storage_nbytes(weights.NVFP4, shape))
+    for name in ("fp8-cast", "fp8-scaled-mm", "int8-convrot", "mxfp8"):
+        decisions = te.plan_text_encoder(get_policy(name), [fp8, fp4])
+        assert [d.changed for d in decisions] == [False, False], name  # same size or bigger: kept
+    kept_fp8, kept_fp4 = te.plan_text_encoder(get_policy("nvfp4"), [fp8, fp4])
+    assert kept_fp8.target_format == weights.NVFP4 and kept_fp8.bytes_after < kept_fp8.bytes_before
+    assert not kept_fp4.changed
