@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_nodes(nodes) -> None:
     """ComfyUI's built-in node modules and this pack, loaded as ComfyUI's start-up loads them (with the
     server object their extensions register routes on, never started)."""
+    import utils.extra_config  # noqa: F401  main.py imports ComfyUI's utils package first, and server needs it so
     import server
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

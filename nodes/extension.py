@@ -6,6 +6,7 @@ from .compile import LTX2QuantCompile
 from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
 from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
 from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
+from .decode_node import LTX2QuantVAEDecode
 from .text_encoder_node import LTX2QuantTextEncoderLoader
 
 
@@ -17,4 +18,5 @@ class LTX2QuantExtension(ComfyExtension):
         return [LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantSigmas,
                 LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale,
                 LTX2QuantCompile, LTX2QuantCalibrate,
-                LTX2QuantQualityReport, LTX2QuantAttention, LTX2QuantTextEncoderLoader]
+                LTX2QuantQualityReport, LTX2QuantAttention, LTX2QuantTextEncoderLoader,
+                LTX2QuantVAEDecode]

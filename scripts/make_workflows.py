@@ -42,6 +42,8 @@ def snapshot_versions() -> list[str]:
 
 DISTILLED = "ltx-2.3-22b-distilled-1.1.safetensors"
 DEV = "ltx-2.3-22b-dev.safetensors"
+# ComfyUI's mixed NVFP4/FP8 Gemma: the pack's text-encoder loader keeps its quantized layers as stored
+# (no policy format is smaller than NVFP4, none but NVFP4 than FP8) and stores the embedding table FP8.
 GEMMA = "gemma_3_12B_it_fp4_mixed.safetensors"
 UPSCALER = "ltx-2.3-spatial-upscaler-x2-1.1.safetensors"
 DISTILLED_LORA = "ltx-2.3-22b-distilled-lora-384-1.1.safetensors"
@@ -59,10 +61,10 @@ PROMPT = ("A red fox trots across a snowy forest clearing at dawn, breath steami
 NEGATIVE = "blurry, low quality, still frame, watermark, text"
 
 
-def component_loaders(checkpoint: str) -> list[dict]:
+def component_loaders(checkpoint: str, policy: str) -> list[dict]:
     """Nodes 2-4: the text encoder, the video VAE and the audio VAE. LTX-2.3's come out of its
-    single-file checkpoint (the video VAE without reading the transformer); LTX-2.5 ships each as a
-    file of its own."""
+    single-file checkpoint (the video VAE without reading the transformer), the text encoder quantized
+    at the transformer's policy; LTX-2.5 ships each as a file of its own."""
     if checkpoint.startswith("ltx-2.5"):
         return [
             {"id": 2, "type": "CLIPLoader",
@@ -71,8 +73,9 @@ def component_loaders(checkpoint: str) -> list[dict]:
             {"id": 4, "type": "VAELoader", "widgets": {"vae_name": AUDIO_VAE_25}},
         ]
     return [
-        {"id": 2, "type": "LTXAVTextEncoderLoader",
-         "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "device": "default"}},
+        {"id": 2, "type": "LTX2QuantTextEncoderLoader",
+         "widgets": {"text_encoder": GEMMA, "ckpt_name": checkpoint, "policy": policy, "device": "default",
+                     "compare_to_bf16": False, "save_as": ""}},
         {"id": 3, "type": "LTX2QuantVAELoader", "widgets": {"ckpt_name": checkpoint}},
         {"id": 4, "type": "LTXVAudioVAELoader", "widgets": {"ckpt_name": checkpoint}},
     ]
@@ -101,7 +104,7 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
                      "exclude": "", "include": "", "keep_first_blocks": 0, "keep_last_blocks": 0,
                      "keep_audio": False, "calibration": "none", "download_missing": False,
                      "attention": "comfyui default", "text_connectors_on_cpu": True}},
-        *component_loaders(checkpoint),
+        *component_loaders(checkpoint, policy),
         {"id": 5, "type": "LatentUpscaleModelLoader",
          "widgets": {"model_name": UPSCALER_25 if ltx25 else UPSCALER}},
         {"id": 6, "type": "CLIPTextEncode", "widgets": {"text": PROMPT}, "links": {"clip": (2, 0)}},
