@@ -55,10 +55,14 @@ def _audio_latent(g: Graph, audio_vae: list | None, frames: int) -> list:
     return out(g.add("LTXVEmptyLatentAudio", frames_number=frames, frame_rate=24, batch_size=1, audio_vae=audio_vae))
 
 
-def _decode(g: Graph, samples: list, vae: list, audio_vae: list | None) -> None:
-    """The template's decodes: the video tiled, the audio through the audio VAE (when there is one)."""
+def _decode(g: Graph, samples: list, vae: list, audio_vae: list | None, pack: bool = False) -> None:
+    """The video decode (core's template: tiled at fixed sizes; the pack: sized to the free memory) and the
+    audio one through the audio VAE (when there is one)."""
     split = g.add("LTXVSeparateAVLatent", av_latent=samples)
-    g.add("VAEDecodeTiled", samples=out(split, 0), vae=vae, **DECODE)
+    if pack:
+        g.add("LTX2QuantVAEDecode", samples=out(split, 0), vae=vae)
+    else:
+        g.add("VAEDecodeTiled", samples=out(split, 0), vae=vae, **DECODE)
     if audio_vae is not None:
         g.add("LTXVAudioVAEDecode", samples=out(split, 1), audio_vae=audio_vae)
 
@@ -87,7 +91,7 @@ def pack_graph(mode: str, files: dict, width: int, height: int, frames: int, i2v
                     negative=out(conditioning, 1), latent=out(latent), upscale_model=out(upsampler), vae=vae,
                     noise_seed=42, sampler="euler_ancestral_cfg_pp / euler_cfg_pp", ge_gamma=2.0, cfg=1.0,
                     sigmas_stage1=out(sigmas1), sigmas_stage2=out(sigmas2), **image)
-    _decode(g, out(sampled), vae, audio_vae)
+    _decode(g, out(sampled), vae, audio_vae, pack=True)
     return g
 
 

@@ -128,11 +128,12 @@ def two_stage_graph(checkpoint: str, policy: str, sampler: str, stage2_preset: s
          "links": {"model": model, "positive": (8, 0), "negative": (8, 1), "latent": (11, 0), "upscale_model": (5, 0),
                    "vae": (3, 0), "sigmas_stage1": (12, 0), "sigmas_stage2": (13, 0)}},
         {"id": 15, "type": "LTXVSeparateAVLatent", "links": {"av_latent": (14, 0)}},
-        # LTX-2.5's templates decode its diffusion VAE in smaller tiles.
+        # LTX-2.5's templates decode its diffusion VAE in smaller tiles; LTX-2.3's decode is sized to the free
+        # memory (whole, or the largest tiles that fit).
         {"id": 16, "type": "VAEDecodeTiled",
-         "widgets": {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 16} if ltx25 else
-         {"tile_size": 768, "overlap": 64, "temporal_size": 4096, "temporal_overlap": 4},
-         "links": {"samples": (15, 0), "vae": (3, 0)}},
+         "widgets": {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 16},
+         "links": {"samples": (15, 0), "vae": (3, 0)}} if ltx25 else
+        {"id": 16, "type": "LTX2QuantVAEDecode", "links": {"samples": (15, 0), "vae": (3, 0)}},
         {"id": 17, "type": "LTXVAudioVAEDecode", "links": {"samples": (15, 1), "audio_vae": (4, 0)}},
         {"id": 18, "type": "CreateVideo", "widgets": {"fps": 24.0},
          "links": {"images": (16, 0), "audio": (17, 0)}},

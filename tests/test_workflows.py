@@ -107,7 +107,7 @@ def node(workflow: dict, node_type: str) -> dict:
     (lambda w: node(w, "EmptyLTXVLatentVideo")["widgets_values"].__setitem__(0, 99999), "outside"),
     (lambda w: node(w, "EmptyLTXVLatentVideo")["widgets_values"].pop(), "no widget value"),
     (lambda w: w["links"][0].__setitem__(5, "MODEL"), "link says MODEL"),
-    (lambda w: node(w, "VAEDecodeTiled")["inputs"][1].update(link=None), "required input vae is not connected"),
+    (lambda w: node(w, "LTX2QuantVAEDecode")["inputs"][1].update(link=None), "required input vae is not connected"),
 ])
 def test_the_check_catches_broken_workflows(mutate, needle):
     assert any(needle in p for p in broken(mutate)), broken(mutate)
