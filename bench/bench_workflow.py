@@ -57,26 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_nodes(nodes) -> None:
-    """ComfyUI's built-in node modules and this pack, loaded as ComfyUI's start-up loads them (with the
-    server object their extensions register routes on, never started)."""
-    import utils.extra_config  # noqa: F401  main.py imports ComfyUI's utils package first, and server needs it so
+def load_nodes():
+    """ComfyUI's nodes module with its built-in node modules and this pack, loaded as ComfyUI's start-up
+    loads them (with the server object their extensions register routes on, never started). The order is
+    main.py's: ComfyUI's `utils` package before `nodes`, which puts comfy/ (holding a utils.py) on the path."""
+    import utils.extra_config  # noqa: F401
     import server
+    import nodes
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     server.PromptServer(loop)
     loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     if not loop.run_until_complete(nodes.load_custom_node(REPO)):
         raise SystemExit(f"ComfyUI could not load the pack from {REPO}")
+    return nodes
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     emulate_card(args.vram_gb, cpu=args.tiny)  # before ComfyUI's model management is imported
-    import nodes
     from bench import workflow_models
     from bench.workflow_phases import BenchAudioLatent, print_rows, run_graph, write_rows
-    load_nodes(nodes)
+    nodes = load_nodes()
     node_classes = {**nodes.NODE_CLASS_MAPPINGS, BENCH_AUDIO_LATENT: BenchAudioLatent}
     files = workflow_models.prepare(args.models_dir, args.tiny, args.config_from)
     sizes = [tuple(int(v) for v in s.split("x")) for s in (
