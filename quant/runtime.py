@@ -455,16 +455,16 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
     spec = BY_NAME[path]
     branch = None if spec.applies_outliers or "low_rank_down" not in tensors else (
         tensors["low_rank_down"], tensors["low_rank_up"])
-    fused_gelu = input_gelu and gelu_fuses(path, x.device) and branch is None  # the branch reads gelu(x)
+    scale_outside = "pre_quant_scale" in tensors and not (spec.applies_outliers or spec.fuses_pre_quant_scale)
+    # The GELU comes first: the branch reads gelu(x), and a scale applied here multiplies gelu(x).
+    fused_gelu = input_gelu and gelu_fuses(path, x.device) and branch is None and not scale_outside
     if input_gelu and not fused_gelu:
         x = ffn_gelu(x)
     n, k = shape
     lead = x.shape[:-1]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     x2d = x.reshape(-1, k)
-    quantized_input = x2d
-    if "pre_quant_scale" in tensors and not (spec.applies_outliers or spec.fuses_pre_quant_scale):
-        quantized_input = x2d * tensors["pre_quant_scale"].to(x2d.dtype)
+    quantized_input = x2d * tensors["pre_quant_scale"].to(x2d.dtype) if scale_outside else x2d
     y = spec.run(quantized_input, tensors, shape, bias, fmt, activation, fused_gelu, out_dtype)
     if branch is not None:  # the unquantized input through the bf16 low-rank branch: two thin GEMMs
         down, up = branch

@@ -180,3 +180,29 @@ def test_paths_run_the_transforms_as_the_reference(fmt, path, activation, gelu):
 def test_transforms_never_keep_a_layer_off_the_gpu():
     hopper = Capability("cuda", (9, 0), True)
     assert runtime.choose_path(weights.INT8, "int8", hopper, (4096, 4096)).path == "int8-rowwise"
+
+
+@pytest.mark.usefixtures("interpreter_loops")
+def test_a_scale_applied_outside_the_kernel_multiplies_the_gelu_output(monkeypatch):
+    """On a GPU the FFN's GELU runs inside a path's activation quantizer; a path that does not apply
+    pre_quant_scale itself gets the scale from run(), which must then apply the GELU first:
+    gelu(x) * p, not gelu(x * p). Emulated on the CPU: the INT8 path (its kernel applies the GELU
+    under TRITON_INTERPRET=1) with a run that leaves the scale out, as fp8-rowwise's quantizer does on
+    a GPU, and the GELU declared fusable."""
+    if not runtime.kernels_int8.AVAILABLE:
+        pytest.skip("triton is not installed")
+    from dataclasses import replace
+    kernels_int8 = runtime.kernels_int8
+
+    def run_without_scale(x2d, tensors, shape, bias, fmt, activation, gelu, out_dtype):
+        a, a_scale = kernels_int8.quantize_int8_rows(x2d, gelu)
+        return kernels_int8.int8_scaled_mm(a, tensors["weight"], a_scale, tensors["weight_scale"], bias, out_dtype)
+    monkeypatch.setitem(runtime.BY_NAME, "int8-rowwise", replace(
+        runtime.BY_NAME["int8-rowwise"], fuses_pre_quant_scale=False, run=run_without_scale))
+    monkeypatch.setattr(runtime, "gelu_fuses", lambda path, device: True)
+    w, calibration, x = outlier_case(n=128, k=512, tokens=16, seed=21)
+    qw = weights.quantize_weight(w, weights.INT8, SMOOTH, runtime.ffn_gelu(calibration).abs().amax(0))
+    tensors = runtime.prepare(qw, "int8-rowwise", "cpu")
+    y = runtime.run(x.bfloat16(), "int8-rowwise", tensors, qw.shape, None, weights.INT8, "int8", input_gelu=True)
+    expected = reference_linear(runtime.ffn_gelu(x.bfloat16().float()), qw, None, "int8")
+    assert relative_error(y.float(), expected) < 1.5e-2
