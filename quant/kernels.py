@@ -107,22 +107,24 @@ if AVAILABLE:
         return v / (1.0 + tl.exp(-2.0 * u))
 
     @triton.jit
-    def _load_row_part(ptrs, mask, GELU: tl.constexpr):
+    def _load_row_part(ptrs, pre_scale_ptrs, mask, GELU: tl.constexpr, PRE_SCALE: tl.constexpr):
         v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             v = _gelu_tanh(v)  # gelu(0) = 0: masked lanes stay out of the amax
+        if PRE_SCALE:  # a smoothed layer's factor per input feature (quant.outliers), after the GELU
+            v = v * tl.load(pre_scale_ptrs, mask=mask, other=0.0).to(tl.float32)
         return v
 
     @triton.jit
-    def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, stride_x, stride_out,
-                                  K: tl.constexpr, STATIC: tl.constexpr, GELU: tl.constexpr,
+    def _quantize_fp8_rows_kernel(x_ptr, out_ptr, scale_ptr, static_scale_ptr, pre_scale_ptr, stride_x, stride_out,
+                                  K: tl.constexpr, STATIC: tl.constexpr, GELU: tl.constexpr, PRE_SCALE: tl.constexpr,
                                   BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         out_row = out_ptr + row * stride_out
         cols = tl.arange(0, BLOCK_K)
         if K <= BLOCK_K:  # the whole row in registers: one read from memory
-            v = _load_row_part(x_row + cols, cols < K, GELU)
+            v = _load_row_part(x_row + cols, pre_scale_ptr + cols, cols < K, GELU, PRE_SCALE)
             if STATIC:
                 inverse = tl.math.div_rn(1.0, tl.load(static_scale_ptr).to(tl.float32))
             else:
@@ -135,12 +137,12 @@ if AVAILABLE:
                 amax = tl.zeros([BLOCK_K], dtype=tl.float32)
                 for start in range(0, K, BLOCK_K):
                     offs = start + cols
-                    v = _load_row_part(x_row + offs, offs < K, GELU)
+                    v = _load_row_part(x_row + offs, pre_scale_ptr + offs, offs < K, GELU, PRE_SCALE)
                     amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
                 inverse = _fp8_row_scale(_abs_max_bits(amax), scale_ptr + row)
             for start in range(0, K, BLOCK_K):
                 offs = start + cols
-                v = _load_row_part(x_row + offs, offs < K, GELU)
+                v = _load_row_part(x_row + offs, pre_scale_ptr + offs, offs < K, GELU, PRE_SCALE)
                 tl.store(out_row + offs, _to_fp8_bits(v * inverse, INTERPRET), mask=offs < K)
 
     @triton.jit
@@ -242,8 +244,11 @@ def row_warps(block: int) -> int:
 
 
 def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None, gelu: bool = False,
-                              wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                              pre_quant_scale: torch.Tensor | None = None, wrap=lambda kernel: kernel
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x.shape
+    if pre_quant_scale is not None and pre_quant_scale.numel() != cols:
+        raise ValueError(f"pre_quant_scale has {pre_quant_scale.numel()} values for rows of {cols} features")
     static = static_scale is not None
     out = torch.empty((rows, cols), dtype=torch.uint8, device=x.device)
     scale = static_scale if static else torch.empty((rows, 1), dtype=torch.float32, device=x.device)
@@ -251,8 +256,9 @@ def _quantize_fp8_rows_launch(x: torch.Tensor, static_scale: torch.Tensor | None
         return out.view(torch.float8_e4m3fn), scale
     block = row_block(cols)
     wrap(_quantize_fp8_rows_kernel)[(rows,)](
-        x, out, scale, scale, x.stride(0), out.stride(0), K=cols,
-        STATIC=static, GELU=gelu, BLOCK_K=block, INTERPRET=INTERPRET, num_warps=row_warps(block))
+        x, out, scale, scale, x if pre_quant_scale is None else pre_quant_scale, x.stride(0), out.stride(0), K=cols,
+        STATIC=static, GELU=gelu, PRE_SCALE=pre_quant_scale is not None, BLOCK_K=block, INTERPRET=INTERPRET,
+        num_warps=row_warps(block))
     return out.view(torch.float8_e4m3fn), scale
 
 
@@ -325,33 +331,47 @@ def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor, out_dtype:
 # read each row twice and evaluated the fp32 GELU on both passes, 1.27 ms a call on the video FFN at
 # 24,576 tokens on an H200 (docs/BENCHMARKS.md, "Where a step's time goes"; bench/profile_step.py).
 @torch.library.triton_op("ltx2q::gelu_quantize_fp8_rows", mutates_args=())
-def _gelu_quantize_fp8_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_fp8_rows_launch(x, None, gelu=True, wrap=torch.library.wrap_triton)
+def _gelu_quantize_fp8_rows_op(x: torch.Tensor, pre_quant_scale: torch.Tensor | None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_fp8_rows_launch(x, None, True, pre_quant_scale, wrap=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("ltx2q::gelu_quantize_fp8_static", mutates_args=())
-def _gelu_quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
-    return _quantize_fp8_rows_launch(x, input_scale, gelu=True, wrap=torch.library.wrap_triton)[0]
+def _gelu_quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor, pre_quant_scale: torch.Tensor | None
+                                 ) -> torch.Tensor:
+    return _quantize_fp8_rows_launch(x, input_scale, True, pre_quant_scale, wrap=torch.library.wrap_triton)[0]
 
 
-def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _smoothed(x: torch.Tensor, pre_quant_scale: torch.Tensor | None) -> torch.Tensor:
+    """The traced formula's input: x times the smoothing factors in fp32, as the kernel computes it."""
+    return x if pre_quant_scale is None else x.float() * pre_quant_scale.float()
+
+
+def quantize_fp8_rows(x: torch.Tensor, gelu: bool = False, pre_quant_scale: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) bf16/fp16/fp32 -> (E4M3 (M, K), fp32 (M, 1) per-row decode scales); with `gelu`, of
-    gelu_tanh(x) in the same pass (the GELU in fp32, not rounded to x's dtype first). Under
+    gelu_tanh(x) in the same pass (the GELU in fp32, not rounded to x's dtype first); with
+    `pre_quant_scale` (K,), of that times a smoothing factor per feature (quant.outliers). Under
     torch.compile the plain formula is traced instead, so Inductor fuses it into the op that produced
     x; with `gelu` the kernel runs as a triton_op (see above)."""
-    if torch.compiler.is_compiling():
-        return _gelu_quantize_fp8_rows_op(x.contiguous()) if gelu else formats.quantize_fp8_rowwise_dynamic(x)
-    return _quantize_fp8_rows_launch(x.contiguous(), None, gelu)
-
-
-def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast; `gelu` and torch.compile as
-    in quantize_fp8_rows."""
+    scale = None if pre_quant_scale is None else pre_quant_scale.contiguous()
     if torch.compiler.is_compiling():
         if gelu:
-            return _gelu_quantize_fp8_static_op(x.contiguous(), input_scale)
-        return formats.quantize_fp8_static(x, input_scale)
-    return _quantize_fp8_rows_launch(x.contiguous(), input_scale, gelu)[0]
+            return _gelu_quantize_fp8_rows_op(x.contiguous(), scale)
+        return formats.quantize_fp8_rowwise_dynamic(_smoothed(x, scale))
+    return _quantize_fp8_rows_launch(x.contiguous(), None, gelu, scale)
+
+
+def quantize_fp8_static(x: torch.Tensor, input_scale: torch.Tensor, gelu: bool = False,
+                        pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) -> E4M3 with one calibrated scale, clamped before the cast; `gelu`, `pre_quant_scale` and
+    torch.compile as in quantize_fp8_rows."""
+    scale = None if pre_quant_scale is None else pre_quant_scale.contiguous()
+    if torch.compiler.is_compiling():
+        if gelu:
+            return _gelu_quantize_fp8_static_op(x.contiguous(), input_scale, scale)
+        return formats.quantize_fp8_static(_smoothed(x, scale), input_scale)
+    return _quantize_fp8_rows_launch(x.contiguous(), input_scale, gelu, scale)[0]
 
 
 def nvfp4_to_fp8(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,

@@ -29,7 +29,7 @@ is the path of devices without CUDA, and the tests' oracle.
 
 Layers with outlier transforms (quant.outliers) run on every path: run() multiplies the input by
 smoothing's pre_quant_scale before the path quantizes it (one elementwise pass), except on paths whose
-activation quantizer applies it itself (`fuses_pre_quant_scale`: the INT8 kernel), and adds the
+activation quantizer applies it itself (`fuses_pre_quant_scale`: the INT8 and FP8 kernels), and adds the
 low-rank branch as two thin 16-bit GEMMs on the unquantized input. The reference applies both itself
 (reference_linear).
 """
@@ -192,16 +192,22 @@ def _w8a8_weight_scale(path: ExecutionPath, tensors: dict) -> torch.Tensor:
 
 
 def _scaled_mm_rowwise(x2d: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                       input_scale: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+                       input_scale: torch.Tensor | None, out_dtype: torch.dtype, gelu: bool = False,
+                       pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 FP8 with per-token activation scales, or with a static input_scale (then `w_scale` must
     already include it: prepare() folds it in as `static_weight_scale`). `gelu`: the kernel applies
-    the tanh GELU to x2d as it quantizes."""
+    the tanh GELU to x2d as it quantizes; `pre_quant_scale`: then multiplies by a smoothed layer's
+    factors (quant.outliers)."""
     fast = kernels.AVAILABLE and x2d.is_cuda
+    if not fast and pre_quant_scale is not None:  # the plain formulas take gelu=False (gelu_fuses)
+        x2d = x2d.float() * pre_quant_scale.float()
     if input_scale is not None:
-        a = kernels.quantize_fp8_static(x2d, input_scale, gelu) if fast else formats.quantize_fp8_static(x2d, input_scale)
+        a = (kernels.quantize_fp8_static(x2d, input_scale, gelu, pre_quant_scale) if fast
+             else formats.quantize_fp8_static(x2d, input_scale))
         a_scale = _unit_row_scales(x2d.shape[0], x2d.device)
     else:
-        a, a_scale = kernels.quantize_fp8_rows(x2d, gelu) if fast else formats.quantize_fp8_rowwise_dynamic(x2d)
+        a, a_scale = (kernels.quantize_fp8_rows(x2d, gelu, pre_quant_scale) if fast
+                      else formats.quantize_fp8_rowwise_dynamic(x2d))
     return torch._scaled_mm(a, w_fp8.t(), scale_a=a_scale, scale_b=w_scale,
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
                             # Hopper's fast FP8 accumulation: measured on the 48-block model it moved the final-latent
@@ -221,7 +227,8 @@ def _run_fp8(path: ExecutionPath) -> PathRun:
         # An NVFP4 layer's input_scale is the global scale of NVFP4 activations, not an FP8 one.
         static = "static_weight_scale" in tensors
         return _scaled_mm_rowwise(x2d, w, _w8a8_weight_scale(path, tensors), bias,
-                                  tensors["input_scale"] if static else None, out_dtype, gelu)
+                                  tensors["input_scale"] if static else None, out_dtype, gelu,
+                                  tensors.get("pre_quant_scale"))
     return run
 
 
@@ -307,7 +314,7 @@ def _fp8_path(name: str, summary: str, formats_: tuple[str, ...], activation: Ac
                          _every(_gpu((8, 9), "FP8 tensor cores"), _fp8_gemm_shape, extra),
                          _prepare_nvfp4 if name == "nvfp4-jit-fp8" else _prepare_rows, _run_reference,
                          expanded_bytes_per_weight=expanded, quantizes_input=True, row_scale=row_scale,
-                         fuses_gelu=True, reblocks_mxfp8=reblocks)
+                         fuses_gelu=True, reblocks_mxfp8=reblocks, fuses_pre_quant_scale=True)
     return replace(base, run=_run_fp8(base))
 
 

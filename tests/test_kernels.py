@@ -58,6 +58,34 @@ def test_gelu_quant_matches_gelu_then_quant(shape):
     assert ((dequantized - g).norm() / g.norm()).item() < 0.03
 
 
+@pytest.mark.parametrize("shape", [(7, 300), (2, 20000)])
+def test_smoothed_quant_matches_reference(shape):
+    """A smoothed layer's input (quant.outliers): x times its bf16 pre_quant_scale in fp32, then the
+    reference quantizers, byte for byte (dynamic per row and static; whole rows and two chunks)."""
+    x = (torch.randn(shape) * 3).bfloat16()
+    p = (torch.rand(shape[1]) * 2 + 0.05).bfloat16()
+    smoothed = x.float() * p.float()
+    data, scale = kernels.quantize_fp8_rows(x.to(DEVICE), pre_quant_scale=p.to(DEVICE))
+    ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(smoothed)
+    assert same_fp8(data.cpu(), ref_data) and torch.equal(scale.cpu(), ref_scale)
+    static = torch.tensor(smoothed.abs().max().item() / 448 * 0.8)  # some values saturate
+    data = kernels.quantize_fp8_static(x.to(DEVICE), static.to(DEVICE), pre_quant_scale=p.to(DEVICE))
+    assert same_fp8(data.cpu(), formats.quantize_fp8_static(smoothed, static))
+
+
+def test_smoothed_gelu_quant_applies_the_gelu_first():
+    x = (torch.randn(5, 2048) * 3).bfloat16()
+    p = (torch.rand(2048) * 2 + 0.05).bfloat16()
+    data, scale = kernels.quantize_fp8_rows(x.to(DEVICE), gelu=True, pre_quant_scale=p.to(DEVICE))
+    g = torch.nn.functional.gelu(x.float(), approximate="tanh") * p.float()
+    ref_data, ref_scale = formats.quantize_fp8_rowwise_dynamic(g)
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-6, atol=0)
+    codes, ref_codes = data.cpu().view(torch.uint8).int(), ref_data.view(torch.uint8).int()
+    assert (codes == ref_codes).float().mean() > 0.999 and (codes - ref_codes).abs().max() <= 1
+    with pytest.raises(ValueError, match="pre_quant_scale has 100 values"):
+        kernels.quantize_fp8_rows(x.to(DEVICE), pre_quant_scale=torch.ones(100, device=DEVICE))
+
+
 def test_gelu_static_quant_clamps_and_keeps_nan():
     x = (torch.randn(4, 96) * 3).bfloat16()
     x[0, 0], x[1, 1], x[2, 2], x[3, 3] = 1e9, float("nan"), -1e9, float("inf")

@@ -150,7 +150,8 @@ def test_lora_requantization_keeps_the_transforms(fmt):
 @pytest.mark.parametrize("fmt, path, activation, gelu", [
     (weights.INT8, "bf16-dequant", "none", False), (weights.FP8_ROWWISE, "bf16-dequant", "none", True),
     (weights.NVFP4, "nvfp4-jit-bf16", "none", False),
-    (weights.INT8, "int8-rowwise", "int8", False), (weights.INT8_CONVROT, "int8-rowwise", "int8", True)])
+    (weights.INT8, "int8-rowwise", "int8", False), (weights.INT8_CONVROT, "int8-rowwise", "int8", True),
+    (weights.FP8_ROWWISE, "fp8-rowwise", "fp8", False)])
 def test_paths_run_the_transforms_as_the_reference(fmt, path, activation, gelu):
     """A smoothed layer with a branch on the GPU paths (run on the CPU; the INT8 kernel under
     TRITON_INTERPRET=1), against the fp32 reference on the same bf16 input: they differ by bf16
