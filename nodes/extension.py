@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import web_routes
 from .attention import LTX2QuantAttention
 from .compile import LTX2QuantCompile
+from .multi_gpu_node import LTX2QuantMultiGPU
 from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
 from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
 from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
@@ -19,4 +20,4 @@ class LTX2QuantExtension(ComfyExtension):
                 LTX2QuantVAELoader, LTX2QuantTwoStageSampler, LTX2QuantLatentUpscale,
                 LTX2QuantCompile, LTX2QuantCalibrate,
                 LTX2QuantQualityReport, LTX2QuantAttention, LTX2QuantTextEncoderLoader,
-                LTX2QuantVAEDecode]
+                LTX2QuantVAEDecode, LTX2QuantMultiGPU]

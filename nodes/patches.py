@@ -14,6 +14,7 @@ from torch.utils._triton import has_triton
 
 from ..quant.capability import capability
 from ..quant.attention import choose_attention, comfy_override
+from .multi_gpu import MULTI_GPU
 from comfy_api.torch_helpers import set_torch_compile_wrapper
 
 log = logging.getLogger("ltx2_quant")
@@ -28,6 +29,13 @@ COMPILE_MODES = {"off": None, "blocks": {}, "blocks, cuda graphs": {"triton.cuda
                  "blocks, max-autotune": {"max_autotune": True}}
 
 
+def refuse_after_multi_gpu(patcher, node: str) -> None:
+    """The Multi-GPU patch reads these patches when it is applied (its workers redo them)."""
+    if MULTI_GPU in patcher.model_options:
+        raise ValueError(f"Connect {node} before LTX-2 Multi-GPU: the GPU workers take the patches the model "
+                         f"has when it is split")
+
+
 def compile_blocks(patcher, mode: str, backend: str = "inductor"):
     """(a clone of `patcher` whose transformer blocks run through torch.compile at sampling time, report
     line). Where Inductor has no fast target (a CPU model, or no Triton for the GPU) the model is returned
@@ -39,6 +47,7 @@ def compile_blocks(patcher, mode: str, backend: str = "inductor"):
     recompiles once, and nothing that changes per call (sigmas, block index) is guarded on."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"Unknown compile mode {mode!r}; choose one of {list(COMPILE_MODES)}")
+    refuse_after_multi_gpu(patcher, "Compile Blocks")
     if COMPILE_MODES[mode] is None:
         return patcher, "compile: off"
     blocks = getattr(patcher.model.diffusion_model, "transformer_blocks", None)
@@ -63,6 +72,7 @@ def patch_attention(model, requested: str):
     """(a clone of `model` whose attention runs the implementation chosen for `requested`, report line).
     The choice is probed on the model's device in its compute dtype; ComfyUI's own attention still
     takes the calls the implementation cannot (masks, other dtypes or head sizes)."""
+    refuse_after_multi_gpu(model, "Quant Attention")
     device = model.load_device
     name, reason = choose_attention(capability(device), requested, device,
                                     model.model.get_dtype_inference())

@@ -7,12 +7,11 @@ and the full streams are gathered once, before the output stage. Inside a block 
 quantized Linears, norms, AdaLN modulation, gates, feed-forwards) runs on the local tokens unchanged; only
 the attention calls exchange anything:
 
-| call | queries | keys/values | exchange |
-| --- | --- | --- | --- |
-| video / audio self-attention | local | local | Ulysses all-to-all over heads (or ring) |
-| text cross-attention (attn2, audio_attn2) | local | the prompt, replicated | none |
-| audio-to-video (Q video, K/V audio) | local video | all audio tokens | all-gather of the audio K and V (small) |
-| video-to-audio (Q audio, K/V video) | all audio tokens | local video | all-gather of the audio Q, attention over the local video keys, one log-sum-exp merge by all-reduce, keep the local audio rows |
+- video / audio self-attention: queries and keys local; Ulysses all-to-all over heads (or ring).
+- text cross-attention (attn2, audio_attn2): queries local, the prompt replicated; no exchange.
+- audio-to-video (Q video, K/V audio): queries local; the audio K and V all-gathered (small).
+- video-to-audio (Q audio, K/V video): the audio queries all-gathered, attended to the local video keys,
+  the partial results merged by log-sum-exp in one all-reduce; each rank keeps its audio rows.
 
 The video K/V of video-to-audio never travel: moving them would cost as much as a video self-attention's
 exchange, while the audio side is ~126 tokens. A stream with fewer tokens than ranks is not split (every

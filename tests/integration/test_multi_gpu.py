@@ -10,9 +10,13 @@ output's scale (measured: at most 2.8e-7 over these cases; 0 for video-only Ulys
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
-import torch
-from comfy_server import missing_requirements
+from comfy_server import HERE, missing_requirements
 
 from tests.gloo_ranks import run_on_ranks
 
@@ -48,3 +52,46 @@ def test_sequence_parallel_equals_one_process(world, policy, kind, mode, shape, 
             assert got.shape == expected.shape
             error = relative_error(got, expected)
             assert error <= TOLERANCE, f"rank {rank}/{world} {policy} {kind} {mode}: relative error {error:.2e}"
+
+
+def run_scenario(name: str) -> dict:
+    out = subprocess.run([sys.executable, os.path.join(HERE, "multi_gpu_check.py"), name],
+                         capture_output=True, text=True, timeout=900)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# Sampled through ComfyUI (euler, cfg 2, 4 steps). bf16: as above (measured <= 3.9e-7). fp8-scaled-mm: the
+# issue's bound for the final latent, 1e-2 (measured 2.0e-3 video, 3.0e-4 audio): its per-token FP8
+# activation rounding is a step function, so the ~1e-7 differences of the merged attention move some
+# activations across a rounding boundary (a whole FP8 step), and the following steps carry that on. One
+# forward of the same model stays within 2e-6 (test_sequence_parallel_equals_one_process).
+SAMPLED_TOLERANCE = {"bf16": 2e-6, "fp8-scaled-mm": 1e-2}
+
+
+def test_sampling_on_worker_processes_equals_one_process():
+    """The patched model samples through ComfyUI's CFGGuider with its forward run by 2 or 4 gloo worker
+    processes; the result equals the unpatched model's, ComfyUI keeps the model on the CPU, and a second run
+    reuses the workers and gives the same latent."""
+    for case, r in run_scenario("equal").items():
+        policy = case.split()[0]
+        assert max(r["errors"]) <= SAMPLED_TOLERANCE[policy], (case, r)
+        assert r["repeat_equal"] and r["load_device"] == "cpu", (case, r)
+        assert r["text"].startswith(f"multi-GPU: {case.split()[1]} x cpu"), (case, r)
+
+
+def test_failures_end_the_run_with_a_message_and_free_the_workers():
+    r = run_scenario("failures")
+    assert r["too_few"].startswith("LTX-2 Multi-GPU asks for 2 GPUs but this ComfyUI sees 0"), r
+    assert "Connect Compile Blocks before LTX-2 Multi-GPU" in r["compile_after"], r
+    assert "Connect Quant Attention before LTX-2 Multi-GPU" in r["attention_after"], r
+    assert "already patched" in r["twice"], r
+    # Cancel after the first step stops the run; the workers stay and serve the next run unchanged.
+    assert r["cancel"] == "interrupted" and r["cancel_steps"] == 1 and r["cancel_kept_workers"], r
+    assert r["after_cancel_equal"], r
+    # A worker killed mid-run: the next step ends the run naming it; the other is stopped; a new run works.
+    assert r["death"].startswith("GPU worker(s) [1] of 2 exited (codes [-9])"), r
+    assert r["death_others_stopped"] and r["after_death_equal"], r
+    # A worker that raises sends its traceback, and every worker is stopped.
+    assert "TypeError" in r["error"] and r["error_others_stopped"], r
