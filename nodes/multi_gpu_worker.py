@@ -104,6 +104,12 @@ def main(rank: int, world: int, conn, device: str, rendezvous: str, timeout_s: f
                 out = sharded_forward(state["model"], state["attention"], *to_device(args, device),
                                       **to_device(kwargs, device))
             return to_cpu(out) if rank == 0 else None
+        if kind == "peak_memory":  # bytes allocated at most since the last ask (bench/bench_multi_gpu.py)
+            if device.type != "cuda":
+                return 0
+            peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return peak
         raise ValueError(f"unknown message {kind!r}")
 
     namespace = ops.make_ops(device)

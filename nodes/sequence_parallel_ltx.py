@@ -115,6 +115,15 @@ class SequenceParallelAttention:
         return self.attend(func, q, k, v, heads, *args, **kwargs)
 
 
+def per_frame_timestep(data: torch.Tensor, patches_per_frame: int) -> CompressedTimestep:
+    """A CompressedTimestep of per-frame rows [B, frames, D] (set directly: ComfyUI v0.20.1's constructor
+    only compresses per-token rows)."""
+    timestep = CompressedTimestep.__new__(CompressedTimestep)
+    timestep.batch_size, timestep.num_frames, timestep.feature_dim = data.shape
+    timestep.patches_per_frame, timestep.data = patches_per_frame, data
+    return timestep
+
+
 class TokenRangeTimestep(CompressedTimestep):
     """A per-frame CompressedTimestep seen through one rank's token range: the modulation is computed
     on the frames the range touches and expanded for those tokens only."""
@@ -123,8 +132,9 @@ class TokenRangeTimestep(CompressedTimestep):
         ppf = whole.patches_per_frame
         self.first_frame, last_frame = start // ppf, -(-end // ppf)
         self.offset, self.count = start - self.first_frame * ppf, end - start
-        self.frames = CompressedTimestep(whole.data[:, self.first_frame:last_frame], ppf, per_frame=True)
-        super().__init__(self.frames.data, ppf, per_frame=True)
+        self.frames = per_frame_timestep(whole.data[:, self.first_frame:last_frame], ppf)
+        self.batch_size, self.num_frames, self.feature_dim = self.frames.data.shape
+        self.patches_per_frame, self.data = ppf, self.frames.data
 
     def expand(self):
         return self.frames.expand()[:, self.offset:self.offset + self.count]
@@ -155,9 +165,11 @@ def local_timestep(timestep, stream: StreamSplit, rank: int):
 
 
 def local_rope(pe, stream: StreamSplit, rank: int):
-    """RoPE tables ([B, tokens, heads, ...], split flag) cut to this rank's tokens."""
-    matrix, split_mode = pe
-    return stream.local(matrix, rank), split_mode
+    """RoPE tables cut to this rank's tokens. ComfyUI v0.33: (rotation [B, tokens, heads, ...], split flag);
+    v0.20.1: (cos, sin, split flag), [B, heads, tokens, d/2] when split, else [B, tokens, d]."""
+    *tables, split_mode = pe
+    dim = 2 if len(tables) == 2 and split_mode else 1
+    return (*(stream.local(table, rank, dim) for table in tables), split_mode)
 
 
 def sharded_forward(model, attention: SequenceParallelAttention, x, timestep, context, attention_mask,
