@@ -141,8 +141,10 @@ class MultiGPURunner:
         self.shipped = None
 
     def weights_version(self, diffusion_model) -> tuple:
-        identities = hash(tuple(id(t) for t in diffusion_model.state_dict(keep_vars=True).values()))
-        return id(diffusion_model), identities, getattr(self.base_model(), "current_weight_patches_uuid", None)
+        """Which weights the coordinator's model has: the model object and the id ComfyUI gives the set of
+        weight patches it applied (a LoRA added, removed or re-weighted gives another). Read per step, so
+        it must cost nothing next to one (no walk over the model's thousands of tensors)."""
+        return id(diffusion_model), getattr(self.base_model(), "current_weight_patches_uuid", None)
 
     def ensure(self, diffusion_model) -> None:
         if self.pool is not None and not self.pool.alive():
