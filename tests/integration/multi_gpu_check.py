@@ -15,6 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multi_gpu_ranks  # noqa: E402  (imports ComfyUI on the CPU and the pack as `ltx2q`)
+import comfy.lora  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
@@ -57,6 +58,20 @@ def rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def with_lora(patcher):
+    """A rank-4 LoRA on two block Linears, as core's LoraLoaderModelOnly adds it."""
+    shapes = ltx2.model_shapes(CONFIG)
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for layer in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.ff.net.2"):
+        out_features, in_features = shapes[layer + ".weight"]
+        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * in_features ** -0.5
+        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.5
+    patched = patcher.clone()
+    patched.add_patches(comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(patcher.model, {})), 1.0)
+    return patched
+
+
 def equal() -> dict:
     out = {}
     for policy, gpus, mode in (("fp8-scaled-mm", 2, "ulysses"), ("bf16", 4, "ulysses"), ("bf16", 2, "ring")):
@@ -71,7 +86,17 @@ def equal() -> dict:
             "text": text, "errors": [rel(p, s) for p, s in zip(parallel, single, strict=True)],
             "repeat_equal": all(torch.equal(a, b) for a, b in zip(parallel, again)),
             "load_device": str(patched.load_device), "first_run_s": round(first, 1)}
-        multi_gpu.runner_of(patched).close()
+        runner = multi_gpu.runner_of(patched)
+        if policy == "bf16" and mode == "ring":
+            # A LoRA added after the split: the workers get the patched weights (shipped again).
+            pids = [p.pid for p in runner.pool.processes]
+            lora_single = sample(with_lora(patcher))
+            lora_parallel = sample(with_lora(patched))
+            out["lora after split"] = {
+                "errors": [rel(p, s) for p, s in zip(lora_parallel, lora_single, strict=True)],
+                "effect": max(rel(a, b) for a, b in zip(lora_single, single)),
+                "same_workers": [p.pid for p in runner.pool.processes] == pids}
+        runner.close()
     return out
 
 
