@@ -18,7 +18,8 @@ import comfy.text_encoders.lt as comfy_lt
 import folder_paths
 
 from ..quant import text_encoder as te
-from ..quant.policies import get_policy, summarize
+from ..quant.advice import call_or_advise_on_oom, text_encoder_out_of_memory_advice
+from ..quant.policies import POLICIES, get_policy, summarize
 from ..quant.quality import cosine_similarity
 from ..quant.safetensors_io import save_tensors
 from ..quant.weights import QuantizedWeight, format_from_conf
@@ -67,9 +68,21 @@ def text_encoder_ops(device: torch.device) -> type:
     return LTX2QuantTextEncoderOps
 
 
-def text_encoder_model(loaded: te.LoadedTextEncoder):
+def oom_advice(loaded: te.LoadedTextEncoder, policy_name: str) -> str:
+    """The advice after an encode ran out of GPU memory: the text encoder's weights per policy at these
+    files' shapes (with the vision tower, which ComfyUI builds whether the file holds it or not), and the
+    GPU's size."""
+    device = compute_device()
+    sizes = {name: te.weight_bytes(policy, loaded.layout, loaded.projection_outputs)
+             for name, policy in POLICIES.items()}
+    total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
+    return text_encoder_out_of_memory_advice(policy_name, sizes, total)
+
+
+def text_encoder_model(loaded: te.LoadedTextEncoder, policy_name: str):
     """ComfyUI's LTXAVTEModel for these files: its Gemma from ComfyUI's Gemma 3 12B class (sizes read from
-    the file, so a smaller Gemma-3-shaped model builds too) and the projection of the checkpoint's shapes."""
+    the file, so a smaller Gemma-3-shaped model builds too) and the projection of the checkpoint's shapes;
+    an encode that runs out of GPU memory ends with the pack's advice."""
     dtype_llama = loaded.gemma["model.norm.weight"].dtype
     gemma_config = None if loaded.layout == te.GEMMA3_12B else loaded.layout.comfy_config()
     outputs = loaded.projection_outputs
@@ -93,6 +106,11 @@ def text_encoder_model(loaded: te.LoadedTextEncoder):
                 self.text_embedding_projection = ops.Linear(inputs, outputs[""], bias=False, dtype=dtype_llama,
                                                             device=device)
 
+        def encode_token_weights(self, token_weight_pairs):
+            encode = super().encode_token_weights
+            return call_or_advise_on_oom(lambda: encode(token_weight_pairs), lambda: oom_advice(loaded, policy_name),
+                                         forget_dropped_models)
+
         def load_sd(self, sd):
             if any(k.startswith("model.layers.") for k in sd):  # ComfyUI tells Gemma by its 48th layer
                 return self.gemma3_12b.load_sd(sd)
@@ -101,10 +119,11 @@ def text_encoder_model(loaded: te.LoadedTextEncoder):
     return LTX2QuantTextEncoderModel
 
 
-def build_clip(loaded: te.LoadedTextEncoder, device_choice: str, ops: type):
+def build_clip(loaded: te.LoadedTextEncoder, policy_name: str, device_choice: str, ops: type):
     """A ComfyUI CLIP holding the converted text encoder (as comfy.sd.load_clip builds one)."""
     target = type("ClipTarget", (), {})()
-    target.params, target.clip, target.tokenizer = {}, text_encoder_model(loaded), comfy_lt.LTXAVGemmaTokenizer
+    target.params, target.tokenizer = {}, comfy_lt.LTXAVGemmaTokenizer
+    target.clip = text_encoder_model(loaded, policy_name)
     model_options: dict = {"custom_operations": ops}
     if device_choice == "cpu":
         model_options["load_device"] = model_options["offload_device"] = torch.device("cpu")
@@ -143,14 +162,14 @@ def size_text(nbytes: int) -> str:
 
 def load_text_encoder(gemma_path: str, checkpoint_path: str, policy_name: str, device_choice: str = "default",
                       compare_to_bf16: bool = False):
-    """(CLIP, report text, measured agreement or None, the converted state). With `compare_to_bf16` the files are first loaded
-    as stored, the reference prompt encoded and that model dropped, then loaded quantized."""
+    """(CLIP, report text, measured agreement or None, the converted state). With `compare_to_bf16` the
+    files are first loaded as stored, the reference prompt encoded and that model dropped, then loaded quantized."""
     policy = get_policy(policy_name)
     agreement = None
     reference = None
     if compare_to_bf16 and policy.weight_format is not None:
         stored = te.load_text_encoder(gemma_path, checkpoint_path, get_policy("bf16"))
-        reference_clip = build_clip(stored, device_choice, text_encoder_ops(compute_device()))
+        reference_clip = build_clip(stored, "bf16", device_choice, text_encoder_ops(compute_device()))
         del stored
         reference = encode(reference_clip)
         reference_clip.patcher.detach(unpatch_all=True)
@@ -162,10 +181,11 @@ def load_text_encoder(gemma_path: str, checkpoint_path: str, policy_name: str, d
     # Quantizing on the GPU is what keeps NVFP4's scale search to seconds; ComfyUI moves the model later.
     loaded = te.load_text_encoder(gemma_path, checkpoint_path, policy, device if device.type == "cuda" else "cpu",
                                   progress_bar())
-    clip = build_clip(loaded, device_choice, ops)
+    clip = build_clip(loaded, policy.name, device_choice, ops)
     seconds = time.perf_counter() - start
     summary = summarize([d for d in loaded.decisions if len(d.shape) == 2])
-    lines = [f"policy {policy.name}: matrices {size_text(summary['bytes_before'])} -> {size_text(summary['bytes_after'])} "
+    lines = [f"policy {policy.name}: matrices {size_text(summary['bytes_before'])} -> "
+             f"{size_text(summary['bytes_after'])} "
              f"({size_text(loaded.weight_bytes)} with norms and biases), matrices by format "
              f"{summary['layers_by_format']}, loaded in {seconds:.1f} s"]
     paths = describe_paths(ops)

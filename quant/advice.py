@@ -79,3 +79,22 @@ def call_or_advise_on_oom(call: Callable[[], T], advice: Callable[[], str], rele
         pass
     release()
     raise torch.OutOfMemoryError(advice())
+
+
+def text_encoder_out_of_memory_advice(policy: str, weight_bytes: dict[str, int], total_bytes: int | None) -> str:
+    """What to do after the text encoder ran out of GPU memory encoding a prompt at `policy`: the smaller
+    text-encoder policies (`weight_bytes`: the encoder's weights per policy) that fit a GPU of `total_bytes`,
+    and the CPU."""
+    current = weight_bytes[policy]
+    smaller = sorted((name for name in weight_bytes if weight_bytes[name] < current), key=weight_bytes.get,
+                     reverse=True)
+    fits = [name for name in smaller if total_bytes is None or weight_bytes[name] < total_bytes]
+    gpu = f" on this {total_bytes / GIB:.1f} GiB GPU" if total_bytes else ""
+    lines = [f"LTX-2 Quant: out of GPU memory encoding the prompt with the text encoder at policy {policy} "
+             f"({current / GIB:.1f} GiB of weights){gpu}."]
+    if fits:
+        lines.append("Smaller text encoders (the Text Encoder Loader's policy): " + ", ".join(
+            f"{name} ({weight_bytes[name] / GIB:.1f} GiB)" for name in fits) + ".")
+    lines.append("Or set its device to cpu: slower, and no GPU memory. The memory of the failed encode was "
+                 "released; the next prompt can run.")
+    return " ".join(lines)

@@ -63,13 +63,14 @@ VISION = {"hidden": 1152, "intermediate": 4304, "layers": 27, "patches": (896 //
 
 def language_shapes(layout: GemmaLayout) -> dict[str, tuple[int, ...]]:
     """Every weight of Gemma's language model (what ComfyUI builds and reads), by tensor key."""
-    h, q, kv = layout.hidden_size, layout.num_attention_heads * layout.head_dim, layout.num_key_value_heads * layout.head_dim
+    h, head = layout.hidden_size, layout.head_dim
+    q, kv = layout.num_attention_heads * head, layout.num_key_value_heads * head
     shapes: dict[str, tuple[int, ...]] = {EMBEDDING + ".weight": (layout.vocab_size, h), "model.norm.weight": (h,)}
     for i in range(layout.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "self_attn.q_norm.weight": (layout.head_dim,), p + "self_attn.k_norm.weight": (layout.head_dim,),
+                       p + "self_attn.q_norm.weight": (head,), p + "self_attn.k_norm.weight": (head,),
                        p + "mlp.gate_proj.weight": (layout.intermediate_size, h),
                        p + "mlp.up_proj.weight": (layout.intermediate_size, h),
                        p + "mlp.down_proj.weight": (h, layout.intermediate_size)})
@@ -104,7 +105,8 @@ def projection_shapes(layout: GemmaLayout, outputs: dict[str, int] = LTX23_PROJE
     inputs = layout.hidden_size * (layout.num_hidden_layers + 1)  # every hidden state, the embeddings' too
     shapes: dict[str, tuple[int, ...]] = {}
     for name, width in outputs.items():
-        shapes[f"{PROJECTION_PREFIX}{name}.weight"], shapes[f"{PROJECTION_PREFIX}{name}.bias"] = (width, inputs), (width,)
+        shapes[f"{PROJECTION_PREFIX}{name}.weight"] = (width, inputs)
+        shapes[f"{PROJECTION_PREFIX}{name}.bias"] = (width,)
     return shapes
 
 
@@ -279,8 +281,9 @@ def load_text_encoder(gemma_path: str, projection_path: str, policy: Policy, dev
         if not projection_keys:
             raise CheckpointError(f"{projection_path}: no {PROJECTION_PREFIX}* tensors: the LTX text projection comes "
                                   "from an LTX-2 checkpoint (checkpoints folder), as for LTXAVTextEncoderLoader")
-        outputs = {_projection_name(k)[len(PROJECTION_PREFIX):-len("weight")].rstrip("."): projection.tensors[k].shape[0]
-                   for k in projection_keys if k.endswith(".weight")}
+        # Output width per projection module ('' for LTX-2's single projection).
+        outputs = {_projection_name(k)[len(PROJECTION_PREFIX):-len("weight")].rstrip("."):
+                   projection.tensors[k].shape[0] for k in projection_keys if k.endswith(".weight")}
         gemma_keys = gemma.keys()
         total = len(gemma_keys) + len(projection_keys)
         decisions: list[LayerDecision] = []

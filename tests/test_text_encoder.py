@@ -58,7 +58,8 @@ def test_plan_quantizes_linears_projection_and_embedding_only():
         assert decisions["model.layers.7.mlp.down_proj"].target_format == weights.fitting_format(
             POLICIES[name].weight_format, (3840, 15360))
         assert decisions["model.embed_tokens"].target_format == weights.FP8_ROWWISE
-        assert decisions["model.embed_tokens"].weight_only and decisions["text_embedding_projection.video_aggregate_embed"].weight_only
+        assert decisions["model.embed_tokens"].weight_only
+        assert decisions["text_embedding_projection.video_aggregate_embed"].weight_only
         assert not decisions["vision_model.encoder.layers.0.mlp.fc1"].changed
         assert not decisions["model.norm"].changed
         assert decisions["model.layers.0.self_attn.q_proj"].weight_only == (name == "fp8-cast")
@@ -85,3 +86,13 @@ def test_quantized_file_layers_are_requantized_only_into_smaller_formats():
     kept_fp8, kept_fp4 = te.plan_text_encoder(get_policy("nvfp4"), [fp8, fp4])
     assert kept_fp8.target_format == weights.NVFP4 and kept_fp8.bytes_after < kept_fp8.bytes_before
     assert not kept_fp4.changed
+
+
+def test_out_of_memory_advice_names_the_smaller_text_encoders_that_fit():
+    from quant.advice import text_encoder_out_of_memory_advice
+    sizes = {name: te.weight_bytes(policy) for name, policy in POLICIES.items()}
+    text = text_encoder_out_of_memory_advice("bf16", sizes, 16 * GIB)
+    assert "policy bf16 (24.9 GiB of weights) on this 16.0 GiB GPU" in text
+    assert "fp8-scaled-mm (12.8 GiB)" in text and "nvfp4 (8.0 GiB)" in text and "device to cpu" in text
+    small = text_encoder_out_of_memory_advice("fp8-scaled-mm", sizes, 10 * GIB)
+    assert "nvfp4 (8.0 GiB)" in small and "mxfp8" not in small and "bf16" not in small

@@ -75,6 +75,13 @@ def test_comfyui_scaled_fp8_file_reads_as_stored(result):
     assert 0.99 < r["vs_bf16_file"]["cosine"] < 1.0, r
 
 
+def test_out_of_memory_while_encoding_ends_with_the_packs_advice(result):
+    message = result["out_of_memory"]["message"]
+    assert message.startswith("LTX-2 Quant: out of GPU memory encoding the prompt with the text encoder at policy "
+                              "fp8-scaled-mm"), message
+    assert "nvfp4" in message and "device to cpu" in message and "CUDA out of memory" not in message, message
+
+
 def test_wrong_files_are_refused_by_name(result):
     r = result["refusals"]
     assert "not a Gemma 3 text encoder" in r["projection_as_gemma"] and "proj" in r["projection_as_gemma"], r

@@ -108,6 +108,20 @@ def scaled_fp8(gemma: str, projection: str, folder: str) -> dict:
     return out
 
 
+def out_of_memory(gemma: str, projection: str) -> dict:
+    """Gemma running out of GPU memory mid-encode (raised where its forward runs): the pack's advice."""
+    clip, _, _, _ = nodes_te.load_text_encoder(gemma, projection, "fp8-scaled-mm")
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    clip.cond_stage_model.gemma3_12b.encode_token_weights = exhausted
+    try:
+        nodes_te.encode(clip)
+    except torch.OutOfMemoryError as e:
+        return {"message": str(e)}
+    return {"message": None}
+
+
 def refusals(gemma: str, projection: str) -> dict:
     out = {}
     for label, args in {"projection_as_gemma": (projection, projection), "gemma_as_checkpoint": (gemma, gemma)}.items():
@@ -124,5 +138,6 @@ if __name__ == "__main__":
     result = {"policies": policies(gemma_path, projection_path), "offload": offload(gemma_path, projection_path),
               "saved": saved(gemma_path, projection_path, work),
               "scaled_fp8": scaled_fp8(gemma_path, projection_path, work),
+              "out_of_memory": out_of_memory(gemma_path, projection_path),
               "refusals": refusals(gemma_path, projection_path)}
     print("RESULT " + json.dumps(result))
