@@ -18,6 +18,7 @@ import inspect
 import logging
 from multiprocessing.reduction import ForkingPickler
 import os
+import shutil
 import sys
 import tempfile
 import weakref
@@ -40,8 +41,7 @@ WRAPPER_KEY = "ltx2q_multi_gpu"
 ENTRY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_gpu_entry.py")
 CANCEL_GRACE_S = 10.0  # Cancel lets the step in flight finish this long (the workers keep the model), then kills
 # transformer_options entries that stay in the coordinator: ComfyUI's callables and bookkeeping.
-LOCAL_OPTIONS = {"wrappers", "callbacks", "patches", "patches_replace", "optimized_attention_override",
-                 "model_options", "sample_sigmas"}
+LOCAL_OPTIONS = {"wrappers", "callbacks", "patches", "patches_replace", "optimized_attention_override"}
 _active = None  # the one runner whose pool holds the GPUs (a new one stops the old pool)
 
 
@@ -122,6 +122,8 @@ class MultiGPURunner:
         if state.get("pool") is not None:
             state["pool"].stop()
             state["pool"] = None
+        if state.get("rendezvous_dir"):
+            shutil.rmtree(state.pop("rendezvous_dir"), ignore_errors=True)
 
     def close(self) -> None:
         MultiGPURunner._stop_pool(self.__dict__)
@@ -133,7 +135,8 @@ class MultiGPURunner:
             _active.close()
         _active = self
         name, folder = pack_identity()
-        rendezvous = "file://" + os.path.join(tempfile.mkdtemp(prefix="ltx2q-rendezvous-"), "store")
+        self.rendezvous_dir = tempfile.mkdtemp(prefix="ltx2q-rendezvous-")
+        rendezvous = "file://" + os.path.join(self.rendezvous_dir, "store")
         setup = {"pack_name": name, "pack_dir": folder, "comfy_args": vars(comfy.cli_args.args),
                  "rendezvous": rendezvous, "timeout_s": self.timeout_s}
         self.pool = WorkerPool(ENTRY_SCRIPT, [{**setup, "device": device} for device in self.devices],
