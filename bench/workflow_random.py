@@ -5,6 +5,7 @@ reads (per-tensor scales) for core's fp8 template. Each file is written once, st
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import zlib
@@ -50,7 +51,6 @@ def write(path: str, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str
 
 
 def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    import comfy.ops
     from comfy.ldm.lightricks.vae.audio_vae import AudioVAE
     from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
     shapes = {ltx2.CHECKPOINT_PREFIX + k: s for k, s in ltx2.model_shapes(config["transformer"]).items()}
@@ -62,7 +62,6 @@ def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         if prefix is not None:
             shapes[renamed[prefix] + key[len(prefix):]] = shape
     shapes.update(text_encoder.projection_shapes(text_encoder.GEMMA3_12B))
-    del comfy.ops
     return shapes
 
 
@@ -105,6 +104,10 @@ def write_all(path: dict, config_from: str | None) -> None:
     if not os.path.exists(path["gemma_fp8"]):
         gemma_fp8(path["gemma"], path["gemma_fp8"])
     if not os.path.exists(path["upsampler"]):
+        import comfy.ops
         from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler
-        shapes = module_shapes(lambda: LatentUpsampler.from_config(UPSAMPLER_CONFIG))
+        # Newer ComfyUIs build the upsampler's convs and norms from an op namespace, as their loader does.
+        takes_ops = "operations" in inspect.signature(LatentUpsampler.from_config).parameters
+        ops = {"operations": comfy.ops.disable_weight_init} if takes_ops else {}
+        shapes = module_shapes(lambda: LatentUpsampler.from_config(UPSAMPLER_CONFIG, **ops))
         write(path["upsampler"], shapes, {"config": json.dumps(UPSAMPLER_CONFIG)})
