@@ -107,7 +107,8 @@ def main() -> None:
             multi_gpu.runner_of(model).close()
         del model
         gc.collect()
-    print(f"{'GPUs':>5} {'size':<16}{'s/step':>8}{'speed-up':>10}{'target':>8}{'peak GiB/GPU':>14}{'err v':>9}{'err a':>9}")
+    print(f"{'GPUs':>5} {'size':<16}{'s/step':>8}{'speed-up':>10}{'target':>8}{'peak GiB/GPU':>14}"
+          f"{'err v':>9}{'err a':>9}")
     for r in rows:
         target = f"{r['target']:.2f}x" if r["target"] else "-"
         print(f"{r['gpus']:>5} {r['size']:<16}{r['s_per_step']:>8.3f}{r['speedup']:>9.2f}x{target:>8}"
