@@ -100,6 +100,7 @@ class ComfyServer:
             f.write(f"test:\n  base_path: {base}\n  diffusion_models: models/diffusion_models\n"
                     f"  loras: models/loras\n  ltx2_calibration: models/ltx2_calibration\n  checkpoints: models/checkpoints\n"
                     f"  latent_upscale_models: models/latent_upscale_models\n  vae: models/vae\n"
+                    f"  text_encoders: models/text_encoders\n"
                     f"  custom_nodes: {os.path.basename(nodes)}\n")
         self.output = os.path.join(base, "output")
         os.makedirs(os.path.join(base, "user"), exist_ok=True)
