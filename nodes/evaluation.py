@@ -15,7 +15,7 @@ import comfy.sample
 import comfy.samplers
 
 from ..quant import runtime
-from ..quant.calibration import AmaxRecorder, gets_input_scale, input_scale
+from ..quant.calibration import AmaxRecorder, layer_input_scale
 from ..quant.quality import LayerQuality, cosine_similarity, layer_quality
 from ..quant.reference import relative_error
 from ..quant.safetensors_io import atomic_file
@@ -110,12 +110,13 @@ def with_static_scales(patcher, amax: dict[str, float]):
     count = 0
     for name, module in quantized_layers(patcher.model.diffusion_model).items():
         q = module.quant
-        if name not in amax or not gets_input_scale(q.conf):
+        scale = layer_input_scale(q.conf, amax[name]) if name in amax else None
+        if scale is None:
             continue
         layer = copy.copy(module)
         layer._parameters = dict(module._parameters)
         layer.__dict__.pop("_runtime_cache", None)
-        scales = runtime.static_scale_tensors(q.path, q.format, module._parameters, input_scale(amax[name], q.format))
+        scales = runtime.static_scale_tensors(q.path, q.format, module._parameters, scale)
         for key, tensor in scales.items():
             layer._parameters[key] = torch.nn.Parameter(tensor, requires_grad=False)
         new.add_object_patch(f"diffusion_model.{name}", layer)

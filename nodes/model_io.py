@@ -20,12 +20,12 @@ import comfy.utils
 import folder_paths
 from comfy.ldm.lightricks.av_model import LTXAVModel
 
-from ..quant import advice, checkpoint, ltx2, memory, runtime, weights
+from ..quant import advice, checkpoint, comfy_quant, ltx2, memory, runtime, weights
 from ..quant.capability import capability
-from ..quant.calibration import gets_input_scale, input_scale
+from ..quant.calibration import layer_input_scale
 from ..quant.checkpoint import LoadedCheckpoint
 from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
-from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, check_output_path, write_streaming
+from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, check_output_path
 from . import streaming
 from .ops import compute_device, describe_paths, fuse_ffn_gelu, make_ops, quantized_layers
 
@@ -128,12 +128,12 @@ def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
     activation global scale for NVFP4 layers; returns how many."""
     count = 0
     for layer, value in amax.items():
-        conf_key = layer + ".comfy_quant"
+        conf_key = layer + comfy_quant.CONF_SUFFIX
         if conf_key not in loaded.state_dict:
             continue
-        conf = json.loads(bytes(loaded.state_dict[conf_key].tolist()).decode("utf-8"))
-        if gets_input_scale(conf):
-            loaded.state_dict[layer + ".input_scale"] = input_scale(value, conf.get("format"))
+        scale = layer_input_scale(comfy_quant.conf_from_tensor(loaded.state_dict[conf_key]), value)
+        if scale is not None:
+            loaded.state_dict[layer + ".input_scale"] = scale
             count += 1
     return count
 
@@ -296,16 +296,13 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
                                            force_patch_weights=streaming.patches_streamed_layers(patcher))
     model = patcher.model.diffusion_model
     layers = quantized_layers(model)
-    metadata = model_metadata(patcher)
-    specs: list[TensorSpec] = []
-    makers = []
-    quant_layers: dict[str, dict] = {}
     layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters if p != "bias"}
+    steps: list[checkpoint.Step] = []
+    quant_layers: dict[str, dict] = {}
     for key, tensor in model.state_dict().items():
         layer = layer_of_param.get(key)
         if layer is None:
-            specs.append(TensorSpec(key, tensor.dtype, tuple(tensor.shape)))
-            makers.append(lambda tensor=tensor: [tensor])
+            steps.append(checkpoint.Step([TensorSpec(key, tensor.dtype, tuple(tensor.shape))], lambda tensor=tensor: [tensor]))
             continue
         if not key.endswith(".weight"):
             continue
@@ -313,26 +310,12 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
         fmt = module.quant.format
         if fmt == weights.FP8_ROWWISE and comfy_compatible:
             fmt = weights.FP8_TENSOR
-        conf = {k: v for k, v in module.quant.conf.items() if k not in ("format", "convrot", "convrot_groupsize")}
-        conf.update(weights.conf_for_format(fmt))
-        quant_layers[layer] = conf
-        layer_specs = checkpoint.layer_specs(layer, fmt, module.quant.shape, "input_scale" in module._parameters)
-        specs += layer_specs
-
-        def make(module=module, fmt=fmt, layer_specs=layer_specs):
-            stored = runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)
-            return [stored.tensors[spec.name.rsplit(".", 1)[1]] for spec in layer_specs]
-        makers.append(make)
-    metadata.pop(checkpoint.QUANT_METADATA_KEY, None)
-    if quant_layers:
-        metadata[checkpoint.QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": quant_layers})
-    update = progress_bar(len(makers))
-
-    def produce():
-        for index, make in enumerate(makers):
-            yield from make()
-            update(index + 1, len(makers))  # Cancel stops the write here; the temp file is removed
-    write_streaming(path, specs, produce(), metadata, overwrite=overwrite)
+        quant_layers[layer] = comfy_quant.conf_in_format(module.quant.conf, fmt)
+        steps.append(checkpoint.layer_step(
+            layer, fmt, module.quant.shape, "input_scale" in module._parameters,
+            lambda module=module, fmt=fmt: runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)))
+    metadata = comfy_quant.with_layer_confs(model_metadata(patcher), quant_layers)
+    checkpoint.write_quantized(path, steps, metadata, overwrite=overwrite, progress=progress_bar(len(steps)))
     return path
 
 

@@ -18,7 +18,6 @@ second Linear (same math; one pass with the FP8 activation quantization on W8A8 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from comfy.ldm.lightricks.model import FeedForward, GELU_approx
 
 from ..quant import runtime
 from ..quant.capability import capability as device_capability
+from ..quant.comfy_quant import CONF_SUFFIX, conf_from_tensor
 from ..quant.modes import layer_activation
 from ..quant.weights import MXFP8, QuantizedWeight, format_from_conf, requantize_like
 
@@ -58,11 +58,11 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs):
-                conf_tensor = state_dict.pop(prefix + "comfy_quant", None)
+                conf_tensor = state_dict.pop(prefix + CONF_SUFFIX[1:], None)
                 if conf_tensor is None:
                     return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                          unexpected_keys, error_msgs)
-                conf = json.loads(bytes(conf_tensor.tolist()).decode("utf-8"))
+                conf = conf_from_tensor(conf_tensor)
                 shape = tuple(conf.get("shape") or (self.out_features, self.in_features))
                 stored = {}
                 for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):

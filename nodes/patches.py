@@ -13,9 +13,10 @@ import torch
 from torch.utils._triton import has_triton
 
 from ..quant.capability import capability
-from ..quant.attention import choose_attention, comfy_override
+from ..quant.attention import IMPLEMENTATIONS, choose_attention
 from .multi_gpu import MULTI_GPU
 from comfy_api.torch_helpers import set_torch_compile_wrapper
+from .attention_override import comfy_override
 
 log = logging.getLogger("ltx2_quant")
 
@@ -79,7 +80,7 @@ def patch_attention(model, requested: str):
     patched = model.clone()
     options = patched.model_options["transformer_options"]
     replaced = options.get("optimized_attention_override")
-    options["optimized_attention_override"] = comfy_override(name)
+    options["optimized_attention_override"] = comfy_override(IMPLEMENTATIONS[name])
     text = f"attention: {name} ({reason})"
     if replaced is not None:
         text += f"; replaces an earlier attention override ({getattr(replaced, 'attention', replaced)})"

@@ -11,7 +11,7 @@ from server import PromptServer
 
 from ..quant import memory
 from ..quant.capability import capability
-from .loader import scope_options
+from ..quant.scopes import scope_options
 from .model_io import ACTIVATION_HEADROOM, connectors_stream
 from .ops import compute_device
 
@@ -38,21 +38,44 @@ def query_scope(query) -> dict:
                          query.get("keep_audio", "false").lower() == "true")
 
 
+def query_video_size(query) -> tuple[dict[str, int], list[str]]:
+    """The width, height and frames of a query that are whole numbers, and why each other one is not.
+    Told from the text: a size of thousands of digits never reaches int() or the arithmetic."""
+    video, errors = {}, []
+    for name in memory.VIDEO_SIZE_NAMES:
+        raw = query.get(name, "")
+        if len(raw) <= len(str(memory.MAX_VIDEO_SIZE)) and raw.isascii() and raw.isdigit():
+            video[name] = int(raw)
+        else:
+            shown = repr(raw) if len(raw) <= 20 else repr(raw[:20]) + f"... ({len(raw):,} characters)"
+            errors.append(f"{name} must be a whole number from 1 to {memory.MAX_VIDEO_SIZE:,}, got {shown}")
+    return video, errors
+
+
+def query_flag(query, name: str, default: bool) -> bool:
+    return query.get(name, str(default)).lower() in ("1", "true", "yes", "on")
+
+
 async def estimate(request: web.Request) -> web.Response:
+    query = request.query
     try:
-        scope = query_scope(request.query)
+        scope = query_scope(query)
     except (KeyError, ValueError) as e:
         return web.json_response({"errors": [f"bad scope parameters: {e}"]}, status=400)
     device = compute_device()
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    query = dict(request.query)
     # A GPU server where the loader would keep the text connectors resident (--gpu-only, --highvram,
     # unified memory): estimate that. A CPU-only server estimates for an FP8 GPU, where they stream.
+    connectors_on_cpu = query_flag(query, "text_connectors_on_cpu", True)
     if device.type != "cpu" and not connectors_stream(device, True):
-        query["text_connectors_on_cpu"] = "false"
+        connectors_on_cpu = False
+    video, read_errors = query_video_size(query)
     async with ESTIMATE_LOCK:
-        answer = await asyncio.to_thread(memory.estimate_answer, query, scope, capability(device), free,
-                                         ACTIVATION_HEADROOM)
+        answer = await asyncio.to_thread(
+            memory.estimate_answer, query.get("policy", "auto"), video, two_stage=query_flag(query, "two_stage", False),
+            nvfp4_mode=query.get("nvfp4_mode", "fast"), text_connectors_on_cpu=connectors_on_cpu, scope=scope,
+            capability=capability(device), free_bytes=free, auto_headroom_bytes=ACTIVATION_HEADROOM,
+            read_errors=read_errors)
     return web.json_response(answer)
 
 

@@ -4,9 +4,9 @@ Every implementation computes softmax(q k^T * scale) v for q (B, H, Sq, D) and k
 (any strides, last dimension contiguous) and returns (B, H, Sq, D). `choose_attention()` picks one
 for a device from its declared constraints, then probes it once on small inputs against an fp32
 reference, falling back down the list when it raises, is inaccurate or not finite; the reason is
-logged. `comfy_override()` wraps the choice for ComfyUI's per-model hook
-(`transformer_options["optimized_attention_override"]`); calls an implementation cannot take (a
-mask, a dtype, a head size, `low_precision_attention=False`) go to ComfyUI's own attention.
+logged. nodes/attention_override.py hands the choice to ComfyUI's per-model hook; calls an
+implementation cannot take (`Attention.takes`: a mask, a dtype, a head size, a short call) go to
+ComfyUI's own attention.
 
   cudnn-fp8       cuDNN's FP8 flash attention (Hopper and newer; needs the optional nvidia-cudnn-frontend
                   package): E4M3 Q/K/V/P and output with one scale per tensor, K and V centred on their
@@ -645,38 +645,3 @@ def choose_attention(cap: Capability, requested: str = AUTO, device: torch.devic
         passed_over.append(f"{name} ({why})")
     raise RuntimeError(f"no attention implementation works on {cap.describe()}: {'; '.join(passed_over)}")
 
-
-def _to_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, s, inner = t.shape
-    return t.view(b, s, heads, inner // heads).transpose(1, 2)
-
-
-def _mask_4d(mask: torch.Tensor) -> torch.Tensor:
-    """ComfyUI's masks are (Skv), (Sq, Skv), (B, Sq, Skv) or (B, H, Sq, Skv): broadcast as SDPA wants."""
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0) if mask.ndim < 3 else mask.unsqueeze(1)
-    return mask
-
-
-def comfy_override(name: str):
-    """The callable for ComfyUI's `transformer_options["optimized_attention_override"]`. ComfyUI calls
-    it as override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
-    skip_output_reshape=False, **kwargs), with func its own attention; q/k/v are (B, S, heads*D), or
-    (B, heads, S, D) with skip_reshape; it returns (B, Sq, heads*D), or (B, heads, Sq, D) with
-    skip_output_reshape."""
-    impl = IMPLEMENTATIONS[name]
-
-    def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
-                 skip_output_reshape=False, **kwargs):
-        qh, kh, vh = (q, k, v) if skip_reshape else (_to_heads(t, heads) for t in (q, k, v))
-        if not impl.takes(qh, kh, mask, kwargs.get("low_precision_attention", True) is not False) \
-                or kwargs.get("enable_gqa"):
-            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, **kwargs)
-        out = impl.run(qh, kh, vh, kwargs.get("scale"), None if mask is None else _mask_4d(mask))
-        if skip_output_reshape:
-            return out
-        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-
-    override.attention = name  # which implementation a patched model runs (reports, tests)
-    return override

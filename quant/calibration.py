@@ -109,6 +109,12 @@ def gets_input_scale(conf: dict) -> bool:
     return fmt == NVFP4 or (layer_activation(conf) != Activation.NONE and fmt not in INT8_FORMATS)
 
 
+def layer_input_scale(conf: dict, amax: float) -> torch.Tensor | None:
+    """The static input scale a calibrated `amax` gives the layer of this ComfyUI per-layer config, or
+    None for a layer that keeps per-token scales (gets_input_scale)."""
+    return input_scale(amax, weights.format_from_conf(conf)) if gets_input_scale(conf) else None
+
+
 def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
     """The static activation decode scale for an amax: amax/448 for FP8 activations and amax/127 for
     INT8 ones (clamped to it before the cast; the pack's own INT8 layers stay per-token, see

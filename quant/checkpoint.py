@@ -18,18 +18,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import ltx2, weights
+from . import comfy_quant, ltx2, weights
 from .formats import E2M1_MAX, FP8_MAX, INT8_MAX, round_up
 from .policies import LayerDecision, Policy, plan
 from .safetensors_io import (DTYPE_NAMES, CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, check_output,
-                             parse_json, write_streaming)
+                             write_streaming)
 
-QUANT_METADATA_KEY = "_quantization_metadata"
 PACK_METADATA_KEY = "ltx2_quant"
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 PLAIN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Tensors of a quantized layer besides its weight and bias.
-LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, "comfy_quant")
+LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, comfy_quant.CONF_SUFFIX[1:])
 # The header config entries ltx2.block_shapes computes a transformer block's tensors from, and those
 # ltx2.model_shapes also needs for the rest of an LTX-2.3 or LTX-2.5 transformer.
 BLOCK_LAYOUT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
@@ -52,7 +51,6 @@ MAX_CONFIG_NUMBER = 2 ** 24
 POSITIVE_CONFIG_KEYS = ("timestep_scale_multiplier", "av_ca_timestep_scale_multiplier", "positional_embedding_theta",
                         "positional_embedding_max_pos", "audio_positional_embedding_max_pos",
                         "connector_positional_embedding_max_pos")
-MAX_LAYER_CONF_BYTES = 64 * 1024  # a `.comfy_quant` config is under 200 bytes
 
 log = logging.getLogger("ltx2_quant")
 
@@ -86,32 +84,6 @@ class CheckpointInfo:
 
     def layer_table(self) -> list[tuple[str, tuple[int, ...], str, int]]:
         return [(s.layer, s.shape, s.format, s.nbytes) for s in self.layers.values()]
-
-
-def _layer_formats_from_header(f: SafetensorsFile) -> dict[str, dict]:
-    """Per-layer config from `_quantization_metadata` and from `<layer>.comfy_quant` tensors."""
-    confs: dict[str, dict] = {}
-    raw = f.metadata.get(QUANT_METADATA_KEY)
-    if raw is not None:
-        try:
-            parsed = parse_json(raw)
-            confs.update(parsed["layers"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{f.path}: corrupt {QUANT_METADATA_KEY} header metadata ({e})") from None
-    for key in f.keys():
-        if key.endswith(".comfy_quant"):
-            if f.tensors[key].nbytes > MAX_LAYER_CONF_BYTES:
-                raise CheckpointError(f"{f.path}: tensor {key!r} holds {f.tensors[key].nbytes:,} bytes, more than the "
-                                      f"{MAX_LAYER_CONF_BYTES:,} a layer's quantization config takes")
-            try:
-                confs[key[: -len(".comfy_quant")]] = parse_json(f.read(key).numpy().tobytes().decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise CheckpointError(f"{f.path}: tensor {key!r} is not the JSON ComfyUI expects ({e})") from None
-    for layer, conf in confs.items():
-        if not isinstance(conf, dict):
-            raise CheckpointError(f"{f.path}: quantization config of layer {layer!r} must be a JSON object, "
-                                  f"got {conf!r}")
-    return confs
 
 
 def _discover_format(f: SafetensorsFile, layer_key: str, conf: dict | None) -> str:
@@ -201,7 +173,7 @@ def inspect_checkpoint(f: SafetensorsFile, require_ltx: bool = True) -> Checkpoi
     if family is None and require_ltx:
         raise CheckpointError(f"{f.path}: not an LTX-2 checkpoint (no {ltx2.FAMILY_KEY!r} key, with or "
                               f"without the {ltx2.CHECKPOINT_PREFIX!r} prefix)")
-    confs = _layer_formats_from_header(f)
+    confs = comfy_quant.read_layer_confs(f)
     layers: dict[str, LayerSource] = {}
     for key in keys:
         if not key.endswith(".weight") or not key.startswith(prefix):
@@ -582,16 +554,6 @@ def _first(names: list[str], count: int = 5) -> str:
     return shown + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
-def layer_conf(decision: LayerDecision) -> dict:
-    """ComfyUI per-layer config. A weight-only layer asks stock ComfyUI for its dequantize path
-    (`full_precision_matrix_mult`), as our ops read it too; `shape` lets readers recover the
-    logical shape of padded formats."""
-    conf: dict = {**weights.conf_for_format(decision.target_format), "shape": list(decision.shape)}
-    if decision.weight_only:
-        conf["full_precision_matrix_mult"] = True
-    return conf
-
-
 @dataclass
 class Step:
     """Writes one plain tensor, or all tensors of one quantized layer, in file order."""
@@ -610,19 +572,24 @@ class ConversionPlan:
     def metadata(self, policy: Policy) -> dict[str, str]:
         """Header of the converted file: the source's metadata (with `config`) verbatim, plus the
         rewritten `_quantization_metadata` and a note of the policy."""
-        metadata = {k: v for k, v in self.info.metadata.items() if k != QUANT_METADATA_KEY}
-        if self.quant_layers:
-            metadata[QUANT_METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": self.quant_layers})
+        metadata = comfy_quant.with_layer_confs(self.info.metadata, self.quant_layers)
         metadata[PACK_METADATA_KEY] = json.dumps({"policy": policy.name, "activation": policy.activation})
         return metadata
 
 
-def layer_specs(layer_key: str, fmt: str, shape: tuple[int, int], has_input_scale: bool) -> list[TensorSpec]:
-    """The file tensors of one quantized layer, in the order they are written."""
+def layer_step(layer_key: str, fmt: str, shape: tuple[int, int], has_input_scale: bool,
+               make_weight: Callable[[], weights.QuantizedWeight]) -> Step:
+    """The step that writes one quantized layer's tensors in file order; `make_weight()` gives the
+    layer in `fmt` when the write reaches it."""
     planned = weights.storage_specs(fmt, shape)
     if has_input_scale:
         planned["input_scale"] = (torch.float32, ())
-    return [TensorSpec(f"{layer_key}.{suffix}", dtype, dims) for suffix, (dtype, dims) in planned.items()]
+    specs = [TensorSpec(f"{layer_key}.{suffix}", dtype, dims) for suffix, (dtype, dims) in planned.items()]
+
+    def make() -> list[torch.Tensor]:
+        qw = make_weight()
+        return [qw.tensors[suffix] for suffix in planned]
+    return Step(specs, make)
 
 
 def _host_staging(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo, decisions: list[LayerDecision],
@@ -662,7 +629,7 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
     steps: list[Step] = []
     quant_layers: dict[str, dict] = {}
     for key in f.keys():
-        if key.endswith(".comfy_quant") or (only_prefix and not key.startswith(info.prefix)):
+        if key.endswith(comfy_quant.CONF_SUFFIX) or (only_prefix and not key.startswith(info.prefix)):
             continue  # quantization configs are rewritten into the header
         entry = layer_of_key.get(key)
         if entry is None or entry[1].target_format not in weights.FORMATS:
@@ -674,13 +641,10 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
         if key != source.keys["weight"]:
             continue  # scales are written with their weight
         layer_key = info.prefix + source.layer
-        quant_layers[layer_key] = layer_conf(decision)
-        specs = layer_specs(layer_key, decision.target_format, source.shape, "input_scale" in source.keys)
-
-        def convert(source=source, decision=decision, specs=specs):
-            qw = convert_layer(f, source, decision.target_format, device, staging)
-            return [qw.tensors[spec.name.rsplit(".", 1)[1]] for spec in specs]
-        steps.append(Step(specs, convert))
+        quant_layers[layer_key] = comfy_quant.layer_conf(decision)
+        steps.append(layer_step(layer_key, decision.target_format, source.shape, "input_scale" in source.keys,
+                                lambda source=source, decision=decision: convert_layer(
+                                    f, source, decision.target_format, device, staging)))
     return ConversionPlan(info, decisions, steps, quant_layers)
 
 
@@ -709,10 +673,19 @@ def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool =
     check_output(out_path, overwrite)  # before the input is read: the write would refuse it only at the end
     with SafetensorsFile(in_path) as f:
         conversion = plan_conversion(f, policy, device)
-        specs = [spec for step in conversion.steps for spec in step.specs]
-        tensors = (tensor for _, tensor in _run_steps(conversion.steps, progress))
-        written = write_streaming(out_path, specs, tensors, conversion.metadata(policy), overwrite=overwrite)
+        written = write_quantized(out_path, conversion.steps, conversion.metadata(policy), overwrite=overwrite,
+                                  progress=progress)
     return QuantizeResult(out_path, conversion.decisions, written)
+
+
+def write_quantized(path: str, steps: list[Step], metadata: dict[str, str], *, overwrite: bool,
+                    progress: Callable[[int, int], None] | None = None) -> int:
+    """Write the tensors `steps` make, one step in memory at a time, as a safetensors file with header
+    `metadata`, atomically (temp file, fsync, rename); returns the bytes written. `progress(done,
+    total)` is called after each step and may raise to cancel: the temp file is then removed."""
+    specs = [spec for step in steps for spec in step.specs]
+    tensors = (tensor for _, tensor in _run_steps(steps, progress))
+    return write_streaming(path, specs, tensors, metadata, overwrite=overwrite)
 
 
 @dataclass
@@ -739,9 +712,6 @@ def load_converted(source: str | SafetensorsFile | MemoryTensors, policy: Policy
     prefix = conversion.info.prefix
     state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
     for layer_key, conf in conversion.quant_layers.items():
-        state[ltx2.strip_prefix(layer_key, prefix) + ".comfy_quant"] = comfy_quant_tensor(conf)
+        state[ltx2.strip_prefix(layer_key, prefix) + comfy_quant.CONF_SUFFIX] = comfy_quant.conf_tensor(conf)
     return LoadedCheckpoint(state, conversion.metadata(policy), conversion.decisions, conversion.info)
 
-
-def comfy_quant_tensor(conf: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import ltx2
-from .checkpoint import layer_conf
+from .comfy_quant import layer_conf
 from .policies import POLICIES, Policy, plan, summarize
 from .reference import reference_linear, relative_error
 from .modes import Nvfp4Mode, layer_activation

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from . import advice, ltx2, runtime, sampling, weights
 from .capability import Capability
 from .modes import NVFP4_MODES, layer_activation
-from .checkpoint import layer_conf
+from .comfy_quant import layer_conf
 from .policies import POLICIES, get_policy, plan, summarize
 from .safetensors_io import DTYPE_NAMES
 
@@ -49,6 +49,7 @@ UPSAMPLER_LIVE_TENSORS = 4
 FP8_GPU = Capability("cuda", (9, 0), True)
 # ComfyUI's largest width, height and length (its MAX_RESOLUTION, EmptyLTXVLatentVideo's limits).
 MAX_VIDEO_SIZE = 16384
+VIDEO_SIZE_NAMES = ("width", "height", "frames")
 
 
 @dataclass(frozen=True)
@@ -174,42 +175,32 @@ def estimate_vram(policy: str, width: int, height: int, frames: int, two_stage: 
     return estimate
 
 
-def estimate_answer(query: Mapping[str, str], scope: dict | None, capability: Capability,
-                    free_bytes: int | None, auto_headroom_bytes: int) -> dict:
-    """The JSON the web widget shows for a query (policy, width, height, frames, two_stage,
-    nvfp4_mode, text_connectors_on_cpu: default true): the estimate in GiB, or `errors` naming each bad value. `auto` is resolved the way
-    the loader resolves it on this server's device; the estimate is for this server's GPU, or an FP8
-    GPU when the server has none."""
-    answer: dict = {"policy": query.get("policy", "auto"), "auto_reason": None, "errors": [],
+def estimate_answer(policy: str, video: Mapping[str, int], *, two_stage: bool = False, nvfp4_mode: str = "fast",
+                    text_connectors_on_cpu: bool = True, scope: dict | None = None, capability: Capability,
+                    free_bytes: int | None, auto_headroom_bytes: int, read_errors: Sequence[str] = ()) -> dict:
+    """The JSON the web widget shows: the estimate in GiB, or `errors` naming each bad value. `video`
+    holds the width, height and frames that were given as whole numbers; `read_errors` says why any
+    other was not (listed first). `auto` is resolved the way the loader resolves it on this server's
+    device; the estimate is for this server's GPU, or an FP8 GPU when the server has none."""
+    answer: dict = {"policy": policy, "auto_reason": None, "errors": list(read_errors),
                     "weights_gib": None, "activations_gib": None, "overhead_gib": None, "total_gib": None}
-    numbers = {}
-    for name in ("width", "height", "frames"):
-        raw = query.get(name, "")
-        shown = repr(raw) if len(raw) <= 20 else repr(raw[:20]) + f"... ({len(raw):,} characters)"
-        # Told from the text: a size of thousands of digits never reaches int() or the arithmetic.
-        value = int(raw) if len(raw) <= len(str(MAX_VIDEO_SIZE)) and raw.isascii() and raw.isdigit() else None
-        if value is None or not 1 <= value <= MAX_VIDEO_SIZE:
-            answer["errors"].append(f"{name} must be a whole number from 1 to {MAX_VIDEO_SIZE:,}, got {shown}")
-        else:
-            numbers[name] = value
-    two_stage = query.get("two_stage", "false").lower() in ("1", "true", "yes", "on")
-    if len(numbers) == 3:
-        answer["errors"] += sampling.video_shape_errors(numbers["width"], numbers["height"], numbers["frames"],
-                                                        two_stage)
-    if answer["policy"] not in ("auto", *POLICIES):
-        answer["errors"].append(f"unknown policy {answer['policy']!r}; choose one of: auto, {', '.join(POLICIES)}")
-    text_connectors_on_cpu = query.get("text_connectors_on_cpu", "true").lower() in ("1", "true", "yes", "on")
-    nvfp4_mode = query.get("nvfp4_mode", "fast")
+    for name, value in video.items():
+        if not 1 <= value <= MAX_VIDEO_SIZE:
+            answer["errors"].append(f"{name} must be a whole number from 1 to {MAX_VIDEO_SIZE:,}, got {value!r}")
+    if len(video) == len(VIDEO_SIZE_NAMES) and not answer["errors"]:
+        answer["errors"] += sampling.video_shape_errors(video["width"], video["height"], video["frames"], two_stage)
+    if policy not in ("auto", *POLICIES):
+        answer["errors"].append(f"unknown policy {policy!r}; choose one of: auto, {', '.join(POLICIES)}")
     if nvfp4_mode not in NVFP4_MODES:
         answer["errors"].append(f"unknown nvfp4_mode {nvfp4_mode!r}; choose one of: {', '.join(NVFP4_MODES)}")
     if answer["errors"]:
         return answer
-    if answer["policy"] == "auto":
+    if policy == "auto":
         sizes = {name: planned_bytes(name, scope, text_connectors_on_cpu=text_connectors_on_cpu) for name in POLICIES}
         answer["policy"], answer["auto_reason"] = advice.choose_auto_policy(capability, free_bytes, sizes,
                                                                             auto_headroom_bytes)
     target = capability if capability.device_type == "cuda" else FP8_GPU
-    estimate = estimate_vram(answer["policy"], numbers["width"], numbers["height"], numbers["frames"], two_stage,
+    estimate = estimate_vram(answer["policy"], video["width"], video["height"], video["frames"], two_stage,
                              scope=scope, nvfp4_mode=nvfp4_mode, capability=target,
                              text_connectors_on_cpu=text_connectors_on_cpu)
     answer.update(estimate.as_gib(), phase=estimate.phase, video_tokens=estimate.video_tokens)

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .calibration import gets_input_scale, input_scale
-from .checkpoint import inspect_checkpoint, layer_conf, read_layer
+from .checkpoint import inspect_checkpoint, read_layer
+from .comfy_quant import layer_conf
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error

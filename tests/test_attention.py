@@ -1,16 +1,14 @@
-"""Attention implementations vs the fp32 math reference, the choice and its fallbacks, and the
-ComfyUI calling convention. Without a GPU the Triton kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, set by conftest.py) at small shapes; CUDA-only backends skip with the reason."""
+"""Attention implementations vs the fp32 math reference, the choice and its fallbacks. Without a GPU
+the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) at small
+shapes; CUDA-only backends skip with the reason."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from quant import attention, kernels
-from quant.attention import IMPLEMENTATIONS, choose_attention, comfy_override, probe, reference_attention, \
-    relative_error
+from quant.attention import IMPLEMENTATIONS, choose_attention, probe, reference_attention, relative_error
 from quant.formats import cast_to_fp8
 from quant.capability import Capability, capability
 
@@ -240,9 +238,6 @@ def test_8bit_kernels_take_only_long_calls():
         long_q, short = (torch.empty(1, 2, n, 128, dtype=torch.bfloat16) for n in (min_tokens, min_tokens - 1))
         assert impl.takes(long_q, long_q, None, True)
         assert not impl.takes(long_q, short, None, True) and not impl.takes(short, long_q, None, True)
-    func = ComfyAttention()
-    q, k, v = comfy_inputs(d=128, dtype=torch.bfloat16)
-    assert comfy_override("triton-int8")(func, q, k, v, 4) == "comfy" and func.calls == 1
 
 
 def test_wrong_dtype_is_refused_at_choice():
@@ -264,75 +259,3 @@ def test_probe_rejects_wrong_nan_and_raising(result, dtype, expected):
                                  requires=lambda cap: None, run=lambda q, k, v, scale, mask: result(q))
     assert expected in probe(broken, "cpu", dtype)
     assert probe(IMPLEMENTATIONS["sdpa"], "cpu", dtype) is None
-
-
-class ComfyAttention:
-    """Stands in for ComfyUI's own attention function: records that the call came back to it."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-                 **kwargs):
-        self.calls += 1
-        return "comfy"
-
-
-def comfy_inputs(b=2, sq=24, skv=24, heads=4, d=64, dtype=torch.float32):
-    g = torch.Generator().manual_seed(7)
-    return [torch.randn(b, n, heads * d, generator=g).to(DEVICE, dtype) for n in (sq, skv, skv)]
-
-
-def heads_view(t, heads):
-    b, s, inner = t.shape
-    return t.view(b, s, heads, inner // heads).transpose(1, 2)
-
-
-def test_override_keeps_comfyui_layouts():
-    q, k, v = comfy_inputs()
-    func = ComfyAttention()
-    override = comfy_override("sdpa")
-    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)))
-    out = override(func, q, k, v, 4, transformer_options={}, _inside_attn_wrapper=True)
-    assert out.shape == q.shape and relative_error(out, ref.transpose(1, 2).reshape(q.shape)) < 1e-5
-    q4, k4, v4 = (heads_view(t, 4) for t in (q, k, v))
-    out4 = override(func, q4, k4, v4, 4, skip_reshape=True, skip_output_reshape=True)
-    assert out4.shape == q4.shape and relative_error(out4, ref) < 1e-5
-    assert func.calls == 0 and override.attention == "sdpa"
-
-
-def test_override_masked_call():
-    q, k, v = comfy_inputs(sq=20, skv=30)
-    mask = torch.zeros(20, 30, device=DEVICE)
-    mask[:, 25:] = float("-inf")
-    func = ComfyAttention()
-    assert comfy_override("sdpa-flash")(func, q, k, v, 4, mask) == "comfy" and func.calls == 1
-    out = comfy_override("sdpa")(func, q, k, v, 4, mask)
-    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)), mask=mask[None, None])
-    assert relative_error(out, ref.transpose(1, 2).reshape(out.shape)) < 1e-5 and func.calls == 1
-
-
-@pytest.fixture
-def no_length_rule(monkeypatch):
-    """triton-int8 taking calls of any length (the override tests use short ones)."""
-    monkeypatch.setitem(IMPLEMENTATIONS, "triton-int8", dataclasses.replace(IMPLEMENTATIONS["triton-int8"], min_tokens=0))
-
-
-@pytest.mark.parametrize("kwargs, dtype, d", [({"low_precision_attention": False}, torch.bfloat16, 64),
-                                              ({}, torch.float16, 64), ({}, torch.bfloat16, 96),
-                                              ({"enable_gqa": True}, torch.bfloat16, 64)])
-def test_override_hands_back_what_the_kernel_cannot_take(kwargs, dtype, d, no_length_rule):
-    # Without the length rule, so each of these reasons alone sends the call back.
-    q, k, v = comfy_inputs(d=d, dtype=dtype)
-    func = ComfyAttention()
-    assert comfy_override("triton-int8")(func, q, k, v, 4, **kwargs) == "comfy" and func.calls == 1
-
-
-@pytest.mark.skipif(runs_here("triton-int8") is not None, reason=runs_here("triton-int8") or "")
-def test_override_runs_the_8bit_kernel_on_calls_it_takes(no_length_rule):
-    q, k, v = comfy_inputs(sq=40, skv=70)
-    func = ComfyAttention()
-    out = comfy_override("triton-int8")(func, q, k, v, 4)
-    ref = reference_attention(*(heads_view(t, 4) for t in (q, k, v)))
-    assert func.calls == 0 and out.shape == q.shape
-    assert 1e-4 < relative_error(out, ref.transpose(1, 2).reshape(q.shape)) < LOSSY_BOUNDS["triton-int8"]

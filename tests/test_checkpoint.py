@@ -24,7 +24,8 @@ import safetensors.torch
 import torch
 
 from quant import ltx2, weights
-from quant.checkpoint import (PACK_METADATA_KEY, QUANT_METADATA_KEY, HostStaging, convert_layer, inspect_checkpoint,
+from quant.comfy_quant import QUANT_METADATA_KEY
+from quant.checkpoint import (PACK_METADATA_KEY, HostStaging, convert_layer, inspect_checkpoint,
                               quantize_file, read_layer)
 from quant.policies import get_policy, plan
 from quant.safetensors_io import CheckpointError, SafetensorsFile, TensorSpec, save_tensors, write_streaming

@@ -17,8 +17,8 @@ import pytest
 import safetensors.torch
 
 from quant import checkpoint, ltx2, weights
-from quant.checkpoint import QUANT_METADATA_KEY
 from quant.cli import main
+from quant.comfy_quant import QUANT_METADATA_KEY
 from quant.safetensors_io import SafetensorsFile, save_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,8 +262,9 @@ def test_inspect_missing_file(tmp_path, capsys):
 
 
 def test_inspect_non_ltx_file_is_allowed(tmp_path, capsys):
-    from quant.safetensors_io import save_tensors
     import torch
+
+    from quant.safetensors_io import save_tensors
     path = tmp_path / "other.safetensors"
     save_tensors(path, {"encoder.layer.0.weight": torch.ones(4, 4)})
     code, out, err = run_cli(capsys, "inspect", path, "--all")

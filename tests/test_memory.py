@@ -134,31 +134,33 @@ def test_bad_sizes_are_refused(width, height, frames, two_stage, needle):
 CPU = Capability("cpu", None, False)
 
 
-def answer(**query):
-    return memory.estimate_answer({k: str(v) for k, v in query.items()}, None, CPU, None, 6 * GIB)
+def answer(policy="auto", width=768, height=512, frames=121, read_errors=(), **options):
+    video = {k: v for k, v in (("width", width), ("height", height), ("frames", frames)) if v is not None}
+    return memory.estimate_answer(policy, video, capability=CPU, free_bytes=None, auto_headroom_bytes=6 * GIB,
+                                  read_errors=read_errors, **options)
 
 
 def test_answer_matches_the_estimator():
-    got = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage="false")
+    got = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage=False)
     expected = memory.estimate_vram("nvfp4", 768, 512, 121).as_gib()
     assert got["errors"] == [] and got["policy"] == "nvfp4" and got["phase"] == "sampling"
     assert {k: got[k] for k in expected} == expected
     assert got["video_tokens"] == 6144
-    two = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage="true")
+    two = answer(policy="nvfp4", width=768, height=512, frames=121, two_stage=True)
     assert two["total_gib"] == memory.estimate_vram("nvfp4", 768, 512, 121, two_stage=True).as_gib()["total_gib"]
 
 
 def test_answer_lists_every_bad_value():
-    got = answer(policy="int3", width=700, height="abc", frames=120)
+    unread = "height must be a whole number from 1 to 16,384, got 'abc'"  # the route's reading of the text
+    got = answer(policy="int3", width=700, height=None, frames=120, read_errors=[unread])
     assert got["total_gib"] is None and got["weights_gib"] is None
-    assert got["errors"] == [
-        "height must be a whole number from 1 to 16,384, got 'abc'",
-        f"unknown policy 'int3'; choose one of: auto, {', '.join(POLICIES)}",
-    ]
-    got = answer(policy="bf16", width=700, height=512, frames=120, two_stage="false")
+    assert got["errors"] == [unread, f"unknown policy 'int3'; choose one of: auto, {', '.join(POLICIES)}"]
+    assert answer(policy="bf16", width=0, frames=16385)["errors"] == [
+        "width must be a whole number from 1 to 16,384, got 0", "frames must be a whole number from 1 to 16,384, got 16385"]
+    got = answer(policy="bf16", width=700, height=512, frames=120, two_stage=False)
     assert got["errors"] == ["frames must be 8k+1 (e.g. 113 or 121), got 120",
                              "width must be a multiple of 32, got 700 (e.g. 672 or 704)"]
-    got = answer(policy="bf16", width=768, height=544, frames=121, two_stage="1")
+    got = answer(policy="bf16", width=768, height=544, frames=121, two_stage=True)
     assert got["errors"] == ["height must be a multiple of 64 for the two-stage flow, got 544 (e.g. 512 or 576)"]
     assert answer(policy="nvfp4", width=768, height=512, frames=121, nvfp4_mode="fastest")["errors"] == [
         "unknown nvfp4_mode 'fastest'; choose one of: fast, exact"]
@@ -166,19 +168,22 @@ def test_answer_lists_every_bad_value():
 
 def test_auto_resolves_like_the_loader():
     hopper = Capability("cuda", (9, 0), True)
-    query = {"policy": "auto", "width": "768", "height": "512", "frames": "121"}
-    roomy = memory.estimate_answer(query, None, hopper, 80 * GIB, 6 * GIB)
+
+    def auto(capability, free_gib, **options):
+        return memory.estimate_answer("auto", {"width": 768, "height": 512, "frames": 121}, capability=capability,
+                                      free_bytes=None if free_gib is None else free_gib * GIB,
+                                      auto_headroom_bytes=6 * GIB, **options)
+    roomy = auto(hopper, 80)
     assert roomy["policy"] == "fp8-scaled-mm" and "fits" in roomy["auto_reason"]
-    tight = memory.estimate_answer(query, None, hopper, 22 * GIB, 6 * GIB)  # fp8 19.3 + 6 does not fit
+    tight = auto(hopper, 22)  # fp8 19.3 + 6 does not fit
     assert tight["policy"] == "nvfp4"
     assert tight["total_gib"] == memory.estimate_vram("nvfp4", 768, 512, 121).as_gib()["total_gib"]
-    on_cpu = memory.estimate_answer(query, None, CPU, None, 6 * GIB)
+    on_cpu = auto(CPU, None)
     assert on_cpu["policy"] == "bf16" and on_cpu["auto_reason"].startswith("cpu")
     # 26 GiB free: fp8-scaled-mm's 19.3 GiB of resident weights + 6 fit while the text connectors
     # stream from host memory (the default), not with them on the GPU (23.0 + 6).
-    assert memory.estimate_answer(query, None, hopper, 26 * GIB, 6 * GIB)["policy"] == "fp8-scaled-mm"
-    resident = dict(query, text_connectors_on_cpu="false")
-    assert memory.estimate_answer(resident, None, hopper, 26 * GIB, 6 * GIB)["policy"] == "nvfp4"
+    assert auto(hopper, 26)["policy"] == "fp8-scaled-mm"
+    assert auto(hopper, 26, text_connectors_on_cpu=False)["policy"] == "nvfp4"
 
 
 def test_text_connectors_on_cpu_leave_the_resident_weights():
@@ -204,7 +209,7 @@ def test_text_connectors_on_cpu_leave_the_resident_weights():
                  .weight_bytes - memory.estimate_vram("fp8-scaled-mm", 768, 512, 121, scope=scope).weight_bytes)
     assert connector_bytes / 2.1 < quantized < connector_bytes / 1.9
     # The web widget's query carries the option (default on).
-    off = answer(policy="nvfp4", width=768, height=512, frames=121, text_connectors_on_cpu="false")
+    off = answer(policy="nvfp4", width=768, height=512, frames=121, text_connectors_on_cpu=False)
     assert off["weights_gib"] == on_gpu_gib("nvfp4")
     assert answer(policy="nvfp4", width=768, height=512, frames=121)["weights_gib"] == \
         memory.estimate_vram("nvfp4", 768, 512, 121).weight_bytes / GIB

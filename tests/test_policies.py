@@ -448,7 +448,7 @@ def test_row_chunked_quantize_weight_matches_one_pass(fmt, shape):
 def test_few_token_layers_run_weight_only(name, table4):
     """Audio-token and text-context inputs are too few rows for 8-bit activations to pay: those
     layers are weight-only (ComfyUI's full_precision_matrix_mult), the video-token ones are not."""
-    from quant.checkpoint import layer_conf
+    from quant.comfy_quant import layer_conf
     decisions = {d.layer: d for d in plan(get_policy(name, policy_scope=False), table4, 4) if d.changed}
     weight_only = {layer for layer, d in decisions.items() if d.weight_only}
     expected = {layer for layer in decisions if ltx2.is_audio_side(layer)

@@ -23,7 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import advice, calibration, checkpoint, ltx2, safetensors_io
+from quant import advice, calibration, checkpoint, comfy_quant, ltx2, safetensors_io
 from quant.checkpoint import load_converted, nonfinite_count, quantize_file
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
@@ -514,8 +514,8 @@ def test_release_config_values_pass():
 ])
 def test_quantization_metadata_nested_or_with_huge_integers(tmp_path, raw, needle):
     config, state = tiny()
-    refused(tmp_path, state, {**ltx2.header_metadata(config), checkpoint.QUANT_METADATA_KEY: raw},
-            f"corrupt {checkpoint.QUANT_METADATA_KEY} header metadata", needle)
+    refused(tmp_path, state, {**ltx2.header_metadata(config), comfy_quant.QUANT_METADATA_KEY: raw},
+            f"corrupt {comfy_quant.QUANT_METADATA_KEY} header metadata", needle)
 
 
 def test_comfy_quant_tensor_too_large(tmp_path):

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quant import ltx2, weights
-from quant.checkpoint import QUANT_METADATA_KEY, load_converted
+from quant.checkpoint import load_converted
+from quant.comfy_quant import QUANT_METADATA_KEY
 from quant.policies import POLICIES, get_policy
 from quant.safetensors_io import CheckpointError, save_tensors
 

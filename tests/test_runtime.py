@@ -6,7 +6,7 @@ import torch
 
 from quant import formats, ltx2, runtime
 from quant.capability import Capability
-from quant.checkpoint import layer_conf
+from quant.comfy_quant import layer_conf
 from quant.modes import Activation, layer_activation
 from quant.policies import POLICIES, plan
 from quant.reference import reference_linear, relative_error

@@ -120,7 +120,8 @@ def estimate(server, **query) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("name,value", [("width", "32" + "0" * 4000), ("width", "32" + "0" * 5000),
-                                        ("frames", "8" + "0" * 400 + "1"), ("height", "-64"), ("height", "٣٢")])
+                                        ("frames", "8" + "0" * 400 + "1"), ("height", "-64"), ("height", "٣٢"),
+                                        ("height", "abc")])
 def test_estimate_refuses_sizes_comfyui_cannot_make(server, name, value):
     # 4,000-digit widths and frames=8e400+1 gave HTTP 500.
     query = {"policy": "nvfp4", "width": "768", "height": "512", "frames": "121", name: value}

@@ -121,17 +121,21 @@ def gib(value: int) -> str:
 def test_route_answers_like_the_estimator(server):
     query = {"policy": "nvfp4", "width": "768", "height": "512", "frames": "121", "two_stage": "false"}
     got = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(query))
-    assert got == memory.estimate_answer(query, {"include": [], "exclude": [], "keep_first_blocks": 0,
-                                                 "keep_last_blocks": 0, "keep_audio": False}, CPU, None, 6 * GIB)
+    video = {"width": 768, "height": 512, "frames": 121}
+
+    def expected(policy, scope):
+        return memory.estimate_answer(policy, video, scope=scope, capability=CPU, free_bytes=None,
+                                      auto_headroom_bytes=6 * GIB)
+    assert got == expected("nvfp4", {"include": [], "exclude": [], "keep_first_blocks": 0, "keep_last_blocks": 0,
+                                     "keep_audio": False})
     # A preset's own patterns and the user's add up.
     preset = dict(query, policy="fp8-scaled-mm", scope="keep audio-to-video attention", exclude="*.ff.*")
     got = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(preset))
     scope = {"include": [], "exclude": ["*.audio_to_video_attn.*", "*.ff.*"],
              "keep_first_blocks": 0, "keep_last_blocks": 0, "keep_audio": False}
-    assert got == memory.estimate_answer(preset, scope, CPU, None, 6 * GIB)
+    assert got == expected("fp8-scaled-mm", scope)
     every = dict(scope, exclude=["*.ff.*"], policy_scope=False)
-    assert got["total_gib"] > memory.estimate_answer(dict(preset, scope="all block linears"), every,
-                                                     CPU, None, 6 * GIB)["total_gib"]
+    assert got["total_gib"] > expected("fp8-scaled-mm", every)["total_gib"]
     bad = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(dict(query, frames="120", width="700")))
     assert bad["total_gib"] is None and len(bad["errors"]) == 2
 
