@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from quant import attention  # noqa: E402
+from quant import attention, attention_8bit  # noqa: E402
 from quant.runtime import capability  # noqa: E402
 
 BASELINE = "sdpa"
@@ -115,7 +115,7 @@ def main() -> None:
                 swept = impl_name.startswith("triton") and tiles
                 for tile in tiles if swept else [{}]:
                     label = impl_name + ("@" + "x".join(str(x) for x in tile.values()) if swept else "")
-                    attention._TILE.update(tile)
+                    attention_8bit._TILE.update(tile)
                     err, ms = measure(impl, q, k, v, sample, ref, device, args.iters)
                     base_ms = ms if impl_name == BASELINE else base_ms
                     rows.append({"tokens": video, "call": call, "sq": sq, "skv": skv, "head_dim": dim,

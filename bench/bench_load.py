@@ -22,8 +22,8 @@ import time
 import torch
 
 from bench_model import model_io, random_state  # the pack as ComfyUI imports it, and the same weights
-from ltx2q.quant import ltx2
-from ltx2q.quant.safetensors_io import SafetensorsFile, save_tensors
+from ltx2_quant.quant import ltx2
+from ltx2_quant.quant.safetensors_io import SafetensorsFile, save_tensors
 
 
 def evict(path: str) -> None:

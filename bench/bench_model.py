@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -33,7 +32,8 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
 
 def _forced_capability(argv: list[str]) -> tuple[int, int] | None:
@@ -61,27 +61,19 @@ if FORCED_CAPABILITY is not None:
             return getattr(self._real, name)
     torch.cuda.get_device_properties = lambda device=None: _ForcedProperties(_properties(device))
 
-if not torch.cuda.is_available():  # CPU dry runs of the benches that import this bootstrap
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = True  # ComfyUI otherwise looks for a CUDA device
+import_pack(cpu=not torch.cuda.is_available())  # CPU dry runs of the benches that import this bootstrap
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.sd  # noqa: E402
 
-# The pack as ComfyUI imports it (a package named after its folder), for its nodes' model_io.
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import model_io  # noqa: E402
-from ltx2q.nodes.patches import compile_blocks, patch_attention  # noqa: E402
-from ltx2q.quant import checkpoint, formats, ltx2  # noqa: E402
-from ltx2q.quant.weights import FP8_TENSOR, NVFP4  # noqa: E402
-from ltx2q.quant.policies import get_policy  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.nodes import model_io  # noqa: E402
+from ltx2_quant.nodes.patches import compile_blocks, patch_attention  # noqa: E402
+from ltx2_quant.quant import conversion, formats, ltx2# noqa: E402
+from ltx2_quant.quant.weights import FP8_TENSOR, NVFP4  # noqa: E402
+from ltx2_quant.quant.policies import get_policy  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 STAGE1 = [1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0]
 CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core prequant fp8", "core prequant nvfp4",
@@ -146,7 +138,7 @@ def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax:
     words = mode.removesuffix("+static").split()
     policy = {"fp8": "fp8-scaled-mm", "nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-scaled-mm",
               "int8-convrot": "int8-convrot"}[words[2]]
-    loaded = checkpoint.load_converted(MemoryTensors(state, metadata), get_policy(policy, fp8_per_tensor=True),
+    loaded = conversion.load_converted(MemoryTensors(state, metadata), get_policy(policy, fp8_per_tensor=True),
                                        device=device)
     for d in loaded.decisions:
         if d.changed and d.target_format == NVFP4:
@@ -180,7 +172,7 @@ def build(mode: str, state: dict, metadata: dict):
     if static:
         raise ValueError(f"{mode!r}: calibrated static scales are measured by bench_quality.py")
     on_cpu = not scope.pop("gpu_connectors", False)
-    loaded = checkpoint.load_converted(source, get_policy(policy_name, **scope), device="cuda")
+    loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device="cuda")
     return model_io.build_model(loaded, policy_name, "fast", text_connectors_on_cpu=on_cpu)[0]
 
 

@@ -31,11 +31,11 @@ from bench_model import apply_patches, model_io, parse_mode, prequantized_file, 
 import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sd  # noqa: E402
-from ltx2q.nodes import evaluation  # noqa: E402
-from ltx2q.quant import checkpoint, ltx2, sampling  # noqa: E402
-from ltx2q.quant.calibration import save_amax  # noqa: E402
-from ltx2q.quant.policies import get_policy, summarize  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.nodes import quality_evaluation  # noqa: E402
+from ltx2_quant.quant import conversion, ltx2, sampling  # noqa: E402
+from ltx2_quant.quant.calibration import save_amax  # noqa: E402
+from ltx2_quant.quant.policies import get_policy, summarize  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 DEFAULT_MODES = ["core prequant fp8", "core prequant nvfp4", "fp8-scaled-mm", "fp8-scaled-mm+static",
                  "nvfp4", "nvfp4:first=1,last=1", "nvfp4:audio", "nvfp4:first=2,last=2,audio"]
@@ -69,7 +69,7 @@ def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str
         patcher = comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
         return patcher, summarize(loaded.decisions)["bytes_after"]
     policy_name, static, scope = parse_mode(mode)
-    loaded = checkpoint.load_converted(source, get_policy(policy_name, **scope), device=device)
+    loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device=device)
     if static:
         model_io.apply_calibration(loaded, amax)
     return model_io.build_model(loaded, policy_name, "fast")[0], summarize(loaded.decisions)["bytes_after"]
@@ -114,14 +114,14 @@ def main() -> None:
           f"{args.blocks} blocks, {sum(t.numel() for t in state.values()) / 1e9:.3f} B params, {args.size}", flush=True)
 
     reference, reference_bytes = build("core bf16", state, metadata, None, device)
-    recorder = evaluation.calibrate(reference, calib_positive, calib_positive, calib_latent, sigmas, 1.0, seed=7)
+    recorder = quality_evaluation.calibrate(reference, calib_positive, calib_positive, calib_latent, sigmas, 1.0, seed=7)
     amax = recorder.per_tensor()
     if args.save_amax:
         save_amax(args.save_amax, amax, recorder.per_channel(), overwrite=True)
     rows = []
     for mode in args.modes.split(";"):
         candidate, weight_bytes = build(mode, state, metadata, amax, device)
-        report = evaluation.compare_models(reference, {mode: candidate}, positive, positive, latent, sigmas, 1.0,
+        report = quality_evaluation.compare_models(reference, {mode: candidate}, positive, positive, latent, sigmas, 1.0,
                                            seed=42, per_layer=args.per_layer)
         r = report["models"][mode]
         rows.append({"mode": mode, "weight_gib": weight_bytes / 2 ** 30, "err_video": r["final_error"][0],

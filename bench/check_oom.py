@@ -22,8 +22,8 @@ import comfy.model_management  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
-from ltx2q.quant import ltx2  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.quant import ltx2  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 GIB = 2 ** 30
 SIGMAS = [1.0, 0.99375, 0.9875]

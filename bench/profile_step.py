@@ -24,7 +24,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
 CATEGORIES = ["gemm", "attention", "act quant", "copies", "rest"]
 LISTED = ["attention", "copies", "rest"]  # categories whose top kernels are printed
@@ -82,12 +83,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", help="JSON with every row")
     args = parser.parse_args()
-    if args.device == "cpu":
-        from comfy.cli_args import args as comfy_args
-        comfy_args.cpu = True  # before comfy.model_management is imported (by bench_model)
+    import_pack(cpu=args.device == "cpu")  # before comfy.model_management is imported (by bench_model)
     import bench_model  # noqa: E402  (imports ComfyUI and the pack)
     import comfy.model_management  # noqa: E402
-    from ltx2q.quant import ltx2  # noqa: E402
+    from ltx2_quant.quant import ltx2  # noqa: E402
 
     width, height, frames = (int(v) for v in args.size.split("x"))
     config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=1)

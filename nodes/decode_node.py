@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from . import decode
-from .loader import CATEGORY
+from .model_nodes import CATEGORY
 
 
 class LTX2QuantVAEDecode(io.ComfyNode):

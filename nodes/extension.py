@@ -1,13 +1,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import web_routes
-from .attention import LTX2QuantAttention
-from .compile import LTX2QuantCompile
-from .multi_gpu_node import LTX2QuantMultiGPU
-from .loader import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
-from .quality import LTX2QuantCalibrate, LTX2QuantQualityReport
-from .sampling import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
 from .decode_node import LTX2QuantVAEDecode
+from .model_nodes import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
+from .multi_gpu_node import LTX2QuantMultiGPU
+from .patch_nodes import LTX2QuantAttention, LTX2QuantCompile
+from .quality_nodes import LTX2QuantCalibrate, LTX2QuantQualityReport
+from .sampling_nodes import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
 from .text_encoder_node import LTX2QuantTextEncoderLoader
 
 

@@ -1,13 +1,12 @@
-"""Loading, quantizing and saving LTX-2 models in ComfyUI: the plain functions behind the nodes."""
+"""Loading and quantizing LTX-2 models in ComfyUI: the plain functions behind the Loader and Quantize Model
+nodes (saving: model_save.py; memory sizing and advice: model_memory.py)."""
 
 from __future__ import annotations
 
-import gc
 import inspect
 import json
 import logging
 import os
-import re
 import time
 
 import torch
@@ -20,26 +19,16 @@ import comfy.utils
 import folder_paths
 from comfy.ldm.lightricks.av_model import LTXAVModel
 
-from ..quant import advice, checkpoint, comfy_quant, ltx2, memory, runtime, weights
-from ..quant.capability import capability
+from ..quant import checkpoint, comfy_quant, conversion
 from ..quant.calibration import layer_input_scale
-from ..quant.checkpoint import LoadedCheckpoint
-from ..quant.policies import POLICIES, Policy, get_policy, plan, summarize
-from ..quant.safetensors_io import MemoryTensors, SafetensorsFile, TensorSpec, check_output_path
+from ..quant.conversion import LoadedCheckpoint
+from ..quant.policies import Policy, get_policy, summarize
+from ..quant.safetensors_io import MemoryTensors, SafetensorsFile
 from . import streaming
+from .model_memory import add_oom_advice, advise_on_oom, auto_policy, connectors_stream, memory_needs, policy_sizes
 from .ops import compute_device, describe_paths, fuse_ffn_gelu, make_ops, quantized_layers
 
 log = logging.getLogger("ltx2_quant")
-
-# Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
-ACTIVATION_HEADROOM = 6 * 2 ** 30
-# Pixels per video latent cell: 32 x 32 spatially, 8 frames (ltx2.md).
-LATENT_PIXELS, LATENT_FRAMES = 32, 8
-# Workflows move between systems, and many ComfyUI users are on Windows: names it reserves for devices
-# (with any extension: "nul.safetensors" is the NUL device there) and characters it forbids are refused
-# everywhere.
-WINDOWS_DEVICE_NAME = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])\s*(\..*)?$", re.IGNORECASE)
-WINDOWS_FORBIDDEN_CHARACTERS = '<>:"|?*\\'
 
 
 
@@ -51,75 +40,6 @@ def progress_bar(total_hint: int = 1):
         comfy.model_management.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, total)
     return update
-
-
-def connectors_stream(device: torch.device, text_connectors_on_cpu: bool) -> bool:
-    """Whether a model loaded for `device` will keep its text connectors in host memory (the rule
-    streaming.enable applies to the patcher)."""
-    return text_connectors_on_cpu and streaming.streams_between(device, comfy.model_management.unet_offload_device())
-
-
-def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False) -> dict[str, int]:
-    """Weight bytes of the checkpoint's layers under each policy; with `streamed_connectors`, only the
-    layers that stay on the GPU."""
-    table = info.layer_table()
-    if streamed_connectors:
-        config = info.config if isinstance(info.config, dict) else {}
-        table = [row for row in table if not ltx2.tensor_runs_once_per_prompt(row[0] + ".weight", config)]
-    return {name: summarize(plan(POLICIES[name], table, info.num_blocks))["bytes_after"] for name in POLICIES}
-
-
-def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
-    free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
-    return advice.choose_auto_policy(capability(device), free, sizes, ACTIVATION_HEADROOM)
-
-
-def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
-                 latent_shapes=None, text_connectors_on_cpu: bool = True) -> tuple[dict[str, int], str]:
-    """GPU memory a run needs per policy, and how it was reckoned: quant.memory's estimate at the
-    video's size while sampling (`latent_shapes` as ComfyUI passes them), else the weights plus
-    ACTIVATION_HEADROOM."""
-    if latent_shapes and len(latent_shapes[0]) == 5:
-        _, _, frames, height, width = latent_shapes[0]
-        width, height, frames = width * LATENT_PIXELS, height * LATENT_PIXELS, (frames - 1) * LATENT_FRAMES + 1
-        device = compute_device()
-        device_capability = capability(device) if device.type == "cuda" else memory.FP8_GPU
-        needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
-                                            config=config, capability=device_capability,
-                                            text_connectors_on_cpu=text_connectors_on_cpu).total_bytes
-                 for name in POLICIES}
-        return needs, f"estimated for {width}x{height}x{frames}"
-    return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},
-            f"its weights plus {ACTIVATION_HEADROOM / 2 ** 30:.0f} GiB for activations")
-
-
-def advise_on_oom(stage: str, policy_name: str, needs, call):
-    """call(); out of GPU memory, the error says which policy or video size would fit (`needs()`
-    gives memory_needs' answer, reckoned only then), and the failed call's memory is released
-    first (ComfyUI then unloads its models, as for any OOM)."""
-    device = compute_device()
-
-    def advice_text() -> str:
-        total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
-        need_bytes, basis = needs()
-        return advice.out_of_memory_advice(stage, policy_name, need_bytes, total, basis)
-
-    def release() -> None:
-        gc.collect()
-        comfy.model_management.soft_empty_cache()
-    return advice.call_or_advise_on_oom(call, advice_text, release)
-
-
-def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
-                   nvfp4_mode: str, text_connectors_on_cpu: bool = True) -> None:
-    """Sampling that runs out of GPU memory inside the model reports what would fit at that video
-    size (an APPLY_MODEL wrapper: the model's frames are gone before ComfyUI's OOM handler unloads
-    the models)."""
-    def wrapper(executor, *args, **kwargs):
-        def needs():
-            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"), text_connectors_on_cpu)
-        return advise_on_oom("sampling", policy_name, needs, lambda: executor(*args, **kwargs))
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)
 
 
 def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
@@ -206,7 +126,7 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str,
     quantize_on = device if device.type == "cuda" else torch.device("cpu")
 
     def load_and_build():
-        loaded = checkpoint.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
+        loaded = conversion.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
         extra = ""
         if amax:
             extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
@@ -254,69 +174,6 @@ def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict, text
     new.patches_uuid = patcher.patches_uuid
     new.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
     return new, text
-
-
-def safe_output_path(folder: str, filename: str, extension: str = ".safetensors") -> str:
-    """`filename` inside `folder`: a bare name, no directories, `extension` added if missing; a name
-    that is not printable text, that Windows cannot hold, or that is too long for the folder is refused
-    (before anything is computed)."""
-    name = filename.strip()
-    if not name or os.path.basename(name) != name or name in (".", "..") or "\x00" in name:
-        raise ValueError(f"file name {filename!r} must be a plain name without folders")
-    if not name.isprintable():
-        raise ValueError(f"file name {filename!r} holds characters that are not printable text (a newline, a tab, "
-                         "a terminal escape or a lone surrogate)")
-    forbidden = sorted(set(name) & set(WINDOWS_FORBIDDEN_CHARACTERS))
-    if forbidden:
-        raise ValueError(f"file name {filename!r} holds {' '.join(forbidden)}, which Windows does not allow in "
-                         "file names")
-    if WINDOWS_DEVICE_NAME.match(name):
-        raise ValueError(f"file name {filename!r} is a device on Windows (CON, PRN, AUX, NUL, COM0-9 and LPT0-9 are, "
-                         "with any extension); choose another name")
-    if not name.endswith(extension):
-        name += extension
-    path = os.path.realpath(os.path.join(folder, name))
-    if os.path.dirname(path) != os.path.realpath(folder):
-        raise ValueError(f"file name {filename!r} would leave the folder {folder}")
-    check_output_path(path)
-    return path
-
-
-def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, overwrite: bool) -> str:
-    """Write the diffusion model as a ComfyUI-native file into one of the diffusion_models folders
-    (atomically: temp file, fsync, rename), with a progress bar that honours Cancel."""
-    if folder not in folder_paths.get_folder_paths("diffusion_models"):
-        raise ValueError(f"{folder} is not one of ComfyUI's diffusion_models folders")
-    os.makedirs(folder, exist_ok=True)  # ComfyUI lists model folders that may not exist yet
-    path = safe_output_path(folder, filename)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; enable overwrite to replace it")
-    # Applies LoRA patches; those of streamed layers are merged into their host copy only when forced.
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True,
-                                           force_patch_weights=streaming.patches_streamed_layers(patcher))
-    model = patcher.model.diffusion_model
-    layers = quantized_layers(model)
-    layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters if p != "bias"}
-    steps: list[checkpoint.Step] = []
-    quant_layers: dict[str, dict] = {}
-    for key, tensor in model.state_dict().items():
-        layer = layer_of_param.get(key)
-        if layer is None:
-            steps.append(checkpoint.Step([TensorSpec(key, tensor.dtype, tuple(tensor.shape))], lambda tensor=tensor: [tensor]))
-            continue
-        if not key.endswith(".weight"):
-            continue
-        module = layers[layer]
-        fmt = module.quant.format
-        if fmt == weights.FP8_ROWWISE and comfy_compatible:
-            fmt = weights.FP8_TENSOR
-        quant_layers[layer] = comfy_quant.conf_in_format(module.quant.conf, fmt)
-        steps.append(checkpoint.layer_step(
-            layer, fmt, module.quant.shape, "input_scale" in module._parameters,
-            lambda module=module, fmt=fmt: runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)))
-    metadata = comfy_quant.with_layer_confs(model_metadata(patcher), quant_layers)
-    checkpoint.write_quantized(path, steps, metadata, overwrite=overwrite, progress=progress_bar(len(steps)))
-    return path
 
 
 def official_or_local(name: str) -> tuple[str | None, str]:

@@ -23,7 +23,8 @@ from ..quant.policies import POLICIES, get_policy, summarize
 from ..quant.quality import cosine_similarity
 from ..quant.safetensors_io import save_tensors
 from ..quant.weights import QuantizedWeight, format_from_conf
-from .model_io import progress_bar, safe_output_path
+from .model_io import progress_bar
+from .model_save import safe_output_path
 from .ops import compute_device, describe_paths, make_ops
 
 # The prompt the node compares bf16 and quantized conditioning on (fixed, so numbers compare across runs).

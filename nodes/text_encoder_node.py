@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..quant.policies import POLICIES
 from . import text_encoder as loading
-from .loader import CATEGORY
+from .model_nodes import CATEGORY
 
 DEFAULT_POLICY = "fp8-scaled-mm"
 POLICY_TOOLTIP = ("Gemma's Linears and the LTX projection in this format, its embedding table in FP8 per row; "

@@ -12,7 +12,7 @@ from server import PromptServer
 from ..quant import memory
 from ..quant.capability import capability
 from ..quant.scopes import scope_options
-from .model_io import ACTIVATION_HEADROOM, connectors_stream
+from .model_memory import ACTIVATION_HEADROOM, connectors_stream
 from .ops import compute_device
 
 ESTIMATE_ROUTE = "/ltx2_quant/estimate"

@@ -11,7 +11,8 @@ import time
 from dataclasses import replace
 
 from . import ltx2
-from .checkpoint import CheckpointInfo, inspect_checkpoint, quantize_file
+from .checkpoint import CheckpointInfo, inspect_checkpoint
+from .conversion import quantize_file
 from .outliers import Outliers
 from .policies import POLICIES, format_table, get_policy, summarize
 from .safetensors_io import CheckpointError, SafetensorsFile, check_output_path, save_tensors

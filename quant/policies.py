@@ -178,7 +178,7 @@ def plan(policy: Policy, layers: list[tuple[str, tuple[int, ...], str, int]], nu
         after = nbytes if target == source else weights.storage_nbytes(target, shape)
         # The FP8 layers of a policy that is not W8A8 FP8 (fp8-cast's, an NVFP4 policy's connectors and
         # `include`d outer layers) run weight-only; layers a policy keeps as the file has them keep the file's flag
-        # (checkpoint.plan_conversion) besides the few-token rule.
+        # (conversion.plan_conversion) besides the few-token rule.
         weight_only = target in weights.FORMATS and (
             reads_few_tokens(layer) or any(fnmatch.fnmatchcase(layer, p) for p in policy.scope.weight_only)
             or (target != source and policy.activation != Activation.FP8 and not mixed_8bit

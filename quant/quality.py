@@ -2,7 +2,7 @@
 
 Per layer: weight error ||W_q - W|| / ||W|| and output SNR 10*log10(||y||^2 / ||y_q - y||^2) on the same
 inputs, computed with the reference linears (the math every fast path reproduces). Per model
-(measured in ComfyUI by nodes/evaluation.py): per-step velocity error and final-latent error.
+(measured in ComfyUI by nodes/quality_evaluation.py): per-step velocity error and final-latent error.
 `python -m quant quality-layers` runs the per-layer part on a file without ComfyUI.
 """
 
@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .calibration import gets_input_scale, input_scale
-from .checkpoint import inspect_checkpoint, read_layer
+from .checkpoint import inspect_checkpoint
+from .conversion import read_layer
 from .comfy_quant import layer_conf
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan

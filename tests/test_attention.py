@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from quant import attention, kernels
+from quant import attention, attention_8bit, attention_cudnn, kernels
 from quant.attention import IMPLEMENTATIONS, choose_attention, probe, reference_attention, relative_error
 from quant.formats import cast_to_fp8
 from quant.capability import Capability, capability
@@ -66,15 +66,15 @@ def test_triton_kernel_takes_every_key_length(block_n, monkeypatch):
     """The main loop issues the next block's scores before this block's softmax and finishes the last
     block after the loop: one key, exactly one block, one past it, and several blocks with a K scale each
     (128 is the GPU's block)."""
-    monkeypatch.setattr(attention, "_TILE", {**attention._TILE, "BLOCK_N": block_n})
+    monkeypatch.setattr(attention_8bit, "_TILE", {**attention_8bit._TILE, "BLOCK_N": block_n})
     for skv in (1, block_n, block_n + 1, 300):
         q, k, v = inputs((1, 1, 16, skv, 64), torch.bfloat16, seed=skv)
         k[..., 129:, :] *= 2  # keys past the first K scale block get another scale
-        err = relative_error(attention.attention_8bit(q, k, v).cpu(), reference_attention(q, k, v).cpu())
+        err = relative_error(attention_8bit.attention_8bit(q, k, v).cpu(), reference_attention(q, k, v).cpu())
         assert err < LOSSY_BOUNDS["triton-int8"], (skv, err)
         assert skv == 1 or err > 1e-4  # one key: the output is V's mean, which comes back exactly
     with pytest.raises(ValueError, match="at least one key"):
-        attention.attention_8bit(q, k[..., :0, :], v[..., :0, :])
+        attention_8bit.attention_8bit(q, k[..., :0, :], v[..., :0, :])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy sees the NaN
@@ -96,7 +96,7 @@ def test_triton_kernel_takes_strided_inputs_and_a_scale():
     g = torch.Generator().manual_seed(4)
     qkv = torch.randn(b, s, 3, h, d, generator=g).to(DEVICE, torch.bfloat16)  # ComfyUI-like (B, S, H*D) views
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    out = attention.attention_8bit(q, k, v, scale=0.05, qk_int8=True)
+    out = attention_8bit.attention_8bit(q, k, v, scale=0.05, qk_int8=True)
     assert relative_error(out.cpu(), reference_attention(q, k, v, scale=0.05).cpu()) < LOSSY_BOUNDS["triton-int8"]
 
 
@@ -106,7 +106,7 @@ def test_v_centring_keeps_the_output_accurate_under_a_large_mean_of_v():
     deviations, so the part of the output that varies keeps its accuracy (0.61 without the centring)."""
     q, k, v = inputs(SHAPES[1], torch.float32, seed=3)
     offset = 20.0
-    out = attention.attention_8bit(q, k, v + offset, qk_int8=True)
+    out = attention_8bit.attention_8bit(q, k, v + offset, qk_int8=True)
     ref = reference_attention(q, k, v)
     assert relative_error((out - offset).cpu(), ref.cpu()) < LOSSY_BOUNDS["triton-int8"]
 
@@ -116,27 +116,27 @@ def test_8bit_kernel_edge_inputs_stay_finite():
     q, k, v = inputs((1, 2, 20, 40, 64), torch.float32, seed=5)  # 40 keys: a masked tail in every tile
     v_tiny = torch.zeros_like(v)
     v_tiny[:, :, 3] = 1e-44  # V's scale would underflow to 0, and zeros times its inverse be NaN (on the GPU)
-    tiny = attention.attention_8bit(q, k, v_tiny)
+    tiny = attention_8bit.attention_8bit(q, k, v_tiny)
     assert torch.isfinite(tiny).all() and tiny.abs().max() < 1e-40
-    uniform = attention.attention_8bit(q, k, v, scale=0.0)  # a zero factor times the masked -inf
+    uniform = attention_8bit.attention_8bit(q, k, v, scale=0.0)  # a zero factor times the masked -inf
     assert relative_error(uniform, v.mean(dim=2, keepdim=True).expand_as(q)) < LOSSY_BOUNDS["triton-int8"]
     with pytest.raises(ValueError, match="softmax scale >= 0, not -0.1"):
-        attention.attention_8bit(q, k, v, scale=-0.1)
+        attention_8bit.attention_8bit(q, k, v, scale=-0.1)
     with pytest.raises(ValueError, match="head size 64 or 128, not 96"):
-        attention.attention_8bit(*inputs((1, 2, 20, 40, 96), torch.float32))
+        attention_8bit.attention_8bit(*inputs((1, 2, 20, 40, 96), torch.float32))
 
 
 def emulated_cudnn_fp8(q, k, v, scale=None):
     """cuDNN's FP8 attention in plain fp32 torch on this pack's operands: P = exp(S - row max) times P_SCALE
     in E4M3, the output divided by P's row sums in fp32 and written in E4M3 in V's scale times O_HEADROOM,
     V's mean added."""
-    q8, k8, v8, descales, v_mean = attention.fp8_attention_operands(q, k, v)
+    q8, k8, v8, descales, v_mean = attention_cudnn.fp8_attention_operands(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q8.float() @ k8.float().transpose(-1, -2)) * (descales[0] * descales[1] * scale)
     p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    p8 = cast_to_fp8(p * attention.P_SCALE).float()
-    out = (p8 @ v8.float()) * (descales[2] / attention.P_SCALE) / p.sum(dim=-1, keepdim=True)
-    out_scale = descales[2] * attention.O_HEADROOM
+    p8 = cast_to_fp8(p * attention_cudnn.P_SCALE).float()
+    out = (p8 @ v8.float()) * (descales[2] / attention_cudnn.P_SCALE) / p.sum(dim=-1, keepdim=True)
+    out_scale = descales[2] * attention_cudnn.O_HEADROOM
     return (cast_to_fp8(out / out_scale).float() * out_scale + v_mean).to(q.dtype)
 
 
@@ -147,7 +147,7 @@ def test_cudnn_fp8_operands_and_their_emulation_match_fp32(k_offset, v_offset):
     the output's error is measured on its varying part)."""
     q, k, v = inputs((1, 2, 70, 150, 128), torch.float32, seed=11)
     k, v = k + k_offset * torch.randn(1, 2, 1, 128, device=DEVICE), v + v_offset
-    q8, k8, v8, descales, v_mean = attention.fp8_attention_operands(q, k, v)
+    q8, k8, v8, descales, v_mean = attention_cudnn.fp8_attention_operands(q, k, v)
     assert q8.dtype == k8.dtype == v8.dtype == torch.float8_e4m3fn and q8.stride() == q.stride()
     for x8, x, descale in ((q8, q, descales[0]), (k8, k - k.mean(2, keepdim=True), descales[1]),
                            (v8, v - v.mean(2, keepdim=True), descales[2])):
@@ -159,7 +159,7 @@ def test_cudnn_fp8_operands_and_their_emulation_match_fp32(k_offset, v_offset):
 
 def test_cudnn_fp8_operands_of_zeros_and_nan():
     zeros = torch.zeros(1, 2, 10, 64, device=DEVICE)
-    *codes, descales, v_mean = attention.fp8_attention_operands(zeros, zeros, zeros)
+    *codes, descales, v_mean = attention_cudnn.fp8_attention_operands(zeros, zeros, zeros)
     assert all(torch.isfinite(descales)) and all(c.float().abs().max() == 0 for c in codes)
     q, k, v = inputs(SHAPES[0], torch.float32)
     for which in range(3):
@@ -175,23 +175,23 @@ def test_cudnn_fp8_matches_its_emulation_eager_compiled_and_in_a_cuda_graph():
     replayed from a CUDA graph on new inputs (no host copies in the call)."""
     g = torch.Generator().manual_seed(12)  # (B, S, H, D) underneath, as ComfyUI hands them over
     q, k, v = (torch.randn(1, n, 4, 128, generator=g).to(DEVICE, torch.bfloat16).transpose(1, 2) for n in (300, 700, 700))
-    out = attention.attention_fp8_cudnn(q, k, v, scale=0.07)
+    out = attention_cudnn.attention_fp8_cudnn(q, k, v, scale=0.07)
     ref = reference_attention(q, k, v, scale=0.07)
     assert relative_error(out, emulated_cudnn_fp8(q, k, v, scale=0.07)) < 0.04
     assert 1e-4 < relative_error(out, ref) < LOSSY_BOUNDS["cudnn-fp8"]
-    compiled = torch.compile(attention.attention_fp8_cudnn, fullgraph=True)(q, k, v, 0.07)
+    compiled = torch.compile(attention_cudnn.attention_fp8_cudnn, fullgraph=True)(q, k, v, 0.07)
     assert relative_error(compiled, out) < 0.01
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # builds the cuDNN plan outside the capture
-        attention.attention_fp8_cudnn(q, k, v, 0.07)
+        attention_cudnn.attention_fp8_cudnn(q, k, v, 0.07)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = attention.attention_fp8_cudnn(q, k, v, 0.07)
+        captured = attention_cudnn.attention_fp8_cudnn(q, k, v, 0.07)
     q.copy_(torch.randn(q.shape, generator=g).to(DEVICE, torch.bfloat16))
     graph.replay()
-    assert torch.equal(captured, attention.attention_fp8_cudnn(q, k, v, 0.07))
+    assert torch.equal(captured, attention_cudnn.attention_fp8_cudnn(q, k, v, 0.07))
 
 
 def test_auto_on_cpu_is_torch_sdpa_and_says_why():

@@ -25,8 +25,8 @@ import torch
 
 from quant import ltx2, weights
 from quant.comfy_quant import QUANT_METADATA_KEY
-from quant.checkpoint import (PACK_METADATA_KEY, HostStaging, convert_layer, inspect_checkpoint,
-                              quantize_file, read_layer)
+from quant.checkpoint import inspect_checkpoint
+from quant.conversion import PACK_METADATA_KEY, HostStaging, convert_layer, quantize_file, read_layer
 from quant.policies import get_policy, plan
 from quant.safetensors_io import CheckpointError, SafetensorsFile, TensorSpec, save_tensors, write_streaming
 from quant.weights import FormatError
@@ -1184,7 +1184,7 @@ CHILD = textwrap.dedent("""
     policy = policies.get_policy(name)
     before = {"hwm": status("VmHWM"), "rss": status("VmRSS")}
     start = time.perf_counter()
-    checkpoint.quantize_file(src, dst, policy)
+    conversion.quantize_file(src, dst, policy)
     seconds = time.perf_counter() - start
     print(json.dumps({"before": before, "after": {"hwm": status("VmHWM")}, "seconds": seconds}))
 """)
@@ -1246,18 +1246,18 @@ def test_streaming_memory(big_checkpoint, tmp_path, policy_name):
 def test_refused_page_locked_memory_falls_back_to_plain_copies(tmp_path, monkeypatch, caplog):
     """A GPU load whose staging buffers cannot be page-locked (a memlock limit) still loads, with
     plain copies, and says so."""
-    from quant import checkpoint
+    from quant import conversion
 
     def refuse(*args):
         raise RuntimeError("cudaHostAlloc failed: out of memory")
-    monkeypatch.setattr(checkpoint, "HostStaging", refuse)
+    monkeypatch.setattr(conversion, "HostStaging", refuse)
     path = tmp_path / "bf16.safetensors"
     write_synthetic(path)
     policy = get_policy("fp8-scaled-mm")
     with caplog.at_level("WARNING", logger="ltx2_quant"), SafetensorsFile(path) as f:
         info = inspect_checkpoint(f)
-        assert checkpoint._host_staging(f, info, plan(policy, info.layer_table(), info.num_blocks), "cuda") is None
+        assert conversion._host_staging(f, info, plan(policy, info.layer_table(), info.num_blocks), "cuda") is None
     assert "no page-locked staging buffers (cudaHostAlloc failed: out of memory)" in caplog.text
     if torch.cuda.is_available():  # the whole load, on the GPU
-        loaded = checkpoint.load_converted(str(path), policy, device="cuda")
+        loaded = conversion.load_converted(str(path), policy, device="cuda")
         assert loaded.state_dict["transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float8_e4m3fn

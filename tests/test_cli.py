@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from quant import checkpoint, ltx2, weights
+from quant import conversion, ltx2, weights
 from quant.cli import main
 from quant.comfy_quant import QUANT_METADATA_KEY
 from quant.safetensors_io import SafetensorsFile, save_tensors
@@ -402,22 +402,22 @@ def test_output_that_names_no_file_is_refused(tmp_path, capsys, synth_file, monk
 
 
 def test_output_name_too_long_is_refused_before_quantizing(tmp_path, capsys, synth_file, monkeypatch):
-    monkeypatch.setattr(checkpoint, "plan_conversion", lambda *a, **k: pytest.fail("quantized before refusing"))
+    monkeypatch.setattr(conversion, "plan_conversion", lambda *a, **k: pytest.fail("quantized before refusing"))
     code, _, err = run_cli(capsys, "quantize", synth_file, tmp_path / ("m" * 300 + ".safetensors"), "--policy", "nvfp4")
     assert code == 1 and "the file name is too long (312 bytes" in err, err
 
 
 SLOW_WRITE = """
 import sys, time
-from quant import checkpoint, cli
-steps = checkpoint._run_steps
+from quant import cli, conversion
+steps = conversion._run_steps
 def slow(plan, progress):
     for index, item in enumerate(steps(plan, progress)):
         if index == 3:
             print("writing", flush=True)
             time.sleep(60)
         yield item
-checkpoint._run_steps = slow
+conversion._run_steps = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -108,17 +108,17 @@ def test_input_gelu_is_gelu_then_the_layer(fmt, activation, bound, compiled):
 @pytest.mark.parametrize("policy_name", ["fp8-scaled-mm", "nvfp4", "mxfp8", "int8-convrot"])
 def test_load_through_staging_buffers_matches_plain_copies(tmp_path, policy_name, monkeypatch):
     """Quantize-at-load on the GPU reads into and downloads through reused page-locked buffers
-    (checkpoint.HostStaging); the converted state dict is byte for byte what plain copies give."""
-    from quant import checkpoint, ltx2
+    (conversion.HostStaging); the converted state dict is byte for byte what plain copies give."""
+    from quant import conversion, ltx2
     from quant.policies import get_policy
     from quant.safetensors_io import save_tensors
 
     config = ltx2.tiny_config(num_layers=2)
     path = str(tmp_path / "bf16.safetensors")
     save_tensors(path, ltx2.synthetic_state_dict(config, seed=3), ltx2.header_metadata(config))
-    staged = checkpoint.load_converted(path, get_policy(policy_name), device="cuda").state_dict
-    monkeypatch.setattr(checkpoint, "_host_staging", lambda *args: None)
-    plain = checkpoint.load_converted(path, get_policy(policy_name), device="cuda").state_dict
+    staged = conversion.load_converted(path, get_policy(policy_name), device="cuda").state_dict
+    monkeypatch.setattr(conversion, "_host_staging", lambda *args: None)
+    plain = conversion.load_converted(path, get_policy(policy_name), device="cuda").state_dict
     assert staged.keys() == plain.keys()
     for key, tensor in plain.items():
         assert staged[key].device.type == "cpu" and not staged[key].is_pinned(), key

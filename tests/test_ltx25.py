@@ -14,8 +14,8 @@ import torch
 from quant import ltx2, memory, runtime, weights
 from quant.capability import BLACKWELL, HOPPER, Capability
 from quant.comfy_quant import QUANT_METADATA_KEY
-from quant.checkpoint import (check_layers, inspect_checkpoint, load_converted, quantize_file,
-                              read_layer)
+from quant.checkpoint import check_layers, inspect_checkpoint
+from quant.conversion import load_converted, quantize_file, read_layer
 from quant.modes import Activation, layer_activation
 from quant.policies import POLICIES, get_policy
 from quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors

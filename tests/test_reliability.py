@@ -23,8 +23,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quant import advice, calibration, checkpoint, comfy_quant, ltx2, safetensors_io
-from quant.checkpoint import load_converted, nonfinite_count, quantize_file
+from quant import advice, calibration, checkpoint, comfy_quant, conversion, ltx2, safetensors_io
+from quant.conversion import load_converted, nonfinite_count, quantize_file
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
 
@@ -311,7 +311,7 @@ def test_free_space_is_checked_before_writing(tmp_path, tiny_source, monkeypatch
 WRITE_UNDER_LIMIT = textwrap.dedent("""
     import json, resource, sys
     sys.path.insert(0, sys.argv[1])
-    from quant.checkpoint import quantize_file
+    from quant.conversion import quantize_file
     from quant.policies import get_policy
     limit = int(sys.argv[4])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -368,7 +368,7 @@ def test_really_full_disk(small_tmpfs, tiny_source, monkeypatch):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
-    from quant.checkpoint import quantize_file
+    from quant.conversion import quantize_file
     from quant.policies import get_policy
 
     def progress(done, total):
@@ -406,7 +406,7 @@ def test_killed_writer_never_leaves_a_partial_model(tmp_path, tiny_source):
 # ---------------------------------------------------------------------------------------------
 
 def test_gpu_oom_while_quantizing_falls_back_to_the_cpu_for_that_layer(tmp_path, tiny_source, monkeypatch, caplog):
-    real = checkpoint._quantize_on
+    real = conversion._quantize_on
     failed = []
 
     def quantize_on(f, source, stored, target, device, staging=None):
@@ -414,7 +414,7 @@ def test_gpu_oom_while_quantizing_falls_back_to_the_cpu_for_that_layer(tmp_path,
             failed.append(source.layer)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(f, source, stored, target, "cpu")  # stands in for the GPU here
-    monkeypatch.setattr(checkpoint, "_quantize_on", quantize_on)
+    monkeypatch.setattr(conversion, "_quantize_on", quantize_on)
     with caplog.at_level(logging.WARNING, logger="ltx2_quant"):
         on_gpu = load_converted(str(tiny_source), get_policy("nvfp4"), device="cuda")
     reference = load_converted(str(tiny_source), get_policy("nvfp4"))
@@ -427,7 +427,7 @@ def test_gpu_oom_while_quantizing_falls_back_to_the_cpu_for_that_layer(tmp_path,
 def test_oom_on_the_cpu_is_not_retried(tiny_source, monkeypatch):
     def quantize_on(*args):
         raise torch.OutOfMemoryError("out of memory")
-    monkeypatch.setattr(checkpoint, "_quantize_on", quantize_on)
+    monkeypatch.setattr(conversion, "_quantize_on", quantize_on)
     with pytest.raises(torch.OutOfMemoryError):
         load_converted(str(tiny_source), get_policy("nvfp4"))
 

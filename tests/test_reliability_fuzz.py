@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quant import ltx2, weights
-from quant.checkpoint import load_converted
+from quant.conversion import load_converted
 from quant.comfy_quant import QUANT_METADATA_KEY
 from quant.policies import POLICIES, get_policy
 from quant.safetensors_io import CheckpointError, save_tensors

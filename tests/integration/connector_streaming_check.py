@@ -13,16 +13,15 @@ usage: python connector_streaming_check.py equal|lora|partial|sizes|pinning
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args as comfy_args  # noqa: E402
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
-comfy_args.cpu = True
+import_pack(cpu=True)
 import torch  # noqa: E402
 
 import comfy.lora  # noqa: E402
@@ -32,15 +31,10 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import model_io, streaming  # noqa: E402
-from ltx2q.quant import checkpoint, ltx2  # noqa: E402
-from ltx2q.quant.policies import get_policy  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.nodes import model_io, model_memory, streaming  # noqa: E402
+from ltx2_quant.quant import checkpoint, conversion, ltx2# noqa: E402
+from ltx2_quant.quant.policies import get_policy  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 CONFIG = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
 STATE = ltx2.synthetic_state_dict(CONFIG, seed=3)
@@ -52,7 +46,7 @@ LORA_LAYERS = [CONNECTOR_LORA, "audio_embeddings_connector.transformer_1d_blocks
 
 
 def build(policy: str, streamed: bool, scope: dict | None = None):
-    loaded = checkpoint.load_converted(MemoryTensors(STATE, METADATA), get_policy(policy, **(scope or {})))
+    loaded = conversion.load_converted(MemoryTensors(STATE, METADATA), get_policy(policy, **(scope or {})))
     patcher, _ = model_io.build_model(loaded, policy, "fast", text_connectors_on_cpu=streamed)
     assert not streaming.streamed_modules(patcher)  # load device == offload device here: the loader leaves it off
     if streamed:
@@ -163,7 +157,7 @@ def scenario_lora() -> dict:
         after_unload = connector_weights(streamed)
         second = sample(streamed)
         mm.unload_all_models()
-        # Forced patched weights (what model_io.save_model asks when a LoRA patches a streamed layer).
+        # Forced patched weights (what model_save.save_model asks when a LoRA patches a streamed layer).
         assert streaming.patches_streamed_layers(streamed)
         mm.load_models_gpu([streamed], force_full_load=True, force_patch_weights=True)
         merged = connector_weights(streamed)
@@ -268,13 +262,13 @@ def scenario_sizes() -> dict:
     the connector layers' (bf16 under every policy's default scope); on this CPU-only ComfyUI
     (offload device = load device) nothing streams."""
     info = checkpoint.inspect_checkpoint(MemoryTensors(STATE, METADATA))
-    resident, streamed = model_io.policy_sizes(info), model_io.policy_sizes(info, streamed_connectors=True)
+    resident, streamed = model_memory.policy_sizes(info), model_memory.policy_sizes(info, streamed_connectors=True)
     connector_bytes = sum(t.nbytes for key, t in STATE.items()
                           if key.endswith(".weight") and key[: -len(".weight")] in info.layers
                           and ltx2.tensor_runs_once_per_prompt(key, CONFIG))
     return {"connector_bytes": connector_bytes,
             "differences": sorted({resident[name] - streamed[name] for name in resident}),
-            "streams_here": model_io.connectors_stream(mm.get_torch_device(), True)}
+            "streams_here": model_memory.connectors_stream(mm.get_torch_device(), True)}
 
 
 if __name__ == "__main__":

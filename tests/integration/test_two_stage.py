@@ -182,15 +182,12 @@ def test_vae_from_checkpoint_decodes(server):
 
 
 def with_the_pack(body: str) -> str:
-    """A Python script that imports ComfyUI (CPU) and this pack as ComfyUI does (a package named after
-    its folder, here `ltx2q`), then runs `body`: for checks in a fresh process, as the server would."""
-    return f"""import importlib.util, sys, types, torch
-sys.path.insert(0, {os.environ.get('COMFYUI_PATH', '')!r})
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-spec = importlib.util.spec_from_file_location("ltx2q", {os.path.join(HERE, '..', '..', '__init__.py')!r},
-                                              submodule_search_locations=[{os.path.dirname(os.path.dirname(HERE))!r}])
-pack = importlib.util.module_from_spec(spec); sys.modules["ltx2q"] = pack; spec.loader.exec_module(pack)
+    """A Python script that imports ComfyUI (CPU) and this pack as ComfyUI does (scripts/comfyui_pack.py),
+    then runs `body`: for checks in a fresh process, as the server would."""
+    return f"""import sys, types, torch
+sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(HERE)), 'scripts')!r})
+from comfyui_pack import import_pack
+import_pack(cpu=True)
 """ + body
 
 
@@ -198,10 +195,10 @@ def test_a_non_ltx_model_is_refused():
     """check_ltx_model on a model whose diffusion_model is not LTX (ComfyUI imported in a subprocess,
     as the server would)."""
     script = with_the_pack("""
-from ltx2q.nodes import pipeline
+from ltx2_quant.nodes import sampling_pipeline
 patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1)))
 try:
-    pipeline.check_ltx_model(patcher, "stage-2 model")
+    sampling_pipeline.check_ltx_model(patcher, "stage-2 model")
 except ValueError as e:
     print(e)
 """)
@@ -222,7 +219,7 @@ def test_every_compile_mode_sets_options_inductor_has():
     misspelt option would fail the first step on a user's GPU. config.patch raises on unknown names."""
     script = with_the_pack("""
 import torch._inductor.config
-from ltx2q.nodes.patches import COMPILE_MODES
+from ltx2_quant.nodes.patches import COMPILE_MODES
 for mode, options in COMPILE_MODES.items():
     with torch._inductor.config.patch(options or {}):
         print("valid:", mode)

@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from ..quant import sampling
-from . import pipeline
+from . import sampling_pipeline
 
 SCHEDULER = "LTX-2 scheduler (non-distilled)"
 
@@ -48,7 +48,7 @@ class LTX2QuantSigmas(io.ComfyNode):
 
 
 def upscale_weights_input(name: str, optional: bool = False):
-    return io.Combo.Input(name, options=list(pipeline.UPSAMPLER_WEIGHTS), default="as loaded", optional=optional,
+    return io.Combo.Input(name, options=list(sampling_pipeline.UPSAMPLER_WEIGHTS), default="as loaded", optional=optional,
                           tooltip="fp8: the upsampler's conv weights stored FP8 with per-channel scales "
                                   "(half the memory)")
 
@@ -70,7 +70,7 @@ class LTX2QuantTwoStageSampler(io.ComfyNode):
                 io.LatentUpscaleModel.Input("upscale_model", tooltip="The x2 spatial upsampler"),
                 io.Vae.Input("vae", tooltip="The LTX-2 video VAE (its latent statistics; encodes the image)"),
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Combo.Input("sampler", options=list(pipeline.SAMPLER_CHOICES), default="euler"),
+                io.Combo.Input("sampler", options=list(sampling_pipeline.SAMPLER_CHOICES), default="euler"),
                 io.Float.Input("ge_gamma", default=2.0, min=0.0, max=10.0, step=0.1,
                                tooltip="gradient_estimation only"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1,
@@ -98,7 +98,7 @@ class LTX2QuantTwoStageSampler(io.ComfyNode):
             sigmas_stage1 = torch.tensor(sampling.DISTILLED_STAGE1)
         if sigmas_stage2 is None:
             sigmas_stage2 = torch.tensor(sampling.STAGE2_REFERENCE)
-        out, stage1 = pipeline.two_stage_sample(model, positive, negative, latent, upscale_model, vae, noise_seed,
+        out, stage1 = sampling_pipeline.two_stage_sample(model, positive, negative, latent, upscale_model, vae, noise_seed,
                                         sigmas_stage1, sigmas_stage2, sampler, ge_gamma, cfg, model_stage2,
                                         image, image_strength, upscale_weights)
         return io.NodeOutput(out, stage1)
@@ -125,10 +125,10 @@ class LTX2QuantLatentUpscale(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples, upscale_model, vae, weights) -> io.NodeOutput:
-        upscale_model = pipeline.prepare_upsampler(upscale_model, weights)
-        video, audio = pipeline.split_av(samples["samples"])
+        upscale_model = sampling_pipeline.prepare_upsampler(upscale_model, weights)
+        video, audio = sampling_pipeline.split_av(samples["samples"])
         if video.ndim != 5:
             raise ValueError(f"Expected a video latent [batch, channels, frames, height, width], got {list(video.shape)}")
         out = {key: value for key, value in samples.items() if key != "noise_mask"}
-        out["samples"] = pipeline.join_av(pipeline.upsample_video(upscale_model, vae, video), audio)
+        out["samples"] = sampling_pipeline.join_av(sampling_pipeline.upsample_video(upscale_model, vae, video), audio)
         return io.NodeOutput(out)

@@ -1,4 +1,4 @@
-"""Calibrate and Quality report nodes (ComfyUI V3). The work is in evaluation.py and quant/."""
+"""Calibrate and Quality report nodes (ComfyUI V3). The work is in quality_evaluation.py and quant/."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 from ..quant.calibration import outlier_ratio, save_amax
 from ..quant.quality import format_layer_table, write_report
 from ..quant.safetensors_io import check_output_path
-from . import evaluation, model_io
-from .loader import CALIBRATION_FOLDER, CATEGORY, register_folders
+from . import model_save, quality_evaluation
+from .model_nodes import CALIBRATION_FOLDER, CATEGORY, register_folders
 from .ops import quantized_layers
 
 
@@ -63,9 +63,9 @@ class LTX2QuantCalibrate(io.ComfyNode):
             if folder not in folder_paths.get_folder_paths(CALIBRATION_FOLDER):
                 raise ValueError(f"{folder} is not one of ComfyUI's {CALIBRATION_FOLDER} folders")
             os.makedirs(folder, exist_ok=True)
-            path = model_io.safe_output_path(folder, filename, ".json")
+            path = model_save.safe_output_path(folder, filename, ".json")
             refuse_existing(path, overwrite)
-        recorder = evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
+        recorder = quality_evaluation.calibrate(model, positive, negative, latent, sigmas, cfg, seed)
         amax = recorder.per_tensor()
         channels = recorder.per_channel()
         lines = [f"calibrated {len(amax)} Linear inputs over {len(sigmas) - 1} steps"]
@@ -74,7 +74,7 @@ class LTX2QuantCalibrate(io.ComfyNode):
             lines.append(f"wrote {path}")
         out = model
         if quantized_layers(model.model.diffusion_model):
-            out, count = evaluation.with_static_scales(model, amax)
+            out, count = quality_evaluation.with_static_scales(model, amax)
             lines.append(f"static activation scales on {count} quantized layers")
         ratios = sorted(((outlier_ratio(channels[name]), name) for name in amax), reverse=True)[:5]
         lines.append("largest per-channel outliers (max/median channel amax): "
@@ -112,7 +112,7 @@ class LTX2QuantQualityReport(io.ComfyNode):
                 model_b=None, model_c=None, report_name="", overwrite=False) -> io.NodeOutput:
         paths = None
         if report_name.strip():  # checked before the models sample
-            path = model_io.safe_output_path(folder_paths.get_output_directory(), report_name, ".json")
+            path = model_save.safe_output_path(folder_paths.get_output_directory(), report_name, ".json")
             paths = (path, path[: -len(".json")] + ".png")
             check_output_path(paths[1])
             for target in paths:
@@ -120,17 +120,17 @@ class LTX2QuantQualityReport(io.ComfyNode):
         given = (("model", model), ("model_b", model_b), ("model_c", model_c))
         candidates = {label + (f" ({m.model.ltx2q_policy})" if getattr(m.model, "ltx2q_policy", None) else ""): m
                       for label, m in given if m is not None}
-        report = evaluation.compare_models(reference, candidates, positive, negative, latent, sigmas, cfg, seed)
-        parts = [evaluation.format_comparison(report)]
+        report = quality_evaluation.compare_models(reference, candidates, positive, negative, latent, sigmas, cfg, seed)
+        parts = [quality_evaluation.format_comparison(report)]
         for label, r in report["models"].items():
             if r["layers"] and worst_layers:
                 parts += ["", f"{label}: worst layers", format_layer_table(r["layers"], worst_layers)]
-        image = evaluation.plot_comparison(report)
+        image = quality_evaluation.plot_comparison(report)
         if paths is not None:
             write_report(paths[0], report, overwrite=overwrite)
-            evaluation.save_png(image, paths[1], overwrite=overwrite)
+            quality_evaluation.save_png(image, paths[1], overwrite=overwrite)
             parts.append(f"wrote {paths[0]} and its .png")
-        plot = evaluation.image_tensor(image)
+        plot = quality_evaluation.image_tensor(image)
         text = "\n".join(parts)
         shown = {**ui.PreviewText(text).as_dict(), **ui.PreviewImage(plot, cls=cls).as_dict()}
         return io.NodeOutput(text, plot, ui=shown)

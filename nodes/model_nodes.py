@@ -13,8 +13,8 @@ from ..quant.calibration import load_amax
 from ..quant.policies import POLICIES
 from ..quant.scopes import SCOPE_PRESETS, scope_options
 from ..quant.modes import NVFP4_MODES
-from . import model_io
-from .attention import KEEP, LOADER_CHOICES
+from . import model_io, model_save
+from .patch_nodes import KEEP, LOADER_CHOICES
 from .patches import patch_attention
 
 CATEGORY = "LTX-2 Quant"
@@ -178,7 +178,7 @@ class LTX2QuantSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, folder, filename, comfy_compatible, overwrite) -> io.NodeOutput:
-        path = model_io.save_model(model, folder, filename, comfy_compatible, overwrite)
+        path = model_save.save_model(model, folder, filename, comfy_compatible, overwrite)
         return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB)"))
 
 

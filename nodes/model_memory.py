@@ -1,0 +1,91 @@
+"""GPU memory in ComfyUI: each policy's weight bytes for a file, `auto`'s choice against the free memory,
+and the out-of-memory advice that says which policy or video size would fit (the numbers and the text
+come from quant/memory.py and quant/advice.py)."""
+
+from __future__ import annotations
+
+import gc
+
+import comfy.model_management
+import comfy.patcher_extension
+import torch
+
+from ..quant import advice, checkpoint, ltx2, memory
+from ..quant.capability import capability
+from ..quant.policies import POLICIES, plan, summarize
+from . import streaming
+from .ops import compute_device
+
+# Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
+ACTIVATION_HEADROOM = 6 * 2 ** 30
+# Pixels per video latent cell: 32 x 32 spatially, 8 frames (ltx2.md).
+LATENT_PIXELS, LATENT_FRAMES = 32, 8
+
+
+def connectors_stream(device: torch.device, text_connectors_on_cpu: bool) -> bool:
+    """Whether a model loaded for `device` will keep its text connectors in host memory (the rule
+    streaming.enable applies to the patcher)."""
+    return text_connectors_on_cpu and streaming.streams_between(device, comfy.model_management.unet_offload_device())
+
+
+def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False) -> dict[str, int]:
+    """Weight bytes of the checkpoint's layers under each policy; with `streamed_connectors`, only the
+    layers that stay on the GPU."""
+    table = info.layer_table()
+    if streamed_connectors:
+        config = info.config if isinstance(info.config, dict) else {}
+        table = [row for row in table if not ltx2.tensor_runs_once_per_prompt(row[0] + ".weight", config)]
+    return {name: summarize(plan(POLICIES[name], table, info.num_blocks))["bytes_after"] for name in POLICIES}
+
+
+def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
+    free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
+    return advice.choose_auto_policy(capability(device), free, sizes, ACTIVATION_HEADROOM)
+
+
+def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
+                 latent_shapes=None, text_connectors_on_cpu: bool = True) -> tuple[dict[str, int], str]:
+    """GPU memory a run needs per policy, and how it was reckoned: quant.memory's estimate at the
+    video's size while sampling (`latent_shapes` as ComfyUI passes them), else the weights plus
+    ACTIVATION_HEADROOM."""
+    if latent_shapes and len(latent_shapes[0]) == 5:
+        _, _, frames, height, width = latent_shapes[0]
+        width, height, frames = width * LATENT_PIXELS, height * LATENT_PIXELS, (frames - 1) * LATENT_FRAMES + 1
+        device = compute_device()
+        device_capability = capability(device) if device.type == "cuda" else memory.FP8_GPU
+        needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
+                                            config=config, capability=device_capability,
+                                            text_connectors_on_cpu=text_connectors_on_cpu).total_bytes
+                 for name in POLICIES}
+        return needs, f"estimated for {width}x{height}x{frames}"
+    return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},
+            f"its weights plus {ACTIVATION_HEADROOM / 2 ** 30:.0f} GiB for activations")
+
+
+def advise_on_oom(stage: str, policy_name: str, needs, call):
+    """call(); out of GPU memory, the error says which policy or video size would fit (`needs()`
+    gives memory_needs' answer, reckoned only then), and the failed call's memory is released
+    first (ComfyUI then unloads its models, as for any OOM)."""
+    device = compute_device()
+
+    def advice_text() -> str:
+        total = comfy.model_management.get_total_memory(device) if device.type == "cuda" else None
+        need_bytes, basis = needs()
+        return advice.out_of_memory_advice(stage, policy_name, need_bytes, total, basis)
+
+    def release() -> None:
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+    return advice.call_or_advise_on_oom(call, advice_text, release)
+
+
+def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
+                   nvfp4_mode: str, text_connectors_on_cpu: bool = True) -> None:
+    """Sampling that runs out of GPU memory inside the model reports what would fit at that video
+    size (an APPLY_MODEL wrapper: the model's frames are gone before ComfyUI's OOM handler unloads
+    the models)."""
+    def wrapper(executor, *args, **kwargs):
+        def needs():
+            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"), text_connectors_on_cpu)
+        return advise_on_oom("sampling", policy_name, needs, lambda: executor(*args, **kwargs))
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)
