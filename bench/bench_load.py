@@ -23,6 +23,7 @@ import torch
 
 from bench_model import model_io, random_state  # the pack as ComfyUI imports it, and the same weights
 from ltx2_quant.quant import ltx2
+from ltx2_quant.quant.load_options import LoadOptions
 from ltx2_quant.quant.safetensors_io import SafetensorsFile, save_tensors
 
 
@@ -72,7 +73,7 @@ def main() -> None:
         start = time.perf_counter()
         if profiler:
             profiler.enable()
-        patcher, _ = model_io.load_and_quantize(path, policy, "fast", {})
+        patcher, _ = model_io.load_and_quantize(path, LoadOptions(policy))
         torch.cuda.synchronize()
         if profiler:
             profiler.disable()

@@ -70,7 +70,8 @@ import comfy.sd  # noqa: E402
 
 from ltx2_quant.nodes import model_io  # noqa: E402
 from ltx2_quant.nodes.patches import compile_blocks, patch_attention  # noqa: E402
-from ltx2_quant.quant import conversion, formats, ltx2# noqa: E402
+from ltx2_quant.quant import conversion, formats, ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
 from ltx2_quant.quant.weights import FP8_TENSOR, NVFP4  # noqa: E402
 from ltx2_quant.quant.policies import get_policy  # noqa: E402
 from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
@@ -173,7 +174,7 @@ def build(mode: str, state: dict, metadata: dict):
         raise ValueError(f"{mode!r}: calibrated static scales are measured by bench_quality.py")
     on_cpu = not scope.pop("gpu_connectors", False)
     loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device="cuda")
-    return model_io.build_model(loaded, policy_name, "fast", text_connectors_on_cpu=on_cpu)[0]
+    return model_io.build_model(loaded, LoadOptions(policy_name, text_connectors_on_cpu=on_cpu))[0]
 
 
 def inputs(patcher, width: int, height: int, frames: int, unprocessed: bool = False):

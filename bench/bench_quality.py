@@ -34,6 +34,7 @@ import comfy.sd  # noqa: E402
 from ltx2_quant.nodes import quality_evaluation  # noqa: E402
 from ltx2_quant.quant import conversion, ltx2, sampling  # noqa: E402
 from ltx2_quant.quant.calibration import save_amax  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
 from ltx2_quant.quant.policies import get_policy, summarize  # noqa: E402
 from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
@@ -72,7 +73,7 @@ def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str
     loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device=device)
     if static:
         model_io.apply_calibration(loaded, amax)
-    return model_io.build_model(loaded, policy_name, "fast")[0], summarize(loaded.decisions)["bytes_after"]
+    return model_io.build_model(loaded, LoadOptions(policy_name))[0], summarize(loaded.decisions)["bytes_after"]
 
 
 def release() -> None:

@@ -23,9 +23,10 @@ import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 from ltx2_quant.quant import ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
+from ltx2_quant.quant.memory import GIB  # noqa: E402
 from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
-GIB = 2 ** 30
 SIGMAS = [1.0, 0.99375, 0.9875]
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     # 1. Quantizing with the GPU nearly full.
     start = torch.cuda.memory_allocated()
     full = ballast(int(args.leave_gib * GIB))
-    patcher, _ = model_io.convert_and_build(MemoryTensors(state, ltx2.header_metadata(config)), args.policy, "fast", {})
+    patcher, _ = model_io.convert_and_build(MemoryTensors(state, ltx2.header_metadata(config)), LoadOptions(args.policy))
     fallbacks = [m for m in warnings.messages if "quantizing it on the CPU instead" in m]
     del full
     print(f"quantizing with {args.leave_gib} GiB free: loaded; {len(fallbacks)} layers fell back to the CPU "

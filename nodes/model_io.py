@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -22,6 +23,8 @@ from comfy.ldm.lightricks.av_model import LTXAVModel
 from ..quant import checkpoint, comfy_quant, conversion
 from ..quant.calibration import layer_input_scale
 from ..quant.conversion import LoadedCheckpoint
+from ..quant.load_options import LoadOptions
+from ..quant.memory import GIB
 from ..quant.policies import Policy, get_policy, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile
 from . import streaming
@@ -58,16 +61,16 @@ def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
     return count
 
 
-def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, text_connectors_on_cpu: bool = True):
-    """A ComfyUI ModelPatcher over the converted state dict, built with our ops; with
-    `text_connectors_on_cpu` its text connectors stay in host memory and stream to the GPU when
-    they run (nodes/streaming.py)."""
+def build_model(loaded: LoadedCheckpoint, options: LoadOptions):
+    """A ComfyUI ModelPatcher over the converted state dict, built with our ops, for `options.policy`
+    (a policy's name, not "auto"); with `options.text_connectors_on_cpu` its text connectors stay in
+    host memory and stream to the GPU when they run (nodes/streaming.py)."""
     device = compute_device()
-    ops = make_ops(device, nvfp4_mode)
-    options = {"custom_operations": ops, "dtype": torch.bfloat16}
+    ops = make_ops(device, options.nvfp4_mode)
+    model_options = {"custom_operations": ops, "dtype": torch.bfloat16}
     # Our Linears own tensors besides weight/bias, which the dynamic-VRAM allocator does not know
     # about: use the classic ModelPatcher, whose partial loading and offload handle any module.
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(loaded.state_dict), model_options=options,
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(loaded.state_dict), model_options=model_options,
                                                        metadata=loaded.metadata, disable_dynamic=True)
     if patcher is None:
         raise ValueError("ComfyUI did not recognise the converted model as LTX-2")
@@ -75,10 +78,10 @@ def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, tex
     # (LoRA loaders, the Compile and Attention nodes) keep the class and the ON_LOAD callback.
     if type(patcher) is comfy.model_patcher.ModelPatcher:
         patcher.__class__ = streaming.StreamingModelPatcher
-        if text_connectors_on_cpu:
+        if options.text_connectors_on_cpu:
             streaming.enable(patcher)
-    patcher.model.ltx2q_metadata = loaded.metadata
-    patcher.model.ltx2q_policy = policy_name
+    patcher.model.ltx2_quant_metadata = loaded.metadata
+    patcher.model.ltx2_quant_policy = options.policy
     paths = describe_paths(ops)
     moved = fuse_ffn_gelu(patcher.model.diffusion_model)
     if moved:
@@ -89,10 +92,9 @@ def build_model(loaded: LoadedCheckpoint, policy_name: str, nvfp4_mode: str, tex
 
 def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, seconds: float, extra: str = "") -> str:
     s = summarize(loaded.decisions)
-    gib = 2 ** 30
     lines = [f"policy: {policy.name} ({why})",
              f"layers by format: {s['layers_by_format']}",
-             f"weights: {s['bytes_before'] / gib:.2f} GiB -> {s['bytes_after'] / gib:.2f} GiB ({s['ratio']:.2f}x smaller)",
+             f"weights: {s['bytes_before'] / GIB:.2f} GiB -> {s['bytes_after'] / GIB:.2f} GiB ({s['ratio']:.2f}x smaller)",
              f"load + quantize: {seconds:.1f} s", "kernel paths:", paths or "(no quantized layers)"]
     if extra:
         lines.append(extra)
@@ -108,53 +110,52 @@ def check_comfyui_builds(info: checkpoint.CheckpointInfo) -> None:
                          "ComfyUI 0.33 and newer.")
 
 
-def convert_and_build(source: SafetensorsFile | MemoryTensors, policy_name: str, nvfp4_mode: str, scope: dict,
-                      amax: dict[str, float] | None = None, text_connectors_on_cpu: bool = True):
+def convert_and_build(source: SafetensorsFile | MemoryTensors, options: LoadOptions):
     """Pick the policy (`auto` sized against free VRAM), quantize `source` tensor by tensor (on the GPU
     when there is one) and build the MODEL (text connectors streamed from host memory when
-    `text_connectors_on_cpu`); returns it with the node's report text."""
+    `options.text_connectors_on_cpu`); returns it with the node's report text."""
     start = time.perf_counter()
     device = compute_device()
     info = checkpoint.inspect_checkpoint(source)
     check_comfyui_builds(info)
     why = "chosen by you"
-    streams = connectors_stream(device, text_connectors_on_cpu)  # what build_model's patcher will do
+    streams = connectors_stream(device, options.text_connectors_on_cpu)  # what build_model's patcher will do
     sizes = policy_sizes(info, streams)
-    if policy_name == "auto":
-        policy_name, why = auto_policy(sizes, device)
-    policy = get_policy(policy_name, **scope)
+    if options.policy == "auto":
+        chosen, why = auto_policy(sizes, device)
+        options = replace(options, policy=chosen)
+    policy = get_policy(options.policy, **options.scope)
     quantize_on = device if device.type == "cuda" else torch.device("cpu")
 
     def load_and_build():
         loaded = conversion.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
         extra = ""
-        if amax:
-            extra = f"calibrated static activation scales: {apply_calibration(loaded, amax)} layers"
-        patcher, paths = build_model(loaded, policy_name, nvfp4_mode, text_connectors_on_cpu)
-        extra = "\n".join(filter(None, (extra, streaming.describe(patcher, text_connectors_on_cpu))))
+        if options.amax:
+            extra = f"calibrated static activation scales: {apply_calibration(loaded, options.amax)} layers"
+        patcher, paths = build_model(loaded, options)
+        extra = "\n".join(filter(None, (extra, streaming.describe(patcher, options.text_connectors_on_cpu))))
         return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)
     # quant.memory estimates an LTX-2.3/2.5 layout: the file's when its config gives it, else LTX-2.3's.
     layout_keys = (*checkpoint.BLOCK_LAYOUT_KEYS, *checkpoint.MODEL_LAYOUT_KEYS)
     usable = (info.family in checkpoint.CONFIG_FAMILIES and isinstance(info.config, dict)
               and all(k in info.config for k in layout_keys))
     config = info.config if usable else None
-    patcher, text = advise_on_oom("loading and quantizing the model", policy_name,
-                                  lambda: memory_needs(sizes, config, scope, nvfp4_mode, text_connectors_on_cpu=streams),
-                                  load_and_build)
-    add_oom_advice(patcher, policy_name, sizes, config, scope, nvfp4_mode, streams)
+    held = replace(options, text_connectors_on_cpu=streams)  # sized as the patcher will hold the model
+    patcher, text = advise_on_oom("loading and quantizing the model", options.policy,
+                                  lambda: memory_needs(sizes, config, held), load_and_build)
+    add_oom_advice(patcher, sizes, config, held)
     return patcher, text
 
 
-def load_and_quantize(path: str, policy_name: str, nvfp4_mode: str, scope: dict,
-                      amax: dict[str, float] | None = None, text_connectors_on_cpu: bool = True):
+def load_and_quantize(path: str, options: LoadOptions):
     with SafetensorsFile(path) as f:
-        return convert_and_build(f, policy_name, nvfp4_mode, scope, amax, text_connectors_on_cpu)
+        return convert_and_build(f, options)
 
 
 def model_metadata(patcher) -> dict[str, str]:
     """The header metadata for a model: the one it was loaded with, or its config rebuilt from
     ComfyUI's model config (models loaded by core loaders)."""
-    metadata = getattr(patcher.model, "ltx2q_metadata", None)
+    metadata = getattr(patcher.model, "ltx2_quant_metadata", None)
     if metadata is not None:
         return dict(metadata)
     unet_config = getattr(patcher.model.model_config, "unet_config", {})
@@ -162,14 +163,14 @@ def model_metadata(patcher) -> dict[str, str]:
     return {"config": json.dumps({"transformer": config})}
 
 
-def quantize_model(patcher, policy_name: str, nvfp4_mode: str, scope: dict, text_connectors_on_cpu: bool = True):
+def quantize_model(patcher, options: LoadOptions):
     """A new MODEL with `patcher`'s diffusion model converted to a policy; its LoRA patches and model
     options carry over."""
     diffusion_model = patcher.model.diffusion_model
     if quantized_layers(diffusion_model):
         raise ValueError("this model was already quantized by LTX-2 Quant; quantize the original model instead")
     source = MemoryTensors(diffusion_model.state_dict(), model_metadata(patcher), "the input MODEL")
-    new, text = convert_and_build(source, policy_name, nvfp4_mode, scope, text_connectors_on_cpu=text_connectors_on_cpu)
+    new, text = convert_and_build(source, options)
     new.patches = {k: list(v) for k, v in patcher.patches.items()}
     new.patches_uuid = patcher.patches_uuid
     new.model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)

@@ -12,12 +12,14 @@ import torch
 
 from ..quant import advice, checkpoint, ltx2, memory
 from ..quant.capability import capability
+from ..quant.load_options import LoadOptions
+from ..quant.memory import GIB
 from ..quant.policies import POLICIES, plan, summarize
 from . import streaming
 from .ops import compute_device
 
 # Kept free for activations when `auto` sizes a policy against free VRAM (768x512x121 needs a few GiB).
-ACTIVATION_HEADROOM = 6 * 2 ** 30
+ACTIVATION_HEADROOM = 6 * GIB
 # Pixels per video latent cell: 32 x 32 spatially, 8 frames (ltx2.md).
 LATENT_PIXELS, LATENT_FRAMES = 32, 8
 
@@ -43,8 +45,8 @@ def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
     return advice.choose_auto_policy(capability(device), free, sizes, ACTIVATION_HEADROOM)
 
 
-def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_mode: str,
-                 latent_shapes=None, text_connectors_on_cpu: bool = True) -> tuple[dict[str, int], str]:
+def memory_needs(sizes: dict[str, int], config: dict | None, options: LoadOptions,
+                 latent_shapes=None) -> tuple[dict[str, int], str]:
     """GPU memory a run needs per policy, and how it was reckoned: quant.memory's estimate at the
     video's size while sampling (`latent_shapes` as ComfyUI passes them), else the weights plus
     ACTIVATION_HEADROOM."""
@@ -53,13 +55,14 @@ def memory_needs(sizes: dict[str, int], config: dict | None, scope: dict, nvfp4_
         width, height, frames = width * LATENT_PIXELS, height * LATENT_PIXELS, (frames - 1) * LATENT_FRAMES + 1
         device = compute_device()
         device_capability = capability(device) if device.type == "cuda" else memory.FP8_GPU
-        needs = {name: memory.estimate_vram(name, width, height, frames, scope=scope, nvfp4_mode=nvfp4_mode,
-                                            config=config, capability=device_capability,
-                                            text_connectors_on_cpu=text_connectors_on_cpu).total_bytes
+        needs = {name: memory.estimate_vram(name, width, height, frames, scope=options.scope,
+                                            nvfp4_mode=options.nvfp4_mode, config=config,
+                                            capability=device_capability,
+                                            text_connectors_on_cpu=options.text_connectors_on_cpu).total_bytes
                  for name in POLICIES}
         return needs, f"estimated for {width}x{height}x{frames}"
     return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},
-            f"its weights plus {ACTIVATION_HEADROOM / 2 ** 30:.0f} GiB for activations")
+            f"its weights plus {ACTIVATION_HEADROOM / GIB:.0f} GiB for activations")
 
 
 def advise_on_oom(stage: str, policy_name: str, needs, call):
@@ -79,13 +82,12 @@ def advise_on_oom(stage: str, policy_name: str, needs, call):
     return advice.call_or_advise_on_oom(call, advice_text, release)
 
 
-def add_oom_advice(patcher, policy_name: str, sizes: dict[str, int], config: dict | None, scope: dict,
-                   nvfp4_mode: str, text_connectors_on_cpu: bool = True) -> None:
+def add_oom_advice(patcher, sizes: dict[str, int], config: dict | None, options: LoadOptions) -> None:
     """Sampling that runs out of GPU memory inside the model reports what would fit at that video
     size (an APPLY_MODEL wrapper: the model's frames are gone before ComfyUI's OOM handler unloads
-    the models)."""
+    the models). `options` as the model was loaded (its policy resolved)."""
     def wrapper(executor, *args, **kwargs):
         def needs():
-            return memory_needs(sizes, config, scope, nvfp4_mode, kwargs.get("latent_shapes"), text_connectors_on_cpu)
-        return advise_on_oom("sampling", policy_name, needs, lambda: executor(*args, **kwargs))
+            return memory_needs(sizes, config, options, kwargs.get("latent_shapes"))
+        return advise_on_oom("sampling", options.policy, needs, lambda: executor(*args, **kwargs))
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "ltx2_quant_oom_advice", wrapper)

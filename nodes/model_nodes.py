@@ -10,6 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..quant import hub
 from ..quant.calibration import load_amax
+from ..quant.load_options import LoadOptions
+from ..quant.memory import GIB
 from ..quant.policies import POLICIES
 from ..quant.scopes import SCOPE_PRESETS, scope_options
 from ..quant.modes import NVFP4_MODES
@@ -105,8 +107,10 @@ class LTX2QuantLoader(io.ComfyNode):
         amax = None
         if calibration != "none":
             amax = load_amax(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration))
-        options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
-        model, text = model_io.load_and_quantize(path, policy, nvfp4_mode, options, amax, text_connectors_on_cpu)
+        options = LoadOptions(policy, nvfp4_mode,
+                              scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio),
+                              amax, text_connectors_on_cpu)
+        model, text = model_io.load_and_quantize(path, options)
         if attention != KEEP:
             model, attention_text = patch_attention(model, attention)
             text += "\n" + attention_text
@@ -146,8 +150,10 @@ class LTX2QuantQuantizeModel(io.ComfyNode):
     @classmethod
     def execute(cls, model, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
                 keep_last_blocks=0, keep_audio=False, text_connectors_on_cpu=True) -> io.NodeOutput:
-        options = scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio)
-        new, text = model_io.quantize_model(model, policy, nvfp4_mode, options, text_connectors_on_cpu)
+        options = LoadOptions(policy, nvfp4_mode,
+                              scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio),
+                              text_connectors_on_cpu=text_connectors_on_cpu)
+        new, text = model_io.quantize_model(model, options)
         return io.NodeOutput(new, ui=ui.PreviewText(text))
 
 
@@ -179,7 +185,7 @@ class LTX2QuantSave(io.ComfyNode):
     @classmethod
     def execute(cls, model, folder, filename, comfy_compatible, overwrite) -> io.NodeOutput:
         path = model_save.save_model(model, folder, filename, comfy_compatible, overwrite)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / 2 ** 30:.2f} GiB)"))
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {path} ({os.path.getsize(path) / GIB:.2f} GiB)"))
 
 
 class LTX2QuantVAELoader(io.ComfyNode):

@@ -70,7 +70,8 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
     for key, tensor in model.state_dict().items():
         layer = layer_of_param.get(key)
         if layer is None:
-            steps.append(conversion.Step([TensorSpec(key, tensor.dtype, tuple(tensor.shape))], lambda tensor=tensor: [tensor]))
+            spec = TensorSpec(key, tensor.dtype, tuple(tensor.shape))
+            steps.append(conversion.Step([spec], lambda tensor=tensor: [tensor]))
             continue
         if not key.endswith(".weight"):
             continue

@@ -118,7 +118,7 @@ class LTX2QuantQualityReport(io.ComfyNode):
             for target in paths:
                 refuse_existing(target, overwrite)
         given = (("model", model), ("model_b", model_b), ("model_c", model_c))
-        candidates = {label + (f" ({m.model.ltx2q_policy})" if getattr(m.model, "ltx2q_policy", None) else ""): m
+        candidates = {label + (f" ({m.model.ltx2_quant_policy})" if getattr(m.model, "ltx2_quant_policy", None) else ""): m
                       for label, m in given if m is not None}
         report = quality_evaluation.compare_models(reference, candidates, positive, negative, latent, sigmas, cfg, seed)
         parts = [quality_evaluation.format_comparison(report)]

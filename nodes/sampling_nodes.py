@@ -48,7 +48,8 @@ class LTX2QuantSigmas(io.ComfyNode):
 
 
 def upscale_weights_input(name: str, optional: bool = False):
-    return io.Combo.Input(name, options=list(sampling_pipeline.UPSAMPLER_WEIGHTS), default="as loaded", optional=optional,
+    return io.Combo.Input(name, options=list(sampling_pipeline.UPSAMPLER_WEIGHTS), default="as loaded",
+                          optional=optional,
                           tooltip="fp8: the upsampler's conv weights stored FP8 with per-channel scales "
                                   "(half the memory)")
 
@@ -98,9 +99,10 @@ class LTX2QuantTwoStageSampler(io.ComfyNode):
             sigmas_stage1 = torch.tensor(sampling.DISTILLED_STAGE1)
         if sigmas_stage2 is None:
             sigmas_stage2 = torch.tensor(sampling.STAGE2_REFERENCE)
-        out, stage1 = sampling_pipeline.two_stage_sample(model, positive, negative, latent, upscale_model, vae, noise_seed,
-                                        sigmas_stage1, sigmas_stage2, sampler, ge_gamma, cfg, model_stage2,
-                                        image, image_strength, upscale_weights)
+        out, stage1 = sampling_pipeline.two_stage_sample(
+            model, positive, negative, latent, upscale_model, vae, seed=noise_seed, sigmas_stage1=sigmas_stage1,
+            sigmas_stage2=sigmas_stage2, sampler_choice=sampler, ge_gamma=ge_gamma, cfg=cfg,
+            model_stage2=model_stage2, image=image, image_strength=image_strength, upscale_weights=upscale_weights)
         return io.NodeOutput(out, stage1)
 
 

@@ -98,7 +98,7 @@ def quantize_upsampler(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the upsampler whose conv weights are stored as FP8 E4M3 with per-output-channel scales
     and dequantized on each call (about half the bf16 memory; activations stay in the model dtype)."""
     model = copy.deepcopy(model)
-    model.ltx2q_compute_dtype = next(model.parameters()).dtype
+    model.ltx2_quant_compute_dtype = next(model.parameters()).dtype
     for module in list(model.modules()):
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
             torch.nn.utils.parametrize.register_parametrization(module, "weight", FP8Weight(module.weight),
@@ -138,7 +138,7 @@ def upsample_video(upscale_model, vae, video: torch.Tensor) -> torch.Tensor:
     activations = video.shape[0] * video.shape[2] * video.shape[3] * video.shape[4] * 4 * mid * 4 * 4
     comfy.model_management.load_models_gpu([patcher], memory_required=activations)
     device = patcher.load_device
-    dtype = getattr(model, "ltx2q_compute_dtype", None) or next(model.parameters()).dtype
+    dtype = getattr(model, "ltx2_quant_compute_dtype", None) or next(model.parameters()).dtype
     with torch.no_grad():
         x = statistics.un_normalize(video.to(device=device, dtype=dtype))
         x = statistics.normalize(model(x))
@@ -189,7 +189,7 @@ def run_stage(patcher, positive, negative, cfg: float, sampler, sigmas: torch.Te
     return out.to(comfy.model_management.intermediate_device())
 
 
-def two_stage_sample(model, positive, negative, latent: dict, upscale_model, vae, seed: int,
+def two_stage_sample(model, positive, negative, latent: dict, upscale_model, vae, *, seed: int,
                      sigmas_stage1: torch.Tensor, sigmas_stage2: torch.Tensor, sampler_choice: str,
                      ge_gamma: float = 2.0, cfg: float = 1.0, model_stage2=None, image: torch.Tensor | None = None,
                      image_strength: float = 1.0, upscale_weights: str = "as loaded") -> tuple[dict, dict]:

@@ -36,13 +36,14 @@ import comfy.patcher_extension
 import comfy.utils
 
 from ..quant.ltx2 import runs_once_per_prompt
+from ..quant.memory import GIB
 
 log = logging.getLogger("ltx2_quant")
 
 # On the BaseModel (shared by every clone of a patcher): the full names (under the BaseModel, as
 # ModelPatcher names modules and weight keys) of the layers that stream, and their bytes.
-STREAMED_ATTR = "ltx2q_streamed_modules"
-STREAMED_BYTES_ATTR = "ltx2q_streamed_bytes"
+STREAMED_ATTR = "ltx2_quant_streamed_modules"
+STREAMED_BYTES_ATTR = "ltx2_quant_streamed_bytes"
 CALLBACK_KEY = "ltx2_quant_text_connectors_on_cpu"
 PREFIX = "diffusion_model."
 
@@ -173,8 +174,8 @@ def after_load(patcher, device_to, lowvram_model_memory, force_patch_weights, fu
     patcher.model.model_loaded_weight_memory += function_bytes
     streamed_bytes = getattr(patcher.model, STREAMED_BYTES_ATTR)
     log.info("LTX-2 Quant: %d text-connector layers (%.2f GiB) stay in host memory and stream to %s when they "
-             "run%s%s", layers, streamed_bytes / 2 ** 30, device_to,
-             f"; moved {moved_bytes / 2 ** 30:.2f} GiB back after the full load" if moved_bytes else "",
+             "run%s%s", layers, streamed_bytes / GIB, device_to,
+             f"; moved {moved_bytes / GIB:.2f} GiB back after the full load" if moved_bytes else "",
              f"; {patches} LoRA patches applied per call" if patches else "")
 
 
@@ -183,7 +184,7 @@ def describe(patcher, requested: bool) -> str:
     streamed = streamed_modules(patcher)
     if streamed:
         size = getattr(patcher.model, STREAMED_BYTES_ATTR)
-        return (f"text connectors: {len(streamed)} layers ({size / 2 ** 30:.2f} GiB) stay in host memory, "
+        return (f"text connectors: {len(streamed)} layers ({size / GIB:.2f} GiB) stay in host memory, "
                 f"streamed to the GPU once per prompt")
     if requested:
         return "text connectors: on the model's device (it loads where it is offloaded)"

@@ -28,7 +28,8 @@ ComfyUI's own attention.
 
 The 8-bit kernels live in attention_8bit.py (Triton) and attention_cudnn.py (cuDNN); this file is the
 registry, the probe and the choice. ORDER lists them fastest first as expected on Hopper;
-bench/bench_attention.py measures speed and error. "auto" takes the first exact (16-bit) one that works; "auto-8bit" also the 8-bit ones.
+bench/bench_attention.py measures speed and error. "auto" takes the first exact (16-bit) one that
+works; "auto-8bit" also the 8-bit ones.
 """
 
 from __future__ import annotations

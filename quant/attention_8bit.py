@@ -259,7 +259,7 @@ def _attention_8bit_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 # A torch custom op, so torch.compile traces through the kernels as one node; eager calls launch directly.
-@torch.library.custom_op("ltx2q::attention_8bit", mutates_args=())
+@torch.library.custom_op("ltx2_quant::attention_8bit", mutates_args=())
 def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        qk_int8: bool) -> torch.Tensor:
     return _attention_8bit_launch(q, k, v, scale, qk_int8)

@@ -94,7 +94,7 @@ def _cudnn_fp8_launch(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, desc
 
 # A torch custom op, so torch.compile keeps the cuDNN call as one node and fuses the operands' preparation
 # and the output's decoding around it.
-@torch.library.custom_op("ltx2q::attention_fp8_cudnn", mutates_args=())
+@torch.library.custom_op("ltx2_quant::attention_fp8_cudnn", mutates_args=())
 def _cudnn_fp8_op(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descales: torch.Tensor,
                   scale: float) -> torch.Tensor:
     return _cudnn_fp8_launch(q8, k8, v8, descales, scale)

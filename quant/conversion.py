@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 import torch
 
 from . import comfy_quant, ltx2, weights
-from .checkpoint import CheckpointInfo, LayerSource, check_config_values, check_layers, inspect_checkpoint, require_config
+from .checkpoint import (CheckpointInfo, LayerSource, check_config_values, check_layers, inspect_checkpoint,
+                         require_config)
 from .formats import E2M1_MAX, FP8_MAX, INT8_MAX, round_up
 from .policies import LayerDecision, Policy, plan
 from .safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, check_output, write_streaming

@@ -299,13 +299,13 @@ def _nvfp4_launch(packed: torch.Tensor, block_scales: torch.Tensor, global_scale
 # dispatcher round trip per call: at 6k tokens that made the compiled nvfp4 step CPU-bound). Eager
 # callers launch directly; the public functions below pick one or the other.
 
-@torch.library.triton_op("ltx2q::nvfp4_to_fp8", mutates_args=())
+@torch.library.triton_op("ltx2_quant::nvfp4_to_fp8", mutates_args=())
 def _nvfp4_to_fp8_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                      ratio: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return _nvfp4_launch(packed, block_scales, global_scale, ratio, n, k, wrap=torch.library.wrap_triton)
 
 
-@torch.library.triton_op("ltx2q::nvfp4_to_bf16", mutates_args=())
+@torch.library.triton_op("ltx2_quant::nvfp4_to_bf16", mutates_args=())
 def _nvfp4_to_bf16_op(packed: torch.Tensor, block_scales: torch.Tensor, global_scale: torch.Tensor,
                       n: int, k: int, out_dtype: torch.dtype) -> torch.Tensor:
     return _nvfp4_launch(packed, block_scales, global_scale, None, n, k, out_dtype, wrap=torch.library.wrap_triton)
@@ -322,7 +322,7 @@ def _fp8_rows_to_bf16_launch(data: torch.Tensor, row_scale: torch.Tensor, out_dt
     return out
 
 
-@torch.library.triton_op("ltx2q::fp8_rows_to_bf16", mutates_args=())
+@torch.library.triton_op("ltx2_quant::fp8_rows_to_bf16", mutates_args=())
 def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return _fp8_rows_to_bf16_launch(data, row_scale, out_dtype, wrap=torch.library.wrap_triton)
 
@@ -330,13 +330,13 @@ def _fp8_rows_to_bf16_op(data: torch.Tensor, row_scale: torch.Tensor, out_dtype:
 # Under torch.compile the GELU + quantization stays our kernel: Inductor's own fusion of the formula
 # read each row twice and evaluated the fp32 GELU on both passes, 1.27 ms a call on the video FFN at
 # 24,576 tokens on an H200 (docs/BENCHMARKS.md, "Where a step's time goes"; bench/profile_step.py).
-@torch.library.triton_op("ltx2q::gelu_quantize_fp8_rows", mutates_args=())
+@torch.library.triton_op("ltx2_quant::gelu_quantize_fp8_rows", mutates_args=())
 def _gelu_quantize_fp8_rows_op(x: torch.Tensor, pre_quant_scale: torch.Tensor | None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_fp8_rows_launch(x, None, True, pre_quant_scale, wrap=torch.library.wrap_triton)
 
 
-@torch.library.triton_op("ltx2q::gelu_quantize_fp8_static", mutates_args=())
+@torch.library.triton_op("ltx2_quant::gelu_quantize_fp8_static", mutates_args=())
 def _gelu_quantize_fp8_static_op(x: torch.Tensor, input_scale: torch.Tensor, pre_quant_scale: torch.Tensor | None
                                  ) -> torch.Tensor:
     return _quantize_fp8_rows_launch(x, input_scale, True, pre_quant_scale, wrap=torch.library.wrap_triton)[0]
@@ -453,7 +453,7 @@ def _nvfp4_activation_launch(x: torch.Tensor, global_scale: torch.Tensor, wrap=l
     return packed, scales
 
 
-@torch.library.triton_op("ltx2q::quantize_nvfp4_activation", mutates_args=())
+@torch.library.triton_op("ltx2_quant::quantize_nvfp4_activation", mutates_args=())
 def _quantize_nvfp4_activation_op(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _nvfp4_activation_launch(x, global_scale, wrap=torch.library.wrap_triton)
 

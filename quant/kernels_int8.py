@@ -388,13 +388,13 @@ def _checked_operands(a, b, a_scale, b_scale):
 # Custom ops: torch.compile sees each kernel as one node and Inductor launches it from its generated
 # code; eager callers launch directly (see quant.kernels).
 
-@torch.library.triton_op("ltx2q::quantize_int8_rows", mutates_args=())
+@torch.library.triton_op("ltx2_quant::quantize_int8_rows", mutates_args=())
 def _quantize_int8_rows_op(x: torch.Tensor, gelu: bool, rotate_groupsize: int, pre_quant_scale: torch.Tensor | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_int8_launch(x, gelu, rotate_groupsize, pre_quant_scale, wrap=torch.library.wrap_triton)
 
 
-@torch.library.triton_op("ltx2q::int8_scaled_mm", mutates_args=())
+@torch.library.triton_op("ltx2_quant::int8_scaled_mm", mutates_args=())
 def _int8_scaled_mm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                        bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     return _int8_mm_launch(a, b, a_scale, b_scale, bias, out_dtype, default_persistent(a, b, out_dtype),

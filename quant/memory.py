@@ -19,13 +19,13 @@ from typing import Mapping, Sequence
 import torch
 
 from . import advice, ltx2, runtime, sampling, weights
+from .advice import GIB
 from .capability import Capability
 from .modes import NVFP4_MODES, layer_activation
 from .comfy_quant import layer_conf
 from .policies import POLICIES, get_policy, plan, summarize
 from .safetensors_io import DTYPE_NAMES
 
-GIB = 2 ** 30
 BF16 = 2
 FP32 = 4
 LATENT_CHANNELS = 128  # video latent channels; an audio token is 8 channels x 16 mel bins, also 128

@@ -4,9 +4,9 @@ import pytest
 
 from quant import ltx2, memory
 from quant.capability import Capability
+from quant.memory import GIB
 from quant.policies import POLICIES
 
-GIB = 2 ** 30
 # Peak VRAM (GiB, torch.cuda.max_memory_allocated over an 8-step run) measured by
 # `bench/bench_model.py` through ComfyUI v0.20.1 on an NVIDIA H200, 2026-11-27: the "48 blocks" and "8 blocks"
 # tables of docs/benchmarks/log/01-linear-layers-and-full-model.md. Model: LTX-2.3 widths, text connectors cut to
@@ -156,7 +156,8 @@ def test_answer_lists_every_bad_value():
     assert got["total_gib"] is None and got["weights_gib"] is None
     assert got["errors"] == [unread, f"unknown policy 'int3'; choose one of: auto, {', '.join(POLICIES)}"]
     assert answer(policy="bf16", width=0, frames=16385)["errors"] == [
-        "width must be a whole number from 1 to 16,384, got 0", "frames must be a whole number from 1 to 16,384, got 16385"]
+        "width must be a whole number from 1 to 16,384, got 0",
+        "frames must be a whole number from 1 to 16,384, got 16385"]
     got = answer(policy="bf16", width=700, height=512, frames=120, two_stage=False)
     assert got["errors"] == ["frames must be 8k+1 (e.g. 113 or 121), got 120",
                              "width must be a multiple of 32, got 700 (e.g. 672 or 704)"]

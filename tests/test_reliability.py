@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 
 from quant import advice, calibration, checkpoint, comfy_quant, conversion, ltx2, safetensors_io
 from quant.conversion import load_converted, nonfinite_count, quantize_file
+from quant.memory import GIB
 from quant.policies import get_policy
 from quant.safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, save_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
 
 
 def tiny(num_layers: int = 2, **changes) -> tuple[dict, dict[str, torch.Tensor]]:

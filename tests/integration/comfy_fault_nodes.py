@@ -1,12 +1,12 @@
 """Test-only fault injection inside a real ComfyUI server (copied into its custom_nodes by
 tests/integration/faults.py; it defines no nodes, only routes):
 
-- POST /ltx2q_test/pause {"node": id, "at": step}: the next time node `id` reports progress `step`,
-  hold it there until someone presses Cancel (POST /interrupt); GET /ltx2q_test/pause says whether
+- POST /ltx2_quant_test/pause {"node": id, "at": step}: the next time node `id` reports progress `step`,
+  hold it there until someone presses Cancel (POST /interrupt); GET /ltx2_quant_test/pause says whether
   it got there. Cancel thus lands at a known point, in the middle of the node's work.
-- POST /ltx2q_test/oom {"where": "sampling" | "quantizing"}: the next model layer call, or the next
+- POST /ltx2_quant_test/oom {"where": "sampling" | "quantizing"}: the next model layer call, or the next
   layer quantization, raises torch.OutOfMemoryError once (a CPU has no GPU memory to run out of).
-- GET /ltx2q_test/memory: the server's resident memory and how many models ComfyUI keeps loaded;
+- GET /ltx2_quant_test/memory: the server's resident memory and how many models ComfyUI keeps loaded;
   with ?tensors=1 also the tensors Python still holds.
 """
 
@@ -70,32 +70,32 @@ def _pack_weights_modules():
 
 def _arm_quantizing_oom() -> None:
     for module in _pack_weights_modules():
-        if not getattr(module.quantize_weight, "ltx2q_fault", False):
+        if not getattr(module.quantize_weight, "ltx2_quant_fault", False):
             original = module.quantize_weight
 
             def quantize_weight(*args, original=original, **kwargs):
                 _fake_oom("quantizing")
                 return original(*args, **kwargs)
-            quantize_weight.ltx2q_fault = True
+            quantize_weight.ltx2_quant_fault = True
             module.quantize_weight = quantize_weight
 
 
 routes = PromptServer.instance.routes
 
 
-@routes.post("/ltx2q_test/pause")
+@routes.post("/ltx2_quant_test/pause")
 async def arm_pause(request):
     body = await request.json()
     _pause.update(node=str(body["node"]), at=int(body["at"]), reached=False)
     return web.json_response({})
 
 
-@routes.get("/ltx2q_test/pause")
+@routes.get("/ltx2_quant_test/pause")
 async def pause_state(request):
     return web.json_response({"reached": _pause["reached"]})
 
 
-@routes.post("/ltx2q_test/oom")
+@routes.post("/ltx2_quant_test/oom")
 async def arm_oom(request):
     body = await request.json()
     if body["where"] == "quantizing":
@@ -104,7 +104,7 @@ async def arm_oom(request):
     return web.json_response({})
 
 
-@routes.get("/ltx2q_test/memory")
+@routes.get("/ltx2_quant_test/memory")
 async def memory(request):
     with open("/proc/self/status") as f:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

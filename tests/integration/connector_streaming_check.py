@@ -32,7 +32,8 @@ import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from ltx2_quant.nodes import model_io, model_memory, streaming  # noqa: E402
-from ltx2_quant.quant import checkpoint, conversion, ltx2# noqa: E402
+from ltx2_quant.quant import checkpoint, conversion, ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
 from ltx2_quant.quant.policies import get_policy  # noqa: E402
 from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
@@ -47,7 +48,7 @@ LORA_LAYERS = [CONNECTOR_LORA, "audio_embeddings_connector.transformer_1d_blocks
 
 def build(policy: str, streamed: bool, scope: dict | None = None):
     loaded = conversion.load_converted(MemoryTensors(STATE, METADATA), get_policy(policy, **(scope or {})))
-    patcher, _ = model_io.build_model(loaded, policy, "fast", text_connectors_on_cpu=streamed)
+    patcher, _ = model_io.build_model(loaded, LoadOptions(policy, text_connectors_on_cpu=streamed))
     assert not streaming.streamed_modules(patcher)  # load device == offload device here: the loader leaves it off
     if streamed:
         assert streaming.enable(patcher, even_on_one_device=True) == 18  # 9 leaf layers per connector

@@ -56,10 +56,10 @@ def error_message(server: ComfyServer, graph: dict) -> str:
 def cancel_at(server: ComfyServer, graph: dict, node: str, step: int) -> dict:
     """Run `graph`, press Cancel (POST /interrupt) while `node` is at progress `step`, and return
     the prompt's history entry."""
-    post(server, "/ltx2q_test/pause", {"node": node, "at": step})
+    post(server, "/ltx2_quant_test/pause", {"node": node, "at": step})
     prompt_id = queue(server, graph)
     deadline = time.time() + 300
-    while not server.get("/ltx2q_test/pause")["reached"]:
+    while not server.get("/ltx2_quant_test/pause")["reached"]:
         if time.time() > deadline or prompt_id in server.get(f"/history/{prompt_id}"):
             raise AssertionError(f"node {node} never reached progress {step}\n{server.tail()}")
         time.sleep(0.1)
@@ -76,7 +76,7 @@ def free(server: ComfyServer, timeout: float = 60.0) -> None:
     is next idle: wait until it has unloaded the models, then for the cache reset that follows."""
     post(server, "/free", {"unload_models": True, "free_memory": True})
     deadline = time.time() + timeout
-    while server.get("/ltx2q_test/memory")["loaded_models"]:
+    while server.get("/ltx2_quant_test/memory")["loaded_models"]:
         if time.time() > deadline:
             raise TimeoutError(f"ComfyUI did not unload its models within {timeout} s\n{server.tail()}")
         time.sleep(0.2)

@@ -171,7 +171,7 @@ def test_cancel_while_saving_leaves_no_file(server, base):
 def test_out_of_memory_while_sampling(server, base):
     graph = sampling_graph(loader_node(GOOD, "fp8-scaled-mm"), "oom_sample")
     graph["6"]["inputs"]["noise_seed"] = 4242  # a sampler run no earlier test has cached
-    faults.post(server, "/ltx2q_test/oom", {"where": "sampling"})
+    faults.post(server, "/ltx2_quant_test/oom", {"where": "sampling"})
     message = faults.error_message(server, graph)
     assert message.startswith("torch.OutOfMemoryError: LTX-2 Quant: out of GPU memory while sampling with policy "
                               "fp8-scaled-mm: it needs about"), message
@@ -184,7 +184,7 @@ def test_out_of_memory_while_sampling(server, base):
 
 def test_out_of_memory_while_quantizing(server, base):
     graph = sampling_graph(loader_node(GOOD, "mxfp8", scope="keep audio branch"), "oom_quantize")
-    faults.post(server, "/ltx2q_test/oom", {"where": "quantizing"})
+    faults.post(server, "/ltx2_quant_test/oom", {"where": "quantizing"})
     message = faults.error_message(server, graph)
     assert "out of GPU memory while loading and quantizing the model with policy mxfp8: it needs about" in message
     assert "(its weights plus 6 GiB for activations)" in message, message

@@ -62,11 +62,11 @@ def test_memory_stays_flat_over_load_sample_unload_rounds(server, base):
         entry = server.run(sample)
         cached = [data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached"]
         assert "1" not in cached[0]  # /free dropped the last round's model: the loader ran again
-        faults.post(server, "/ltx2q_test/oom", {"where": "sampling"})
+        faults.post(server, "/ltx2_quant_test/oom", {"where": "sampling"})
         assert "out of GPU memory while sampling" in faults.error_message(server, lora_oom)
         assert faults.interrupted(faults.cancel_at(server, cancelled_load, node="1", step=40))
         faults.free(server)
-        measured.append(server.get("/ltx2q_test/memory?tensors=1"))
+        measured.append(server.get("/ltx2_quant_test/memory?tensors=1"))
     mib = 2 ** 20
     table = "\n".join(f"round {i + 1}: rss {m['rss_bytes'] / mib:7.1f} MiB, tensors {m['tensors']:5d} "
                       f"({m['tensor_bytes'] / mib:6.2f} MiB)" for i, m in enumerate(measured))

@@ -19,9 +19,9 @@ import pytest
 
 from comfy_server import REPO, ComfyServer, missing_requirements
 from quant import memory
+from quant.memory import GIB
 from quant.capability import Capability
 
-GIB = 2 ** 30
 CPU = Capability("cpu", None, False)  # the test server runs with --cpu
 
 
