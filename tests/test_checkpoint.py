@@ -1179,7 +1179,7 @@ CHILD = textwrap.dedent("""
                     return int(line.split()[1]) * 1024
 
     import torch
-    from quant import checkpoint, policies
+    from quant import conversion, policies
     src, dst, name = sys.argv[1:4]
     policy = policies.get_policy(name)
     before = {"hwm": status("VmHWM"), "rss": status("VmRSS")}
