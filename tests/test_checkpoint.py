@@ -1,4 +1,5 @@
-"""Checkpoint I/O: quantize_file round trips, foreign layouts, corrupt files, atomic writes, streaming memory.
+"""Checkpoints: quantize_file round trips, foreign layouts, damaged checkpoints, atomic writes, streaming
+memory. The safetensors parser and writer themselves: test_safetensors_io.py.
 
 Foreign files (Lightricks fp8/NVFP4, ComfyUI `.comfy_quant`, MXFP8 with E8M0 scales) are produced
 here with plain torch or comfy-kitchen (ComfyUI's own quantizer), never with quant.formats, so the
@@ -10,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import stat
-import struct
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from quant.weights import FormatError
 
 ck = pytest.importorskip("comfy_kitchen")
 from official_layouts import ck_nvfp4, comfy_quant_tensor  # noqa: E402  (needs comfy_kitchen)
+from test_safetensors_io import raw_bytes, read_all, same_tensor, tmp_leftovers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = ltx2.CHECKPOINT_PREFIX
@@ -60,22 +60,9 @@ def block_linears(num_blocks: int) -> list[str]:
     return names
 
 
-def raw_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and raw_bytes(a) == raw_bytes(b)
-
-
 def rel_err(a: torch.Tensor, e: torch.Tensor) -> float:
     a, e = a.double(), e.double()
     return float((a - e).norm() / e.norm())
-
-
-def read_all(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with SafetensorsFile(path) as f:
-        return {k: f.read(k) for k in f.keys()}, dict(f.metadata)
 
 
 def synthetic(num_layers: int = 2, prefix: bool = False, dtype=torch.bfloat16, seed: int = 0, extra_outer: bool = True):
@@ -98,21 +85,11 @@ def write_synthetic(path, **kwargs):
     return config, state
 
 
-def write_raw(path, header, data: bytes = b"", header_bytes: bytes | None = None) -> None:
-    raw = header_bytes if header_bytes is not None else json.dumps(header).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-
-
-def tmp_leftovers(folder) -> list[str]:
-    return [p.name for p in Path(folder).iterdir() if p.name.startswith(".tmp-")]
-
-
 def lightricks_fp8(w: torch.Tensor, input_scale: float):
     """Lightricks' fp8 layout, made with plain torch: e4m3 weight, fp32 scalar weight_scale and input_scale."""
     scale = (w.float().abs().amax() / 448.0).reshape(())
     data = (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     return data, scale, torch.tensor(input_scale, dtype=torch.float32)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,30 +566,6 @@ def test_read_mxfp8_with_e8m0_scales(tmp_path):
 # Corrupt and foreign files: clear errors naming the file and the tensor
 # ---------------------------------------------------------------------------------------------
 
-def small_valid_file(path):
-    save_tensors(path, {"alpha": torch.arange(6, dtype=torch.float32).reshape(2, 3),
-                        "beta.weight": torch.ones(4, 4, dtype=torch.bfloat16),
-                        "gamma.last": torch.arange(10, dtype=torch.float32)})
-
-
-def assert_checkpoint_error(path, *names):
-    with pytest.raises(CheckpointError) as exc:
-        SafetensorsFile(path)
-    message = str(exc.value)
-    assert str(path) in message, message
-    for name in names:
-        assert name in message, message
-    return message
-
-
-def test_truncated_file_names_file_and_tensor(tmp_path):
-    path = tmp_path / "cut.safetensors"
-    small_valid_file(path)
-    data = path.read_bytes()
-    path.write_bytes(data[:-7])
-    message = assert_checkpoint_error(path, "'gamma.last'")
-    assert "truncated" in message
-
 
 def test_truncated_real_checkpoint_refused_by_quantize_file(tmp_path):
     src, dst = tmp_path / "cut.safetensors", tmp_path / "out.safetensors"
@@ -624,179 +577,6 @@ def test_truncated_real_checkpoint_refused_by_quantize_file(tmp_path):
         quantize_file(str(src), str(dst), get_policy("nvfp4"))
     assert str(src) in str(exc.value) and repr(last.name) in str(exc.value)
     assert not dst.exists() and not tmp_leftovers(tmp_path)
-
-
-def test_truncated_inside_header(tmp_path):
-    path = tmp_path / "cut.safetensors"
-    small_valid_file(path)
-    path.write_bytes(path.read_bytes()[:40])
-    assert "truncated" in assert_checkpoint_error(path)
-
-
-def test_zero_byte_file(tmp_path):
-    path = tmp_path / "empty.safetensors"
-    path.write_bytes(b"")
-    assert "0 bytes" in assert_checkpoint_error(path)
-
-
-def test_missing_file(tmp_path):
-    assert_checkpoint_error(tmp_path / "nope.safetensors")
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_bytes(tmp_path, seed):
-    path = tmp_path / "noise.safetensors"
-    g = torch.Generator().manual_seed(seed)
-    path.write_bytes(raw_bytes(torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8)))
-    assert_checkpoint_error(path)
-
-
-def test_gguf_file(tmp_path):
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 100)
-    assert "GGUF" in assert_checkpoint_error(path)
-
-
-class _Armed:
-    """Unpickling this creates a folder: a pickle that would run code if it were ever loaded."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
-def test_armed_pickle_would_run_when_loaded(tmp_path):
-    # Proves the payload used below is live.
-    marker = tmp_path / "proof"
-    pickle.loads(pickle.dumps(_Armed(str(marker))))
-    assert marker.exists()
-
-
-@pytest.mark.parametrize("maker", ["torch.save", "pickle.dumps"])
-def test_pickle_is_refused_and_never_loaded(tmp_path, maker):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "model.safetensors"  # a pickle with the wrong extension, as users get them
-    if maker == "torch.save":
-        torch.save({"state_dict": {"w": torch.ones(2)}, "evil": _Armed(str(marker))}, str(path))
-    else:
-        path.write_bytes(pickle.dumps({"w": torch.ones(2), "evil": _Armed(str(marker))}))
-    message = assert_checkpoint_error(path, "pickles are never loaded")
-    assert not marker.exists()
-    with pytest.raises(CheckpointError):
-        quantize_file(str(path), str(tmp_path / "out.safetensors"), get_policy("nvfp4"))
-    assert not marker.exists()
-    assert "not a safetensors file" in message
-
-
-@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
-def test_pickle_of_any_protocol_is_refused(tmp_path, protocol):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(pickle.dumps(_Armed(str(marker)), protocol=protocol))
-    assert_checkpoint_error(path)
-    assert not marker.exists()
-
-
-def test_header_length_larger_than_file(tmp_path):
-    path = tmp_path / "h.safetensors"
-    path.write_bytes(struct.pack("<Q", 1000) + b'{"a": 1}')
-    assert "truncated" in assert_checkpoint_error(path)
-
-
-def test_header_length_absurd(tmp_path):
-    path = tmp_path / "h.safetensors"
-    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
-    assert_checkpoint_error(path, "header length")
-
-
-def test_header_lies_about_sizes(tmp_path):
-    path = tmp_path / "lie.safetensors"
-    write_raw(path, {"ok": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                     "liar": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 20]}}, b"\0" * 20)
-    assert "16" in assert_checkpoint_error(path, "'liar'")
-
-
-def test_header_offsets_past_the_data(tmp_path):
-    path = tmp_path / "past.safetensors"
-    write_raw(path, {"big": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
-    assert_checkpoint_error(path, "'big'")
-
-
-def test_header_reversed_offsets(tmp_path):
-    path = tmp_path / "rev.safetensors"
-    write_raw(path, {"rev": {"dtype": "U8", "shape": [0], "data_offsets": [8, 8]},
-                     "neg": {"dtype": "U8", "shape": [2], "data_offsets": [4, 2]}}, b"\0" * 8)
-    assert_checkpoint_error(path, "'neg'")
-
-
-def test_overlapping_offsets(tmp_path):
-    path = tmp_path / "overlap.safetensors"
-    write_raw(path, {"first": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                     "second": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24)
-    assert "overlap" in assert_checkpoint_error(path, "'first'", "'second'")
-
-
-def test_overlap_hidden_behind_a_third_tensor(tmp_path):
-    path = tmp_path / "overlap.safetensors"
-    write_raw(path, {"outer": {"dtype": "U8", "shape": [64], "data_offsets": [0, 64]},
-                     "a": {"dtype": "U8", "shape": [8], "data_offsets": [8, 16]},
-                     "b": {"dtype": "U8", "shape": [8], "data_offsets": [32, 40]}}, b"\0" * 64)
-    assert "overlap" in assert_checkpoint_error(path, "'outer'")
-
-
-def test_non_utf8_header(tmp_path):
-    path = tmp_path / "latin.safetensors"
-    write_raw(path, None, b"", header_bytes=b'{"caf\xe9": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}')
-    assert "UTF-8" in assert_checkpoint_error(path)
-
-
-def test_invalid_json_header(tmp_path):
-    path = tmp_path / "json.safetensors"
-    write_raw(path, None, b"", header_bytes=b'{"a": ')
-    assert "JSON" in assert_checkpoint_error(path)
-
-
-def test_header_not_an_object(tmp_path):
-    path = tmp_path / "list.safetensors"
-    write_raw(path, [1, 2])
-    assert_checkpoint_error(path)
-
-
-def test_duplicate_keys(tmp_path):
-    path = tmp_path / "dup.safetensors"
-    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
-    write_raw(path, None, b"\0" * 4, header_bytes=f'{{"twice": {entry}, "twice": {entry}}}'.encode())
-    assert "twice" in assert_checkpoint_error(path, "'twice'")
-
-
-@pytest.mark.parametrize("dtype", ["F4", "Q8_0", "float32", "C64"])
-def test_unknown_dtype(tmp_path, dtype):
-    path = tmp_path / "dtype.safetensors"
-    write_raw(path, {"mystery": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
-    assert_checkpoint_error(path, "'mystery'", repr(dtype))
-
-
-@pytest.mark.parametrize("shape", [[-1], ["2"], 3, [2.0]])
-def test_invalid_shape(tmp_path, shape):
-    path = tmp_path / "shape.safetensors"
-    write_raw(path, {"bent": {"dtype": "U8", "shape": shape, "data_offsets": [0, 2]}}, b"\0" * 2)
-    assert_checkpoint_error(path, "'bent'")
-
-
-def test_metadata_must_be_strings(tmp_path):
-    path = tmp_path / "meta.safetensors"
-    write_raw(path, {"__metadata__": {"config": {"not": "a string"}},
-                     "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0")
-    assert_checkpoint_error(path, "__metadata__")
-
-
-@pytest.mark.parametrize("dtype", [["F32"], {"name": "F32"}, 4, None])
-def test_non_string_dtype_is_a_checkpoint_error(tmp_path, dtype):
-    path = tmp_path / "dtype.safetensors"
-    write_raw(path, {"odd": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
-    assert_checkpoint_error(path, "'odd'")
 
 
 def test_non_ltx_file(tmp_path):
@@ -1121,35 +901,6 @@ def test_progress_reports_every_step(tmp_path):
     total = calls[0][1]
     assert [c[0] for c in calls] == list(range(1, total + 1)) and all(c[1] == total for c in calls)
     assert total == len(state)  # one step per plain tensor or per quantized layer (weight + its scales)
-
-
-def test_write_streaming_refuses_wrong_tensor(tmp_path):
-    path = tmp_path / "x.safetensors"
-    with pytest.raises(RuntimeError, match="'a'"):
-        write_streaming(path, [TensorSpec("a", torch.float32, (2,))], iter([torch.ones(3)]))
-    with pytest.raises(RuntimeError, match="'b'"):
-        write_streaming(path, [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (2,))],
-                        iter([torch.ones(2)]))
-    assert not path.exists() and not tmp_leftovers(tmp_path)
-
-
-def test_save_tensors_output_matches_official_library(tmp_path):
-    path = tmp_path / "all.safetensors"
-    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
-               "e4m3": torch.randn(4, 4).to(torch.float8_e4m3fn), "u8": torch.arange(9, dtype=torch.uint8),
-               "i64": torch.arange(3), "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
-               "empty": torch.zeros(0, 4)}
-    save_tensors(path, tensors, {"k": "v"})
-    official = safetensors.torch.load_file(str(path))
-    ours, metadata = read_all(path)
-    assert metadata == {"k": "v"}
-    for k, t in tensors.items():
-        assert same_tensor(official[k], t) and same_tensor(ours[k], t), k
-    # And we read what the official library writes.
-    other = tmp_path / "official.safetensors"
-    safetensors.torch.save_file(tensors, str(other), metadata={"a": "b"})
-    ours, metadata = read_all(other)
-    assert metadata == {"a": "b"} and all(same_tensor(ours[k], t) for k, t in tensors.items())
 
 
 # ---------------------------------------------------------------------------------------------

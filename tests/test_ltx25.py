@@ -19,7 +19,8 @@ from quant.conversion import load_converted, quantize_file, read_layer
 from quant.modes import Activation, layer_activation
 from quant.policies import POLICIES, get_policy
 from quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors
-from test_checkpoint import block_linears, read_all, rel_err, same_tensor
+from test_checkpoint import block_linears, rel_err
+from test_safetensors_io import read_all, same_tensor
 
 pytest.importorskip("comfy_kitchen")
 from official_layouts import INT8_CONVROT_CONF, NVFP4_CONF, official_layers  # noqa: E402  (needs comfy_kitchen)

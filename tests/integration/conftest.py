@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from comfy_server import ComfyServer, missing_requirements
+from support.comfy_server import ComfyServer, missing_requirements
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _outcomes: dict[str, str] = {}  # node id -> passed / failed / skipped, integration tests only

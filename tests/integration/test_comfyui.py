@@ -9,8 +9,8 @@ import os
 
 import pytest
 import torch
-from comfy_server import (TINY_CONFIG, ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
-                          write_lora, write_tiny_model)
+from support.comfy_server import (TINY_CONFIG, ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
+                                  write_lora, write_tiny_model)
 from quant import ltx2
 
 REASON = missing_requirements()

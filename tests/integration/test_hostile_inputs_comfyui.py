@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-import faults
-from comfy_server import TINY_CONFIG, loader_node, missing_requirements, sampling_graph, write_tiny_model
+from support import faults
+from support.comfy_server import TINY_CONFIG, loader_node, missing_requirements, sampling_graph, write_tiny_model
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 

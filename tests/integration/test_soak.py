@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-import faults
-from comfy_server import loader_node, missing_requirements, sampling_graph, write_lora, write_tiny_model
+from support import faults
+from support.comfy_server import loader_node, missing_requirements, sampling_graph, write_lora, write_tiny_model
 from quant import ltx2
 
 REASON = missing_requirements()

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from comfy_server import (DISTILLED_STAGE1, HERE, loader_node, missing_requirements, rel, saved_latent,
-                          write_tiny_model)
+from support.comfy_server import (DISTILLED_STAGE1, HERE, REPO, loader_node, missing_requirements, rel,
+                                          saved_latent, write_tiny_model)
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -185,7 +185,7 @@ def with_the_pack(body: str) -> str:
     """A Python script that imports ComfyUI (CPU) and this pack as ComfyUI does (scripts/comfyui_pack.py),
     then runs `body`: for checks in a fresh process, as the server would."""
     return f"""import sys, types, torch
-sys.path.insert(0, {os.path.join(os.path.dirname(os.path.dirname(HERE)), 'scripts')!r})
+sys.path.insert(0, {os.path.join(REPO, 'scripts')!r})
 from comfyui_pack import import_pack
 import_pack(cpu=True)
 """ + body

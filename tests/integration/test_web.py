@@ -17,7 +17,7 @@ import urllib.parse
 
 import pytest
 
-from comfy_server import REPO, ComfyServer, missing_requirements
+from support.comfy_server import REPO, ComfyServer, missing_requirements
 from quant import memory
 from quant.memory import GIB
 from quant.capability import Capability

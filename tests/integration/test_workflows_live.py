@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from comfy_server import REPO, ComfyServer, missing_requirements
+from support.comfy_server import REPO, ComfyServer, missing_requirements
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from scripts.make_workflows import runs_on, schemas_path  # noqa: E402

@@ -16,8 +16,8 @@ import uuid
 
 from quant import ltx2
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+HERE = os.path.dirname(os.path.abspath(__file__))  # the integration tests' support folder
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 DISTILLED_STAGE1 = "1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0"
 # The tiny random LTX-2.3 transformer the integration tests load (2 blocks, narrow widths).
 TINY_CONFIG = {"num_layers": 2, "heads": 4, "head_dim": 16, "audio_heads": 4, "audio_head_dim": 8}

@@ -25,7 +25,7 @@ import sys
 
 COMFYUI_PATH = os.environ["COMFYUI_PATH"]
 sys.path.insert(0, COMFYUI_PATH)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))  # the repository
 import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True

@@ -10,7 +10,7 @@ import time
 import urllib.request
 import uuid
 
-from comfy_server import HERE, ComfyServer
+from .comfy_server import HERE, ComfyServer
 
 
 def start_server(base: str) -> ComfyServer:
