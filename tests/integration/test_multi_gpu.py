@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import HERE, missing_requirements
+from support.comfy_server import HERE, missing_requirements
 
 from tests.gloo_ranks import run_on_ranks
 
@@ -44,7 +44,7 @@ CASES = [  # (world, policy, latent, mode, shape): 45 video tokens and 11 audio 
 
 @pytest.mark.parametrize("world, policy, kind, mode, shape", CASES)
 def test_sequence_parallel_equals_one_process(world, policy, kind, mode, shape, tmp_path):
-    import multi_gpu_ranks
+    from support import multi_gpu_ranks
     results = run_on_ranks(multi_gpu_ranks.compare, world, tmp_path, policy, kind, mode, shape, timeout=300)
     single = streams(results[0]["single"])
     for rank, result in enumerate(results):

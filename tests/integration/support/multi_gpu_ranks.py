@@ -1,43 +1,37 @@
 """Rank functions of the multi-GPU tests that need ComfyUI: importing this module imports ComfyUI (CPU)
-and the pack as ComfyUI does (package `ltx2q`), so spawned gloo ranks can unpickle them. The tiny
+and the pack as ComfyUI does (scripts/comfyui_pack.py), so spawned gloo ranks can unpickle them. The tiny
 LTX-2.3 model is built the same way on every rank (same seed, the pack's loader and ops)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args as comfy_args  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
-comfy_args.cpu = True
+import_pack(cpu=True)
 import comfy.utils  # noqa: E402
 import torch  # noqa: E402
 
-if "ltx2q" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                                   submodule_search_locations=[REPO])
-    _pack = importlib.util.module_from_spec(_spec)
-    sys.modules["ltx2q"] = _pack
-    _spec.loader.exec_module(_pack)
-from ltx2q.nodes import model_io  # noqa: E402
-from ltx2q.nodes.sequence_parallel_ltx import (SequenceParallelAttention, attention_role_patches,  # noqa: E402
-                                               sharded_forward)
-from ltx2q.quant import checkpoint, ltx2  # noqa: E402
-from ltx2q.quant.policies import get_policy  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
-from ltx2q.quant.sequence_parallel import SequenceGroup  # noqa: E402
+from ltx2_quant.nodes import model_io  # noqa: E402
+from ltx2_quant.nodes.sequence_parallel_ltx import (SequenceParallelAttention, attention_role_patches,  # noqa: E402
+                                                    sharded_forward)
+from ltx2_quant.quant import conversion, ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
+from ltx2_quant.quant.policies import get_policy  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.quant.sequence_parallel import SequenceGroup  # noqa: E402
 
 # 4 heads a stream: Ulysses divides them over 2 and 4 ranks.
 CONFIG = ltx2.tiny_config(num_layers=2, heads=4, head_dim=16, audio_heads=4, audio_head_dim=8)
 
 
 def build(policy: str):
-    loaded = checkpoint.load_converted(MemoryTensors(ltx2.synthetic_state_dict(CONFIG, seed=3),
+    loaded = conversion.load_converted(MemoryTensors(ltx2.synthetic_state_dict(CONFIG, seed=3),
                                                      ltx2.header_metadata(CONFIG)), get_policy(policy))
-    patcher, _ = model_io.build_model(loaded, policy, "fast", text_connectors_on_cpu=False)
+    patcher, _ = model_io.build_model(loaded, LoadOptions(policy, text_connectors_on_cpu=False))
     model = patcher.model.diffusion_model
     for key, forward in attention_role_patches(model, prefix="").items():
         comfy.utils.set_attr(model, key, forward)
