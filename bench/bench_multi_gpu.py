@@ -25,11 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_model  # noqa: E402  (ComfyUI and the pack as ComfyUI imports it)
 import comfy.model_management  # noqa: E402
 import torch  # noqa: E402
-from ltx2q.nodes import model_io, multi_gpu  # noqa: E402
-from ltx2q.quant import checkpoint, ltx2  # noqa: E402
-from ltx2q.quant.policies import get_policy  # noqa: E402
-from ltx2q.quant.sequence_parallel import MODES  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.nodes import model_io, multi_gpu  # noqa: E402
+from ltx2_quant.quant import conversion, ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
+from ltx2_quant.quant.policies import get_policy  # noqa: E402
+from ltx2_quant.quant.sequence_parallel import MODES  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
 TARGETS = {("1536x1024x121", 2): 1.85, ("1536x1024x121", 4): 3.4, ("1536x1024x121", 8): 6.0,
            ("768x512x121", 2): 1.6}
@@ -50,8 +51,8 @@ def build(mode: str, state: dict, metadata: dict):
     if torch.cuda.is_available():
         return bench_model.build(mode, state, metadata)
     policy, _, scope = bench_model.parse_mode(mode)
-    loaded = checkpoint.load_converted(MemoryTensors(state, metadata), get_policy(policy, **scope))
-    return model_io.build_model(loaded, policy, "fast", text_connectors_on_cpu=False)[0]
+    loaded = conversion.load_converted(MemoryTensors(state, metadata), get_policy(policy, **scope))
+    return model_io.build_model(loaded, LoadOptions(policy, text_connectors_on_cpu=False))[0]
 
 
 def relative_error(got, reference) -> float:

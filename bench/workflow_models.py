@@ -70,7 +70,7 @@ def _tiny_models_script() -> str:
 
 
 def _tiny(path: dict, projection: str) -> None:
-    from quant import checkpoint
+    from quant import conversion
     from quant.policies import get_policy
     if not os.path.exists(path["checkpoint"]):
         subprocess.run([sys.executable, _tiny_models_script(), "ltx2.3", path["checkpoint"], path["upsampler"]],
@@ -78,7 +78,7 @@ def _tiny(path: dict, projection: str) -> None:
     if not os.path.exists(path["gemma"]):
         subprocess.run([sys.executable, _tiny_models_script(), "gemma3", path["gemma"], projection], check=True)
     if not os.path.exists(path["checkpoint_fp8"]):  # stock ComfyUI's FP8 layout: one scale per tensor
-        checkpoint.quantize_file(path["checkpoint"], path["checkpoint_fp8"],
+        conversion.quantize_file(path["checkpoint"], path["checkpoint_fp8"],
                                  get_policy("fp8-scaled-mm", fp8_per_tensor=True))
     if not os.path.exists(path["gemma_fp8"]):
         os.link(path["gemma"], path["gemma_fp8"])  # core's text-encoder loader cannot build a tiny Gemma anyway

@@ -13,7 +13,7 @@ import zlib
 import torch
 
 from bench.workflow_models import UPSAMPLER_CONFIG, header_config, sentencepiece_tokenizer
-from quant import checkpoint, ltx2, text_encoder, weights
+from quant import comfy_quant, conversion, ltx2, text_encoder, weights
 from quant.policies import get_policy
 from quant.safetensors_io import TensorSpec, write_streaming
 
@@ -75,12 +75,11 @@ def gemma_fp8(source: str, path: str) -> None:
             layer = key[: -len(".weight")]
             if key.endswith(".weight") and text_encoder.LINEAR_RE.match(layer):
                 shape = tuple(f.tensors[key].shape)
-                conf = checkpoint.comfy_quant_tensor(weights.conf_for_format(weights.FP8_TENSOR))
-                specs += checkpoint.layer_specs(layer, weights.FP8_TENSOR, shape, False)
-                specs.append(TensorSpec(layer + ".comfy_quant", torch.uint8, tuple(conf.shape)))
-                makers.append(lambda key=key, conf=conf: [
-                    *weights.quantize_weight(f.read(key).to(DEVICE).float(), weights.FP8_TENSOR).to("cpu")
-                    .tensors.values(), conf])
+                conf = comfy_quant.conf_tensor(weights.conf_for_format(weights.FP8_TENSOR))
+                step = conversion.layer_step(layer, weights.FP8_TENSOR, shape, False, lambda key=key: weights.quantize_weight(
+                    f.read(key).to(DEVICE).float(), weights.FP8_TENSOR).to("cpu"))
+                specs += [*step.specs, TensorSpec(layer + ".comfy_quant", torch.uint8, tuple(conf.shape))]
+                makers.append(lambda step=step, conf=conf: [*step.make(), conf])
             else:
                 specs.append(TensorSpec(key, f.tensors[key].dtype, tuple(f.tensors[key].shape)))
                 makers.append(lambda key=key: [f.read(key)])
@@ -95,7 +94,7 @@ def write_all(path: dict, config_from: str | None) -> None:
     if not os.path.exists(path["checkpoint"]):
         write(path["checkpoint"], checkpoint_shapes(config), {"config": json.dumps(config)})
     if not os.path.exists(path["checkpoint_fp8"]):
-        checkpoint.quantize_file(path["checkpoint"], path["checkpoint_fp8"],
+        conversion.quantize_file(path["checkpoint"], path["checkpoint_fp8"],
                                  get_policy("fp8-scaled-mm", fp8_per_tensor=True), device=DEVICE)
     if not os.path.exists(path["gemma"]):
         shapes = {**text_encoder.language_shapes(text_encoder.GEMMA3_12B),

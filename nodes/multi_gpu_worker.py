@@ -11,10 +11,11 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from ..quant.attention import comfy_override
+from ..quant.attention import IMPLEMENTATIONS
 from ..quant.sequence_parallel import SequenceGroup
 from ..quant.worker_pool import serve
 from . import ops
+from .attention_override import comfy_override
 from .sequence_parallel_ltx import SequenceParallelAttention, sharded_forward
 
 OPS_CLASS = "ltx2q-ops"
@@ -99,7 +100,7 @@ def main(rank: int, world: int, conn, device: str, rendezvous: str, timeout_s: f
             args, kwargs, attention_name = value
             options = kwargs.get("transformer_options", {})
             if attention_name is not None:
-                options["optimized_attention_override"] = comfy_override(attention_name)
+                options["optimized_attention_override"] = comfy_override(IMPLEMENTATIONS[attention_name])
             with torch.inference_mode():
                 out = sharded_forward(state["model"], state["attention"], *to_device(args, device),
                                       **to_device(kwargs, device))

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from . import weights
-from .checkpoint import (LayerSource, comfy_quant_tensor, convert_layer, inspect_checkpoint, layer_conf,
-                         refuse_nonfinite)
+from .checkpoint import LayerSource, inspect_checkpoint
+from .comfy_quant import conf_tensor, layer_conf
+from .conversion import convert_layer, refuse_nonfinite
 from .modes import Activation
 from .policies import LayerDecision, Policy
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo
@@ -247,7 +248,7 @@ def _convert(f, keys: list[str], policy: Policy, rename, device, progress, done_
                 qw = convert_layer(f, source, decision.target_format, device)
                 for suffix, tensor in qw.tensors.items():
                     out[rename(f"{layer}.{suffix}")] = tensor
-                out[rename(f"{layer}.comfy_quant")] = comfy_quant_tensor(layer_conf(decision))
+                out[rename(f"{layer}.comfy_quant")] = conf_tensor(layer_conf(decision))
             else:
                 out[rename(key)] = refuse_nonfinite(f.path, key, f.read(key), layer)
         if progress is not None:

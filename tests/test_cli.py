@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 
 from quant import conversion, ltx2, weights
+from quant.checkpoint import inspect_checkpoint
 from quant.cli import main
 from quant.comfy_quant import QUANT_METADATA_KEY
 from quant.safetensors_io import SafetensorsFile, save_tensors
@@ -463,7 +464,7 @@ def test_quality_layers_measures_the_outlier_options(tmp_path, capsys, synth_fil
     spec.loader.exec_module(recipe)
     import torch
     with SafetensorsFile(str(synth_file)) as f:
-        info = checkpoint.inspect_checkpoint(f)
+        info = inspect_checkpoint(f)
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     channels = {layer: recipe.outlier_gains(source.shape[1], 25.0, g) * 4.0 for layer, source in info.layers.items()
                 if source.layer.startswith("transformer_blocks.") and len(source.shape) == 2}

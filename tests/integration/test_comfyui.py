@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from support.comfy_server import (TINY_CONFIG, ComfyServer, loader_node, missing_requirements, rel, sampling_graph, saved_latent,
-                                  write_lora, write_tiny_model)
+                                          write_lora, write_tiny_model)
 from quant import ltx2
 
 REASON = missing_requirements()

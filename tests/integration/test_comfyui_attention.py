@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from support.comfy_server import (loader_node, missing_requirements, rel, sampling_graph, saved_latent,
-                                  write_tiny_model)
+                                          write_tiny_model)
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

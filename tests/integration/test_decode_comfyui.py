@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import HERE, missing_requirements
+from support.comfy_server import HERE, missing_requirements
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

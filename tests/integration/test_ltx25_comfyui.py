@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from support.comfy_server import (HERE, LTX25_METADATA, REPO, TINY_LTX25_CONFIG, ComfyServer, loader_node, ltx25_missing,
-                                  missing_requirements, rel, sampling_graph, saved_latent, write_lora)
+                                          missing_requirements, rel, sampling_graph, saved_latent, write_lora)
 from quant import ltx2, weights
 from quant.policies import POLICIES
 from quant.safetensors_io import SafetensorsFile, save_tensors

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from comfy_server import missing_requirements, rel, saved_latent
+from support.comfy_server import missing_requirements, rel, saved_latent
 from test_two_stage import base, two_stage_graph  # noqa: F401  (base: the module's model folder fixture)
 
 REASON = missing_requirements()

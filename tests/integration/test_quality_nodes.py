@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support.comfy_server import (DISTILLED_STAGE1, loader_node, missing_requirements, rel, saved_latent,
-                                  write_tiny_model)
+                                          write_tiny_model)
 from quant import calibration, ltx2
 from test_comfyui import sample
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from support import faults
 from support.comfy_server import (TINY_CONFIG, loader_node, ltx25_missing, missing_requirements, sampling_graph, saved_latent,
-                                  write_lora, write_tiny_model)
+                                          write_lora, write_tiny_model)
 from quant import ltx2
 from quant.safetensors_io import save_tensors
 

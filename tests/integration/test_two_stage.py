@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from support.comfy_server import (DISTILLED_STAGE1, HERE, REPO, loader_node, missing_requirements, rel,
-                                          saved_latent, write_tiny_model)
+                                                  saved_latent, write_tiny_model)
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

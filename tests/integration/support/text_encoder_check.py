@@ -7,28 +7,22 @@ usage: python text_encoder_check.py GEMMA_FILE PROJECTION_CHECKPOINT WORK_FOLDER
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args as comfy_args  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
-comfy_args.cpu = True
+import_pack(cpu=True)
 import torch  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import text_encoder as nodes_te  # noqa: E402
-from ltx2q.quant import text_encoder as te  # noqa: E402
-from ltx2q.quant.formats import FP8_DTYPE, fp8_scale, quantize_fp8  # noqa: E402
-from ltx2q.quant.policies import POLICIES  # noqa: E402
-from ltx2q.quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors  # noqa: E402
+from ltx2_quant.nodes import text_encoder as nodes_te  # noqa: E402
+from ltx2_quant.quant import text_encoder as te  # noqa: E402
+from ltx2_quant.quant.formats import FP8_DTYPE, fp8_scale, quantize_fp8  # noqa: E402
+from ltx2_quant.quant.policies import POLICIES  # noqa: E402
+from ltx2_quant.quant.safetensors_io import CheckpointError, SafetensorsFile, save_tensors  # noqa: E402
 
 
 def layers_by_format(loaded) -> dict:

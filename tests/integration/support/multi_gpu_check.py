@@ -14,27 +14,28 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multi_gpu_ranks  # noqa: E402  (imports ComfyUI on the CPU and the pack as `ltx2q`)
+import multi_gpu_ranks  # noqa: E402  (imports ComfyUI on the CPU and the pack)
 import comfy.lora  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.nested_tensor  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import torch  # noqa: E402
-from ltx2q.nodes import model_io, multi_gpu, patches  # noqa: E402
-from ltx2q.quant import checkpoint, ltx2  # noqa: E402
-from ltx2q.quant.policies import get_policy  # noqa: E402
-from ltx2q.quant.safetensors_io import MemoryTensors  # noqa: E402
-from ltx2q.quant.worker_pool import WorkerFailed  # noqa: E402
+from ltx2_quant.nodes import model_io, multi_gpu, patches  # noqa: E402
+from ltx2_quant.quant import conversion, ltx2  # noqa: E402
+from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
+from ltx2_quant.quant.policies import get_policy  # noqa: E402
+from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
+from ltx2_quant.quant.worker_pool import WorkerFailed  # noqa: E402
 
 CONFIG = multi_gpu_ranks.CONFIG
 SIGMAS = [1.0, 0.9875, 0.909375, 0.421875, 0.0]
 
 
 def build(policy: str):
-    loaded = checkpoint.load_converted(MemoryTensors(ltx2.synthetic_state_dict(CONFIG, seed=3),
+    loaded = conversion.load_converted(MemoryTensors(ltx2.synthetic_state_dict(CONFIG, seed=3),
                                                      ltx2.header_metadata(CONFIG)), get_policy(policy))
-    return model_io.build_model(loaded, policy, "fast", text_connectors_on_cpu=False)[0]
+    return model_io.build_model(loaded, LoadOptions(policy, text_connectors_on_cpu=False))[0]
 
 
 def sample(patcher, callback=None) -> list[torch.Tensor]:

@@ -7,27 +7,22 @@ usage: python decode_check.py CHECKPOINT
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.environ["COMFYUI_PATH"])
-from comfy.cli_args import args as comfy_args  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from comfyui_pack import import_pack  # noqa: E402
 
-comfy_args.cpu = True
+import_pack(cpu=True)
 import torch  # noqa: E402
 
 import comfy.nested_tensor  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("ltx2q", os.path.join(REPO, "__init__.py"),
-                                               submodule_search_locations=[REPO])
-_pack = importlib.util.module_from_spec(_spec)
-sys.modules["ltx2q"] = _pack
-_spec.loader.exec_module(_pack)
-from ltx2q.nodes import decode, model_io  # noqa: E402
+from ltx2_quant.nodes import decode, model_io  # noqa: E402
+
 
 def main(checkpoint: str) -> dict:
     vae = model_io.load_vae(checkpoint)
