@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from comfy_server import DISTILLED_STAGE1, HERE, loader_node, missing_requirements, saved_latent
+from support.comfy_server import DISTILLED_STAGE1, HERE, loader_node, missing_requirements, saved_latent
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
