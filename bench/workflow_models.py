@@ -4,12 +4,9 @@ the distilled LTX-2.3 workflow at its real shapes, written once into the models 
 from __future__ import annotations
 
 import glob
-import io
 import os
 import subprocess
 import sys
-
-import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SIZES = "256x192x17"
@@ -17,25 +14,6 @@ CHECKPOINT, CHECKPOINT_FP8 = "ltx-2.3-random.safetensors", "ltx-2.3-random-fp8.s
 GEMMA, GEMMA_FP8 = "gemma_3_12B_it-random.safetensors", "gemma_3_12B_it-random-fp8_scaled.safetensors"
 PROJECTION = "ltx-2.3-text-projection-random.safetensors"  # tiny set: the projection apart from the checkpoint
 UPSAMPLER = "ltx-2.3-spatial-upscaler-x2-random.safetensors"
-# ltx2.md: Conv3d 128 -> 1024, 4 ResBlocks, Conv2d + PixelShuffle(2), 4 ResBlocks, Conv3d 1024 -> 128.
-UPSAMPLER_CONFIG = {"_class_name": "LatentUpsampler", "in_channels": 128, "mid_channels": 1024,
-                    "num_blocks_per_stage": 4, "dims": 3, "spatial_upsample": True, "temporal_upsample": False,
-                    "spatial_scale": 2.0, "rational_resampler": False}
-TOKENIZER_TEXT = ["A woman with long brown hair walks along a beach at sunset, waves rolling in.",
-                  "A red car drives through a rainy city street at night, neon lights reflecting on the asphalt.",
-                  "The camera slowly pushes in on an old man playing chess in a sunny park.",
-                  "A cat jumps onto a wooden table and knocks over a glass of water."] * 8
-
-
-def sentencepiece_tokenizer(vocab_size: int) -> torch.Tensor:
-    """A SentencePiece model with Gemma's pad 0, eos 1, bos 2 and unk 3, as the uint8 tensor ComfyUI's Gemma
-    files carry (the real tokenizer is not needed for random weights: every prompt is padded to 1,024 tokens)."""
-    import sentencepiece  # a ComfyUI requirement
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(TOKENIZER_TEXT), model_writer=model,
-                                             vocab_size=vocab_size, hard_vocab_limit=False, pad_id=0, eos_id=1,
-                                             bos_id=2, unk_id=3, minloglevel=2)
-    return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
 
 
 def register(folder: str) -> None:
@@ -56,7 +34,7 @@ def prepare(folder: str, tiny: bool, config_from: str | None) -> dict:
     if tiny:
         _tiny(path, os.path.join(folder, "checkpoints", PROJECTION))
     else:
-        from bench import workflow_random
+        from bench import workflow_random  # imports ComfyUI's model classes: only for the full-size set
         workflow_random.write_all(path, config_from)
     return files
 
@@ -82,12 +60,3 @@ def _tiny(path: dict, projection: str) -> None:
                                  get_policy("fp8-scaled-mm", fp8_per_tensor=True))
     if not os.path.exists(path["gemma_fp8"]):
         os.link(path["gemma"], path["gemma_fp8"])  # core's text-encoder loader cannot build a tiny Gemma anyway
-
-
-def header_config(path: str) -> dict:
-    """The `config` JSON of a release checkpoint's header (only the header is read)."""
-    from quant.safetensors_io import SafetensorsFile, parse_json
-    with SafetensorsFile(path) as f:
-        if "config" not in f.metadata:
-            raise SystemExit(f"{path}: no 'config' in its header; --config-from takes a release LTX-2.3 checkpoint")
-        return parse_json(f.metadata["config"])

@@ -172,7 +172,7 @@ def _pack_pipeline(node_classes: dict):
     sampler = node_classes.get("LTX2QuantTwoStageSampler")
     if sampler is None:
         return None
-    return sys.modules[sampler.__module__.rsplit(".", 1)[0] + ".pipeline"]
+    return sys.modules[sampler.__module__.rsplit(".", 1)[0] + ".sampling_pipeline"]
 
 
 def print_rows(rows: list[dict]) -> None:

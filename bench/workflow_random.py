@@ -12,13 +12,17 @@ import zlib
 
 import torch
 
-from bench.workflow_models import UPSAMPLER_CONFIG, header_config, sentencepiece_tokenizer
+from bench.random_tokenizer import sentencepiece_tokenizer
 from quant import comfy_quant, conversion, ltx2, text_encoder, weights
 from quant.policies import get_policy
-from quant.safetensors_io import TensorSpec, write_streaming
+from quant.safetensors_io import SafetensorsFile, TensorSpec, parse_json, write_streaming
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOKENIZER_VOCAB = 256
+# ltx2.md: Conv3d 128 -> 1024, 4 ResBlocks, Conv2d + PixelShuffle(2), 4 ResBlocks, Conv3d 1024 -> 128.
+UPSAMPLER_CONFIG = {"_class_name": "LatentUpsampler", "in_channels": 128, "mid_channels": 1024,
+                    "num_blocks_per_stage": 4, "dims": 3, "spatial_upsample": True, "temporal_upsample": False,
+                    "spatial_scale": 2.0, "rational_resampler": False}
 
 
 def random_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -110,3 +114,11 @@ def write_all(path: dict, config_from: str | None) -> None:
         ops = {"operations": comfy.ops.disable_weight_init} if takes_ops else {}
         shapes = module_shapes(lambda: LatentUpsampler.from_config(UPSAMPLER_CONFIG, **ops))
         write(path["upsampler"], shapes, {"config": json.dumps(UPSAMPLER_CONFIG)})
+
+
+def header_config(path: str) -> dict:
+    """The `config` JSON of a release checkpoint's header (only the header is read)."""
+    with SafetensorsFile(path) as f:
+        if "config" not in f.metadata:
+            raise SystemExit(f"{path}: no 'config' in its header; --config-from takes a release LTX-2.3 checkpoint")
+        return parse_json(f.metadata["config"])

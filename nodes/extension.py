@@ -1,13 +1,13 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import web_routes
-from .decode_node import LTX2QuantVAEDecode
+from .decode_nodes import LTX2QuantVAEDecode
 from .model_nodes import LTX2QuantLoader, LTX2QuantQuantizeModel, LTX2QuantSave, LTX2QuantVAELoader
-from .multi_gpu_node import LTX2QuantMultiGPU
+from .multi_gpu_nodes import LTX2QuantMultiGPU
 from .patch_nodes import LTX2QuantAttention, LTX2QuantCompile
 from .quality_nodes import LTX2QuantCalibrate, LTX2QuantQualityReport
 from .sampling_nodes import LTX2QuantLatentUpscale, LTX2QuantSigmas, LTX2QuantTwoStageSampler
-from .text_encoder_node import LTX2QuantTextEncoderLoader
+from .text_encoder_nodes import LTX2QuantTextEncoderLoader
 
 
 class LTX2QuantExtension(ComfyExtension):

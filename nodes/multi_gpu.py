@@ -1,4 +1,4 @@
-"""Multi-GPU sampling as a model patch (plain functions; the node is nodes/multi_gpu_node.py).
+"""Multi-GPU sampling as a model patch (plain functions; the node is nodes/multi_gpu_nodes.py).
 
 ComfyUI runs one process. The patched model stays in host memory there (its load device becomes the CPU,
 so ComfyUI never puts the 20 GB transformer on a GPU) and the process only coordinates: at each denoising
@@ -36,8 +36,8 @@ from .multi_gpu_worker import IDENTITY, IDENTITY_LAMBDAS, LOCAL_PREFIX, OPS_CLAS
 from .sequence_parallel_ltx import attention_role_patches, check_model
 
 log = logging.getLogger("ltx2_quant")
-MULTI_GPU = "ltx2q_multi_gpu"  # model_options key: the patch's settings (the other patches refuse to follow it)
-WRAPPER_KEY = "ltx2q_multi_gpu"
+MULTI_GPU = "ltx2_quant_multi_gpu"  # model_options key: the patch's settings (the other patches refuse to follow it)
+WRAPPER_KEY = "ltx2_quant_multi_gpu"
 ENTRY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multi_gpu_entry.py")
 CANCEL_GRACE_S = 10.0  # Cancel lets the step in flight finish this long (the workers keep the model), then kills
 # transformer_options entries that stay in the coordinator: ComfyUI's callables and bookkeeping.
@@ -135,7 +135,7 @@ class MultiGPURunner:
             _active.close()
         _active = self
         name, folder = pack_identity()
-        self.rendezvous_dir = tempfile.mkdtemp(prefix="ltx2q-rendezvous-")
+        self.rendezvous_dir = tempfile.mkdtemp(prefix="ltx2_quant-rendezvous-")
         rendezvous = "file://" + os.path.join(self.rendezvous_dir, "store")
         setup = {"pack_name": name, "pack_dir": folder, "comfy_args": vars(comfy.cli_args.args),
                  "rendezvous": rendezvous, "timeout_s": self.timeout_s}

@@ -18,11 +18,11 @@ from . import ops
 from .attention_override import comfy_override
 from .sequence_parallel_ltx import SequenceParallelAttention, sharded_forward
 
-OPS_CLASS = "ltx2q-ops"
+OPS_CLASS = "ltx2_quant-ops"
 # Built by make_ops inside a function, so pickle cannot name them: they travel as persistent ids.
 LOCAL_PREFIX = "make_ops.<locals>."
 TEXT_CONNECTORS = ("video_embeddings_connector", "audio_embeddings_connector")
-IDENTITY = "ltx2q-identity"
+IDENTITY = "ltx2_quant-identity"
 # ComfyUI's caption projections where the model has none: `lambda a: a`, which pickle cannot name.
 IDENTITY_LAMBDAS = ("LTXBaseModel._init_common_components.<locals>.<lambda>",
                     "LTXAVModel._init_model_components.<locals>.<lambda>")

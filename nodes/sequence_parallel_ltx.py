@@ -34,7 +34,7 @@ from comfy.ldm.lightricks.av_model import CompressedTimestep
 from ..quant.sequence_parallel import (RING, SequenceGroup, gather_tokens, replicated_query_attention,
                                        ring_attention, shard, token_range, token_splits, ulysses_attention)
 
-ROLE = "ltx2q_sequence_parallel_role"
+ROLE = "ltx2_quant_sequence_parallel_role"
 VIDEO_SELF, AUDIO_SELF, TEXT, AUDIO_TO_VIDEO, VIDEO_TO_AUDIO = "video self", "audio self", "text", "a2v", "v2a"
 ROLES = {"attn1": VIDEO_SELF, "audio_attn1": AUDIO_SELF, "attn2": TEXT, "audio_attn2": TEXT,
          "audio_to_video_attn": AUDIO_TO_VIDEO, "video_to_audio_attn": VIDEO_TO_AUDIO}

@@ -80,8 +80,8 @@ class WorkerPool:
                 mine, theirs = context.Pipe()
                 init = {"rank": rank, "world": world, "conn": theirs, **setups[rank]}
                 process = context.Process(target=runpy.run_path, args=(entry_script,),
-                                          kwargs={"init_globals": init, "run_name": "__ltx2q_worker__"},
-                                          daemon=True, name=f"ltx2q-worker-{rank}")
+                                          kwargs={"init_globals": init, "run_name": "__ltx2_quant_worker__"},
+                                          daemon=True, name=f"ltx2_quant-worker-{rank}")
                 with _main_module_hidden():
                     process.start()
                 theirs.close()

@@ -12,7 +12,8 @@ import torch
 
 from quant import formats, kernels, kernels_int8
 
-pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is not installed")
+pytestmark = [pytest.mark.skipif(not kernels.AVAILABLE, reason="triton is not installed"),
+              pytest.mark.usefixtures("interpreter_loops")]  # its GEMMs loop over K and tiles (conftest.py)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,26 +23,6 @@ def fresh_seed():
     seed = int(os.environ.get("LTX2Q_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"LTX2Q_TEST_SEED={seed}")
     torch.manual_seed(seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_loops():
-    """Triton 3.6's interpreter turns a loop bound computed at run time into a 1-element array that
-    numpy >= 2.4 refuses to convert to an int (triton-lang/triton#9171, fixed after 3.6); the GEMM
-    kernels loop over K and over tiles with such bounds."""
-    if not kernels.INTERPRET:
-        yield
-        return
-    from triton.runtime import interpreter
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = patch_tensor
 
 
 def codes_close(codes, ref_codes, max_mismatch=1e-3):

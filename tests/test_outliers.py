@@ -16,7 +16,6 @@ from quant import outliers, runtime, weights
 from quant.capability import Capability
 from quant.outliers import Outliers, low_rank_branch, pre_quant_scale, smoothed_amax
 from quant.reference import reference_linear, relative_error
-from test_kernels_int8 import interpreter_loops  # noqa: F401 (a fixture: the INT8 GEMM under TRITON_INTERPRET=1)
 
 _spec = importlib.util.spec_from_file_location(
     "quality_outliers", os.path.join(os.path.dirname(__file__), "..", "bench", "quality_outliers.py"))

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from comfy.ldm.lightricks.latent_upsampler import LatentUpsampler  # noqa: E402
 from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE  # noqa: E402
 
-from bench.workflow_models import sentencepiece_tokenizer  # noqa: E402
+from bench.random_tokenizer import sentencepiece_tokenizer  # noqa: E402
 from comfy_server import LTX25_METADATA, TINY_CONFIG, TINY_LTX25_CONFIG  # noqa: E402
 from quant import ltx2, text_encoder  # noqa: E402
 from quant.safetensors_io import save_tensors  # noqa: E402
