@@ -5,13 +5,12 @@ COMFYUI_PATH is unset."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-from support.comfy_server import HERE, missing_requirements
+from support.comfy_server import HERE, missing_requirements, run_check
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -23,11 +22,7 @@ def result(tmp_path_factory):
     checkpoint = folder / "ltx2q_test_full.safetensors"
     subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_models.py"), "ltx2.3", str(checkpoint),
                     str(folder / "upsampler.safetensors")], check=True, timeout=600)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "decode_check.py"), str(checkpoint)],
-                         capture_output=True, text=True, timeout=900)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("decode_check.py", checkpoint, timeout=900)
 
 
 def test_whole_decode_when_it_fits_equals_core_vae_decode(result):

@@ -10,13 +10,8 @@ output's scale (measured: at most 2.8e-7 over these cases; 0 for video-only Ulys
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from support.comfy_server import HERE, missing_requirements
+from support.comfy_server import missing_requirements, run_check
 
 from tests.gloo_ranks import run_on_ranks
 
@@ -55,11 +50,7 @@ def test_sequence_parallel_equals_one_process(world, policy, kind, mode, shape, 
 
 
 def run_scenario(name: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.join(HERE, "multi_gpu_check.py"), name],
-                         capture_output=True, text=True, timeout=900)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("multi_gpu_check.py", name, timeout=900)
 
 
 # Sampled through ComfyUI (euler, cfg 2, 4 steps). bf16: as above (measured <= 3.9e-7). fp8-scaled-mm: the

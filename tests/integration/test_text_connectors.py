@@ -4,24 +4,15 @@ ComfyUI process (CPU) and prints what it saw. Skips when COMFYUI_PATH is unset."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from support.comfy_server import HERE, missing_requirements
+from support.comfy_server import missing_requirements, run_check
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 def run_scenario(name: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.join(HERE, "connector_streaming_check.py"), name],
-                         capture_output=True, text=True, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("connector_streaming_check.py", name, timeout=600)
 
 
 def test_streamed_connectors_sample_bit_exact_over_rounds():

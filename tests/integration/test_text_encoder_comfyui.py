@@ -4,13 +4,12 @@ ComfyUI process. Skips when COMFYUI_PATH is unset."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-from support.comfy_server import HERE, missing_requirements
+from support.comfy_server import HERE, missing_requirements, run_check
 
 REASON = missing_requirements()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -28,11 +27,7 @@ def result(tmp_path_factory):
     gemma, projection = folder / "gemma_3_tiny.safetensors", folder / "ltx_projection.safetensors"
     subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_models.py"), "gemma3", str(gemma), str(projection)],
                    check=True, timeout=600)
-    out = subprocess.run([sys.executable, os.path.join(HERE, "text_encoder_check.py"), str(gemma), str(projection),
-                          str(folder)], capture_output=True, text=True, timeout=1200)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_check("text_encoder_check.py", gemma, projection, folder, timeout=1200)
 
 
 def test_every_policy_quantizes_gemma_and_the_projection_and_reports_the_conditioning_cosine(result):

@@ -51,6 +51,16 @@ def write_lora(path, config: dict, layers: list[str], seed: int, b_scale: float,
     save_file(lora, str(path))
 
 
+def run_check(script: str, *args: str, timeout: float) -> dict:
+    """Run a check script of this folder in its own Python process (a fresh ComfyUI import each time) and
+    return the JSON it prints last on a `RESULT ` line; fails with the end of its output otherwise."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                         capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def missing_requirements() -> str | None:
     """Why the ComfyUI tests cannot run here, or None."""
     path = os.environ.get("COMFYUI_PATH")
