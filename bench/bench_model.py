@@ -11,9 +11,20 @@ full warm-up run, so compile time is reported apart (`warm s`), not in s/step. A
 scope after ':' (see parse_mode), added to the policy's own: `fp8-cast:connectors+compile`,
 `nvfp4:first=1,last=1`, `nvfp4:audio8,8bit=*.attn1.*` (those layers FP8, the rest NVFP4),
 `fp8-scaled-mm:all` (every block Linear, without the policy's default bf16 layers).
+Outlier handling (quant.outliers) after '+', before or after the scope: `+smooth[=ALPHA]` (SmoothQuant,
+alpha 0.5 if bare) and `+lowrank[=FRACTION]` (the bf16 low-rank branch, at most 0.1 of each layer's
+quantized bytes if bare): `int8-convrot+smooth+compile`, `nvfp4+smooth+lowrank+compile`. The random
+weights come without a calibration file: smoothing takes synthetic per-channel amax drawn by
+bench/quality_outliers.py's recipe (its outlier ratios measured on the real-weights proxy: 8x on the
+attention inputs, 7x on the attention output, 25x / 42x on the FFN's), and the run prints so with the
+number of smoothed layers and of branches. The branch's rank follows the weights' spectrum: on random
+weights only smoothing's scaled outlier columns give it directions (`+lowrank` alone keeps none).
 `--connector-layers 8` builds the release's text connectors (default 1: they run once per prompt,
 so they only matter for memory); the pack's modes stream them from host memory unless the scope says
 `gpu-connectors`; `--unprocessed` makes them run in each sampling run. `--seed` draws other weights.
+
+`--width 256` builds a small model (that video width, heads of 64) instead of LTX-2.3's widths; without a
+GPU the run is a CPU dry run (`--blocks 2 --width 256 --sizes 64x64x9`): no peak VRAM, times of the CPU.
 
 `--capability 8.0` makes every CUDA capability query answer sm_80 before ComfyUI or the pack look, so
 both take the paths of a GPU without FP8 tensor cores (an Ampere card simulated on Hopper: the kernels
@@ -28,6 +39,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -72,17 +84,19 @@ from ltx2_quant.nodes import model_io  # noqa: E402
 from ltx2_quant.nodes.patches import compile_blocks, patch_attention  # noqa: E402
 from ltx2_quant.quant import conversion, formats, ltx2  # noqa: E402
 from ltx2_quant.quant.load_options import LoadOptions  # noqa: E402
+from ltx2_quant.quant.outliers import Outliers  # noqa: E402
 from ltx2_quant.quant.weights import FP8_TENSOR, NVFP4  # noqa: E402
 from ltx2_quant.quant.policies import get_policy  # noqa: E402
 from ltx2_quant.quant.safetensors_io import MemoryTensors  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STAGE1 = [1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0]
 CORE_MODES = ["core bf16", "core fp8_e4m3fn", "core fp8_e4m3fn_fast", "core prequant fp8", "core prequant nvfp4",
               "core prequant mxfp8"]
 OUR_MODES = ["fp8-cast", "fp8-scaled-mm", "int8-scaled-mm", "int8-convrot", "mxfp8", "nvfp4"]
 
 
-def random_state(config: dict, device: str = "cuda", seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state(config: dict, device: str = DEVICE, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random bf16 weights of the config's shapes (std 1/sqrt(in)), drawn on `device` (fast on a GPU),
     kept on the CPU like a loaded file."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -93,10 +107,26 @@ def random_state(config: dict, device: str = "cuda", seed: int = 0) -> dict[str,
     return state
 
 
-def parse_mode(mode: str) -> tuple[str, bool, dict]:
-    """'nvfp4+static:first=1,last=1,audio' -> ('nvfp4', True, scope options)."""
-    head, _, scope_text = mode.partition(":")
-    policy, static = head.removesuffix("+static"), head.endswith("+static")
+# Bare `+smooth` / `+lowrank`: the strengths measured best on the real-weights proxy (docs/QUALITY.md).
+OUTLIER_DEFAULTS = {"smooth": 0.5, "lowrank": 0.1}
+
+
+def parse_mode(mode: str) -> tuple[str, bool, dict, Outliers]:
+    """'nvfp4+static+smooth:first=1,last=1,audio+lowrank=0.2' -> ('nvfp4', True, scope options,
+    Outliers(0.5, 0.2)): the `+` items go with the policy or after the scope."""
+    head, _, tail = mode.partition(":")
+    policy, *items = head.split("+")
+    scope_text, *more = tail.split("+")
+    static, amounts = False, {}
+    for item in (*items, *more):
+        key, _, value = item.partition("=")
+        if item == "static":
+            static = True
+        elif key in OUTLIER_DEFAULTS:
+            amounts[key] = float(value) if value else OUTLIER_DEFAULTS[key]
+        else:
+            raise ValueError(f"unknown item {item!r} in mode {mode!r}")
+    handling = Outliers(smooth_alpha=amounts.get("smooth", 0.0), low_rank_bytes=amounts.get("lowrank", 0.0))
     scope: dict = {}
     for item in filter(None, scope_text.split(",")):
         key, _, value = item.partition("=")
@@ -124,7 +154,38 @@ def parse_mode(mode: str) -> tuple[str, bool, dict]:
             scope["fp8_per_tensor"] = True
         else:
             raise ValueError(f"unknown scope item {item!r} in mode {mode!r}")
-    return policy, static, scope
+    return policy, static, scope, handling
+
+
+# The recipe's largest / median per-channel amax of each block Linear's input, by what the Linear reads
+# (bench/quality_outliers.py: the real-weights proxy's measured ratios).
+SYNTHETIC_RATIOS = (("ff.net.2", 42.0), ("ff.net.0.proj", 25.0), ("to_out.0", 7.0), ("", 8.0))
+
+
+def synthetic_channel_amax(state: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-channel amax for every 2-D weight's input, drawn by bench/quality_outliers.py's recipe."""
+    from quality_outliers import outlier_gains  # the recipe alone: pure torch
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".weight") and tensor.dim() == 2:
+            layer = key[: -len(".weight")]
+            ratio = next(r for part, r in SYNTHETIC_RATIOS if layer.endswith(part))
+            out[layer] = outlier_gains(tensor.shape[1], ratio, g)
+    return out
+
+
+def load_with_outliers(state: dict, metadata: dict, policy, handling: Outliers, device: str):
+    """conversion.load_converted with `handling` (smoothing from synthetic per-channel amax), and
+    what it did, printed."""
+    channels = synthetic_channel_amax(state) if handling.smooth_alpha else None
+    loaded = conversion.load_converted(MemoryTensors(state, metadata), replace(policy, outliers=handling), device=device,
+                                       channel_amax=channels, calibration="synthetic per-channel amax")
+    if handling.active:
+        source = ("; smoothing from synthetic per-channel amax (bench/quality_outliers.py recipe), not a calibration "
+                  "pass" if channels else "")
+        print(model_io.outlier_report(loaded) + source, flush=True)
+    return loaded
 
 
 def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax: dict | None = None):
@@ -158,7 +219,6 @@ def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax:
 
 
 def build(mode: str, state: dict, metadata: dict):
-    source = MemoryTensors(state, metadata)
     if mode == "core bf16":
         return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.bfloat16}, metadata=metadata)
     if mode == "core fp8_e4m3fn":
@@ -167,13 +227,13 @@ def build(mode: str, state: dict, metadata: dict):
         return comfy.sd.load_diffusion_model_state_dict(dict(state), {"dtype": torch.float8_e4m3fn,
                                                                       "fp8_optimizations": True}, metadata=metadata)
     if mode.startswith("core prequant"):
-        loaded = prequantized_file(mode, state, metadata, "cuda")
+        loaded = prequantized_file(mode, state, metadata, DEVICE)
         return comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
-    policy_name, static, scope = parse_mode(mode)
+    policy_name, static, scope, handling = parse_mode(mode)
     if static:
         raise ValueError(f"{mode!r}: calibrated static scales are measured by bench_quality.py")
     on_cpu = not scope.pop("gpu_connectors", False)
-    loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device="cuda")
+    loaded = load_with_outliers(state, metadata, get_policy(policy_name, **scope), handling, DEVICE)
     return model_io.build_model(loaded, LoadOptions(policy_name, text_connectors_on_cpu=on_cpu))[0]
 
 
@@ -197,9 +257,27 @@ def sample(patcher, latent, positive, sigmas):
     noise = comfy.sample.prepare_noise(latent, 42)
     out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), torch.tensor(sigmas),
                         disable_pbar=True, seed=42)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize()
     return out
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    """Peak VRAM since reset_peak (nan on a CPU dry run)."""
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else float("nan")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
 
 
 # Mode patches -> the Compile Blocks node's modes.
@@ -228,12 +306,12 @@ def apply_patches(patcher, patches: list[str]):
 
 def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int, int]],
              unprocessed: bool = False) -> dict:
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     start = time.perf_counter()
     base, patches = split_patches(mode)
     patcher = apply_patches(build(base, state, metadata), patches)
     comfy.model_management.load_models_gpu([patcher])
-    torch.cuda.synchronize()
+    synchronize()
     row = {"mode": mode, "load_s": time.perf_counter() - start, "sizes": {}}
     for width, height, frames in sizes:
         latent, positive = inputs(patcher, width, height, frames, unprocessed)
@@ -241,13 +319,13 @@ def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int,
         # Warm-up: two steps, or the whole run when compiling (each sigma must not trigger a recompile).
         sample(patcher, latent, positive, STAGE1 if patches else STAGE1[:2])
         warm_s = time.perf_counter() - start
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         start = time.perf_counter()
         out = sample(patcher, latent, positive, STAGE1)
         seconds = (time.perf_counter() - start) / (len(STAGE1) - 1)
         video, audio = out.unbind()
         row["sizes"][f"{width}x{height}x{frames}"] = {
-            "s_per_step": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "warm_s": warm_s,
+            "s_per_step": seconds, "peak_gib": peak_gib(), "warm_s": warm_s,
             "video": video.float().cpu(), "audio": audio.float().cpu()}
     del patcher
     torch._dynamo.reset()  # compiled graphs of this mode must not serve the next
@@ -260,6 +338,7 @@ def run_mode(mode: str, state: dict, metadata: dict, sizes: list[tuple[int, int,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=48)
+    parser.add_argument("--width", type=int, help="video width (heads x 64) of a small model; default: LTX-2.3's")
     parser.add_argument("--sizes", default="768x512x121,1536x1024x121")
     parser.add_argument("--modes", default=",".join(CORE_MODES + OUR_MODES),
                         help="separated by ',' (or by ';' when a scope has commas)")
@@ -271,11 +350,15 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=args.connector_layers)
+    if args.width:
+        heads = args.width // 64
+        config = ltx2.tiny_config(num_layers=args.blocks, heads=heads, head_dim=64, audio_heads=heads, audio_head_dim=32)
+    else:
+        config = dict(ltx2.LTX23_CONFIG, num_layers=args.blocks, connector_num_layers=args.connector_layers)
     metadata = ltx2.header_metadata(config)
     state = random_state(config, seed=args.seed)
     forced = f", capability forced to sm_{FORCED_CAPABILITY[0]}{FORCED_CAPABILITY[1]}" if FORCED_CAPABILITY else ""
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.blocks} blocks, "
+    print(f"device {device_name()}, torch {torch.__version__}, {args.blocks} blocks, "
           f"{sum(t.numel() for t in state.values()) / 1e9:.2f} B params, weight seed {args.seed}{forced}", flush=True)
     rows = []
     for mode in args.modes.split(";" if ";" in args.modes else ","):
@@ -291,7 +374,7 @@ def main() -> None:
     table = print_table(rows, next((r for r in rows if r["mode"] == "core bf16"), None))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)
+            json.dump({"device": device_name(), "blocks": args.blocks, "rows": table}, f, indent=1)
 
 
 def print_table(rows: list[dict], reference: dict | None) -> list[dict]:

@@ -50,7 +50,9 @@ def build(mode: str, state: dict, metadata: dict):
     """bench_model's builder on a GPU; on the CPU (a dry run) the pack's loader on the CPU."""
     if torch.cuda.is_available():
         return bench_model.build(mode, state, metadata)
-    policy, _, scope = bench_model.parse_mode(mode)
+    policy, _, scope, handling = bench_model.parse_mode(mode)
+    if handling.active:
+        raise ValueError(f"{mode!r}: outlier handling runs in bench_model.py; this bench times the split")
     loaded = conversion.load_converted(MemoryTensors(state, metadata), get_policy(policy, **scope))
     return model_io.build_model(loaded, LoadOptions(policy, text_connectors_on_cpu=False))[0]
 

@@ -16,6 +16,7 @@ scope items (parse_mode), added to the policy's own scope: all (start from every
 first=N, last=N, audio (keep the audio branch), connectors (also the text
 connectors, 8-bit), exclude=PATTERN, wo=PATTERN (weight-only), audio8 / 8bit=PATTERN (NVFP4 policies:
 those layers FP8), per-tensor (FP8 policies: per-tensor weight scales); `+static` loads with the calibrated amax;
+`+smooth[=ALPHA]` / `+lowrank[=FRACTION]` (bench_model's outlier items) smooth from this run's per-channel amax;
 bench_model's patches (`+attn=triton-int8`, `+compile`) apply to any mode.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+from dataclasses import replace
 
 import torch
 
@@ -55,11 +57,13 @@ def inputs(config: dict, width: int, height: int, frames: int, seed: int, contex
     return positive, {"samples": comfy.nested_tensor.NestedTensor((video, audio))}
 
 
-def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str):
-    """(MODEL, weight bytes) for a mode, with its model patches (`+attn=NAME`, `+compile`)."""
+def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str,
+          channel_amax: dict | None = None):
+    """(MODEL, weight bytes) for a mode, with its model patches (`+attn=NAME`, `+compile`); smoothing
+    (`+smooth`) takes `channel_amax`, the calibration pass's."""
     mode, patches = split_patches(mode)
     if patches:
-        patcher, weight_bytes = build(mode, state, metadata, amax, device)
+        patcher, weight_bytes = build(mode, state, metadata, amax, device, channel_amax)
         return apply_patches(patcher, patches), weight_bytes
     source = MemoryTensors(state, metadata)
     if mode == "core bf16":
@@ -69,10 +73,11 @@ def build(mode: str, state: dict, metadata: dict, amax: dict | None, device: str
         loaded = prequantized_file(mode, state, metadata, device, amax)
         patcher = comfy.sd.load_diffusion_model_state_dict(loaded.state_dict, {}, metadata=loaded.metadata)
         return patcher, summarize(loaded.decisions)["bytes_after"]
-    policy_name, static, scope = parse_mode(mode)
-    loaded = conversion.load_converted(source, get_policy(policy_name, **scope), device=device)
+    policy_name, static, scope, handling = parse_mode(mode)
+    loaded = conversion.load_converted(source, replace(get_policy(policy_name, **scope), outliers=handling),
+                                       device=device, channel_amax=channel_amax, calibration="this run's calibration")
     if static:
-        model_io.apply_calibration(loaded, amax)
+        model_io.apply_calibration(loaded, amax, channel_amax)
     return model_io.build_model(loaded, LoadOptions(policy_name))[0], summarize(loaded.decisions)["bytes_after"]
 
 
@@ -121,7 +126,7 @@ def main() -> None:
         save_amax(args.save_amax, amax, recorder.per_channel(), overwrite=True)
     rows = []
     for mode in args.modes.split(";"):
-        candidate, weight_bytes = build(mode, state, metadata, amax, device)
+        candidate, weight_bytes = build(mode, state, metadata, amax, device, recorder.per_channel())
         report = quality_evaluation.compare_models(reference, {mode: candidate}, positive, positive, latent, sigmas, 1.0,
                                            seed=42, per_layer=args.per_layer)
         r = report["models"][mode]

@@ -25,6 +25,7 @@ from ..quant.calibration import layer_input_scale
 from ..quant.conversion import LoadedCheckpoint
 from ..quant.load_options import LoadOptions
 from ..quant.memory import GIB
+from ..quant.outliers import smoothed_amax
 from ..quant.policies import Policy, get_policy, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile
 from . import streaming
@@ -45,15 +46,18 @@ def progress_bar(total_hint: int = 1):
     return update
 
 
-def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float]) -> int:
+def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float],
+                      channel_amax: dict[str, torch.Tensor] | None = None) -> int:
     """Static input scales for the layers a calibration file covers: FP8 or INT8 scales for W8A8
     layers (not ConvRot ones: a calibrated amax bounds their input, not its rotation), the NVFP4
-    activation global scale for NVFP4 layers; returns how many."""
+    activation global scale for NVFP4 layers, a smoothed layer's from the amax of x * pre_quant_scale
+    (the same file's `channel_amax`); returns how many."""
     count = 0
     for layer, value in amax.items():
         conf_key = layer + comfy_quant.CONF_SUFFIX
         if conf_key not in loaded.state_dict:
             continue
+        value = smoothed_amax(value, (channel_amax or {}).get(layer), loaded.state_dict.get(layer + ".pre_quant_scale"))
         scale = layer_input_scale(comfy_quant.conf_from_tensor(loaded.state_dict[conf_key]), value)
         if scale is not None:
             loaded.state_dict[layer + ".input_scale"] = scale
@@ -90,6 +94,18 @@ def build_model(loaded: LoadedCheckpoint, options: LoadOptions):
     return patcher, paths
 
 
+def outlier_report(loaded: LoadedCheckpoint) -> str:
+    """How many layers got smoothing and a low-rank branch, and the branches' bytes ("" for none)."""
+    smoothed = sum(key.endswith(".pre_quant_scale") for key in loaded.state_dict)
+    branches = [key for key in loaded.state_dict if key.endswith(".low_rank_down")]
+    if not smoothed and not any(d.outliers.low_rank_bytes for d in loaded.decisions):
+        return ""
+    branch_bytes = sum(loaded.state_dict[k].nbytes + loaded.state_dict[k.replace("_down", "_up")].nbytes
+                       for k in branches)
+    return (f"outlier handling: {smoothed} layers smoothed, {len(branches)} with a low-rank branch "
+            f"({branch_bytes / 2 ** 20:.1f} MiB)")
+
+
 def report(loaded: LoadedCheckpoint, policy: Policy, why: str, paths: str, seconds: float, extra: str = "") -> str:
     s = summarize(loaded.decisions)
     lines = [f"policy: {policy.name} ({why})",
@@ -124,14 +140,15 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, options: LoadOpti
     if options.policy == "auto":
         chosen, why = auto_policy(sizes, device)
         options = replace(options, policy=chosen)
-    policy = get_policy(options.policy, **options.scope)
+    policy = replace(get_policy(options.policy, **options.scope), outliers=options.outliers)
     quantize_on = device if device.type == "cuda" else torch.device("cpu")
 
     def load_and_build():
-        loaded = conversion.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on)
-        extra = ""
-        if options.amax:
-            extra = f"calibrated static activation scales: {apply_calibration(loaded, options.amax)} layers"
+        loaded = conversion.load_converted(source, policy, progress_bar(len(source.keys())), quantize_on,
+                                           options.channel_amax, options.calibration)
+        extra = "\n".join(filter(None, (outlier_report(loaded), options.amax and (
+            f"calibrated static activation scales: {apply_calibration(loaded, options.amax, options.channel_amax)} "
+            "layers"))))
         patcher, paths = build_model(loaded, options)
         extra = "\n".join(filter(None, (extra, streaming.describe(patcher, options.text_connectors_on_cpu))))
         return patcher, report(loaded, policy, why, paths, time.perf_counter() - start, extra)

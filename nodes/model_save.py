@@ -59,11 +59,18 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
     path = safe_output_path(folder, filename)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; enable overwrite to replace it")
+    model = patcher.model.diffusion_model
+    layers = quantized_layers(model)
+    if comfy_compatible:  # before anything is loaded or written
+        for layer, module in layers.items():
+            why = conversion.stock_refusal(layer, module.quant.format, module._parameters)
+            if why:
+                raise ValueError(f"{why}. Turn comfy_compatible off to save it for this pack, or load the model "
+                                 "without that outlier option")
     # Applies LoRA patches; those of streamed layers are merged into their host copy only when forced.
     comfy.model_management.load_models_gpu([patcher], force_full_load=True,
                                            force_patch_weights=streaming.patches_streamed_layers(patcher))
-    model = patcher.model.diffusion_model
-    layers = quantized_layers(model)
+    layers = quantized_layers(model)  # again: object patches (static scales) swap layers in as the model loads
     layer_of_param = {f"{name}.{p}": name for name, m in layers.items() for p in m._parameters if p != "bias"}
     steps: list[conversion.Step] = []
     quant_layers: dict[str, dict] = {}
@@ -80,9 +87,11 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
         if fmt == weights.FP8_ROWWISE and comfy_compatible:
             fmt = weights.FP8_TENSOR
         quant_layers[layer] = comfy_quant.conf_in_format(module.quant.conf, fmt)
+        down = module._parameters.get("low_rank_down")
         steps.append(conversion.layer_step(
             layer, fmt, module.quant.shape, "input_scale" in module._parameters,
-            lambda module=module, fmt=fmt: runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt)))
+            lambda module=module, fmt=fmt: runtime.to_file_format(module.stored_form(torch.device("cpu")), fmt),
+            "pre_quant_scale" in module._parameters, 0 if down is None else down.shape[0]))
     metadata = comfy_quant.with_layer_confs(model_metadata(patcher), quant_layers)
     conversion.write_quantized(path, steps, metadata, overwrite=overwrite, progress=progress_bar(len(steps)))
     return path

@@ -31,7 +31,7 @@ from ..quant import runtime
 from ..quant.capability import capability as device_capability
 from ..quant.comfy_quant import CONF_SUFFIX, conf_from_tensor
 from ..quant.modes import layer_activation
-from ..quant.weights import MXFP8, QuantizedWeight, format_from_conf, requantize_like
+from ..quant.weights import MXFP8, OUTLIER_SUFFIXES, QuantizedWeight, format_from_conf, requantize_like
 
 log = logging.getLogger("ltx2_quant")
 
@@ -65,7 +65,7 @@ def make_ops(compute_device: torch.device, nvfp4_mode: str = "fast") -> type:
                 conf = conf_from_tensor(conf_tensor)
                 shape = tuple(conf.get("shape") or (self.out_features, self.in_features))
                 stored = {}
-                for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale"):
+                for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale", *OUTLIER_SUFFIXES):
                     tensor = state_dict.pop(prefix + suffix, None)
                     if tensor is not None:
                         stored[suffix] = tensor

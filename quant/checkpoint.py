@@ -23,7 +23,7 @@ from .safetensors_io import DTYPE_NAMES, CheckpointError, MemoryTensors, Safeten
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 # Tensors of a quantized layer besides its weight and bias.
-LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, comfy_quant.CONF_SUFFIX[1:])
+LAYER_EXTRA_SUFFIXES = (*SCALE_SUFFIXES, *weights.OUTLIER_SUFFIXES, comfy_quant.CONF_SUFFIX[1:])
 # The header config entries ltx2.block_shapes computes a transformer block's tensors from, and those
 # ltx2.model_shapes also needs for the rest of an LTX-2.3 or LTX-2.5 transformer.
 BLOCK_LAYOUT_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "audio_num_attention_heads",
@@ -107,8 +107,32 @@ def _logical_shape(f: SafetensorsFile, layer_key: str, fmt: str, conf: dict | No
     return (rows, *stored[1:]) if fmt in weights.FORMATS else tuple(stored)
 
 
+def _check_outlier_tensors(f: SafetensorsFile, source: LayerSource) -> None:
+    """A layer's pre_quant_scale and low-rank branch (quant.outliers) must fit its shape: one factor per input
+    feature, down (r, K) and up (N, r) together, in a float dtype."""
+    present = [suffix for suffix in weights.OUTLIER_SUFFIXES if suffix in source.keys]
+    if not present:
+        return
+    if not source.quantized or len(source.shape) != 2:
+        raise CheckpointError(f"{f.path}: layer {source.layer!r} is not quantized but has {present[0]!r}; "
+                              "only quantized layers carry outlier transforms")
+    n, k = source.shape
+    if ("low_rank_down" in present) != ("low_rank_up" in present):
+        raise CheckpointError(f"{f.path}: layer {source.layer!r} has only one of low_rank_down / low_rank_up; "
+                              "the low-rank branch needs both")
+    rank = (list(f.tensors[source.keys["low_rank_down"]].shape) or [0])[0] if "low_rank_down" in present else 0
+    expected = weights.outlier_specs(source.shape, "pre_quant_scale" in present, rank)
+    for suffix, (_, shape) in expected.items():
+        info = f.tensors[source.keys[suffix]]
+        if tuple(info.shape) != tuple(shape) or info.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise CheckpointError(f"{f.path}: tensor {source.keys[suffix]!r} is {DTYPE_NAMES[info.dtype]} "
+                                  f"{list(info.shape)}, but the {suffix} of a layer of shape [{n}, {k}] needs a float "
+                                  f"tensor of shape {list(shape)}")
+
+
 def _check_layer_tensors(f: SafetensorsFile, source: LayerSource) -> None:
     """Scale tensors must have the shape and dtype the format needs, or reading would be silently wrong."""
+    _check_outlier_tensors(f, source)
     if not source.quantized or len(source.shape) != 2:
         return
     expected = weights.storage_specs(source.format, source.shape)
@@ -172,7 +196,7 @@ def inspect_checkpoint(f: SafetensorsFile, require_ltx: bool = True) -> Checkpoi
         source = LayerSource(ltx2.strip_prefix(layer_key, prefix), fmt, _logical_shape(f, layer_key, fmt, conf),
                              weight_only=bool((conf or {}).get("full_precision_matrix_mult")))
         source.keys["weight"] = key
-        for suffix in SCALE_SUFFIXES:
+        for suffix in (*SCALE_SUFFIXES, *weights.OUTLIER_SUFFIXES):
             if f"{layer_key}.{suffix}" in f:
                 source.keys[suffix] = f"{layer_key}.{suffix}"
         source.nbytes = sum(f.tensors[k].nbytes for k in source.keys.values())

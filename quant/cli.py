@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="per-tensor FP8 scales, so stock ComfyUI (without this pack) loads the file")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     quantize.add_argument("--table", action="store_true", help="print the per-layer decision table")
+    quantize.add_argument("--calibration", metavar="AMAX_JSON", help="per-channel amax for --smooth (this pack's "
+                                                                      "calibration files carry it)")
+    _add_outlier_options(quantize)
     _add_scope_options(quantize)
 
     inspect = sub.add_parser("inspect", help="show a checkpoint's layers, formats, bytes and config")
@@ -101,15 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="policy to measure (repeatable; default: every quantizing policy)")
     quality.add_argument("--calibration", metavar="AMAX_JSON",
                          help="use its static activation scales, and shape inputs by its per-channel amax")
+    _add_outlier_options(quality)
     quality.add_argument("--tokens", type=whole_number(1, MAX_TOKENS), default=256, help="input rows per layer")
     quality.add_argument("--worst", type=whole_number(0, 1_000_000), default=20, metavar="N",
                          help="list the N worst layers per policy")
-    quality.add_argument("--smooth", type=fraction, default=0.0, metavar="ALPHA",
-                         help="smooth each quantized block Linear (SmoothQuant, quant.outliers) with this migration "
-                              "strength from --calibration's per-channel amax; 0.5 measured best (docs/QUALITY.md)")
-    quality.add_argument("--low-rank", type=fraction, default=0.0, metavar="FRACTION",
-                         help="keep each block Linear's dominant singular directions in a bf16 branch of at most this "
-                              "fraction of its quantized bytes (quant.outliers; 0.1 measured)")
     quality.add_argument("--out", metavar="JSON", help="write the full report here")
     quality.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     _add_scope_options(quality)
@@ -120,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--prefix", action="store_true", help=f"use the single-file {ltx2.CHECKPOINT_PREFIX!r} prefix")
     synth.add_argument("--overwrite", action="store_true")
     return parser
+
+
+def _add_outlier_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smooth", type=fraction, default=0.0, metavar="ALPHA",
+                        help="smooth each quantized block Linear (SmoothQuant, quant.outliers) with this migration "
+                             "strength from --calibration's per-channel amax; 0.5 measured best (docs/QUALITY.md)")
+    parser.add_argument("--low-rank", type=fraction, default=0.0, metavar="FRACTION",
+                        help="keep each block Linear's dominant singular directions in a bf16 branch of at most this "
+                             "fraction of its quantized bytes (quant.outliers; 0.1 measured)")
 
 
 def describe(info: CheckpointInfo, show_all: bool) -> str:
@@ -147,15 +154,22 @@ def check_report_path(out: str, model: str, overwrite: bool) -> None:
         raise FileExistsError(f"{out}: exists; refusing to overwrite (pass --overwrite to replace it)")
 
 
+def _channel_amax(args: argparse.Namespace) -> dict | None:
+    """--calibration's per-channel amax; with --smooth, an error naming the file when it has none."""
+    from . import calibration
+    channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
+    if args.smooth and not channels:
+        raise ValueError(f"--smooth needs a --calibration file with per-channel amax (amax_per_channel); "
+                         f"{args.calibration + ' has none' if args.calibration else 'none was given'}")
+    return channels
+
+
 def quality_layers(args: argparse.Namespace) -> str:
     from . import calibration, quality
     if args.out:
         check_report_path(args.out, args.file, args.overwrite)
     amax = calibration.load_amax(args.calibration) if args.calibration else None
-    channels = calibration.load_channel_amax(args.calibration) if args.calibration else None
-    if args.smooth and not channels:
-        raise ValueError(f"--smooth needs a --calibration file with per-channel amax (amax_per_channel); "
-                         f"{args.calibration or 'none was given'}")
+    channels = _channel_amax(args)
     handling = Outliers(smooth_alpha=args.smooth, low_rank_bytes=args.low_rank)
     report, lines = {}, []
     for name in args.policy or [p for p in POLICIES if POLICIES[p].weight_format]:
@@ -188,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             print(format_demo(run_demo(num_layers=args.blocks)))
             print(f"({time.perf_counter() - start:.1f} s)")
         elif args.command == "quantize":
-            policy = get_policy(args.policy, fp8_per_tensor=args.comfy_compatible, **_scope(args))
+            policy = replace(get_policy(args.policy, fp8_per_tensor=args.comfy_compatible, **_scope(args)),
+                             outliers=Outliers(smooth_alpha=args.smooth, low_rank_bytes=args.low_rank))
             start = time.perf_counter()
-            result = quantize_file(args.input, args.output, policy, overwrite=args.overwrite)
+            result = quantize_file(args.input, args.output, policy, overwrite=args.overwrite,
+                                   channel_amax=_channel_amax(args), calibration=args.calibration,
+                                   stock_loadable=args.comfy_compatible)
             elapsed = time.perf_counter() - start
             if args.table:
                 print(format_table(result.decisions, only_changed=True))

@@ -15,9 +15,11 @@ from typing import Callable, Iterator
 import torch
 
 from . import comfy_quant, ltx2, weights
+from .calibration import CalibrationError
 from .checkpoint import (CheckpointInfo, LayerSource, check_config_values, check_layers, inspect_checkpoint,
                          require_config)
 from .formats import E2M1_MAX, FP8_MAX, INT8_MAX, round_up
+from .outliers import Outliers
 from .policies import LayerDecision, Policy, plan
 from .safetensors_io import CheckpointError, MemoryTensors, SafetensorsFile, TensorSpec, check_output, write_streaming
 
@@ -163,8 +165,22 @@ def _check_input_scale(path: str, key: str, layer: str, scale: torch.Tensor) -> 
     return scale
 
 
-def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.QuantizedWeight | torch.Tensor,
-                 target: str, device: torch.device | str, staging: HostStaging | None = None) -> weights.QuantizedWeight:
+@dataclass(frozen=True)
+class LayerOutliers:
+    """What one layer's conversion does about outliers: the decision's handling, the layer's calibrated
+    per-channel amax (smoothing) and, for a file whose header is written first, the branch's rank."""
+
+    handling: Outliers
+    channel_amax: torch.Tensor | None = None
+    rank: int | None = None  # None: chosen as the layer is quantized (loading)
+
+
+NO_OUTLIERS = LayerOutliers(Outliers())
+
+
+def _full_weight(f: SafetensorsFile, source: LayerSource, stored: weights.QuantizedWeight | torch.Tensor,
+                 device: torch.device | str) -> torch.Tensor:
+    """The layer's weight in a dtype reductions run in, on `device`, refused by name if not finite."""
     if isinstance(stored, weights.QuantizedWeight):
         full = stored.to(device).dequantize(torch.float32)
     else:
@@ -173,14 +189,22 @@ def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.Quanti
             refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
         if full.dtype not in PLAIN_DTYPES:  # e.g. an fp8_e5m2 cast: no reductions in that dtype
             full = full.float()
-    refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
-    out = weights.quantize_weight(full, target)
+    return refuse_nonfinite(f.path, source.keys["weight"], full, source.layer)
+
+
+def _quantize_on(f: SafetensorsFile, source: LayerSource, stored: weights.QuantizedWeight | torch.Tensor,
+                 target: str, device: torch.device | str, staging: HostStaging | None = None,
+                 outliers: LayerOutliers = NO_OUTLIERS) -> weights.QuantizedWeight:
+    full = _full_weight(f, source, stored, device)
+    out = weights.quantize_weight(full, target, outliers.handling, outliers.channel_amax, outliers.rank)
     return staging.download(out) if staging is not None and full.is_cuda else out.to("cpu")
 
 
 def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
-                  device: torch.device | str = "cpu", staging: HostStaging | None = None) -> weights.QuantizedWeight:
-    """Quantize (or re-quantize) one layer to `target`, refusing NaN/Inf weights or scales by name.
+                  device: torch.device | str = "cpu", staging: HostStaging | None = None,
+                  outliers: LayerOutliers = NO_OUTLIERS) -> weights.QuantizedWeight:
+    """Quantize (or re-quantize) one layer to `target` with `outliers`' transforms, refusing NaN/Inf
+    weights or scales by name.
     The math runs on `device` (a GPU makes load-time quantization fast; `staging` moves the data
     there and back); the result comes back to the CPU. A layer that does not fit the GPU's free
     memory is quantized on the CPU instead."""
@@ -202,7 +226,7 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
             return stored if staging is None else weights.QuantizedWeight(
                 stored.format, stored.shape, {k: v.clone() for k, v in stored.tensors.items()})
     try:
-        out = _quantize_on(f, source, stored, target, device, staging)
+        out = _quantize_on(f, source, stored, target, device, staging, outliers)
     except torch.OutOfMemoryError:
         if torch.device(device).type == "cpu":
             raise
@@ -211,8 +235,10 @@ def convert_layer(f: SafetensorsFile, source: LayerSource, target: str,
         # Past the except block the failed attempt's frames, and the GPU memory they held, are gone.
         log.warning("LTX-2 Quant: out of GPU memory quantizing %s; quantizing it on the CPU instead", source.layer)
         torch.cuda.empty_cache()
-        out = _quantize_on(f, source, stored, target, "cpu")
-    if "input_scale" in source.keys:  # a static activation scale travels with its layer
+        out = _quantize_on(f, source, stored, target, "cpu", outliers=outliers)
+    # A static activation scale travels with its layer, unless the layer is now smoothed: it bounds x,
+    # not x * pre_quant_scale (a calibration file gives such a layer its own, model_io.apply_calibration).
+    if "input_scale" in source.keys and out.pre_quant_scale is None:
         key = source.keys["input_scale"]
         scale = _check_input_scale(f.path, key, source.layer, refuse_nonfinite(f.path, key, f.read(key), source.layer))
         out.tensors["input_scale"] = scale.float().reshape(())
@@ -225,6 +251,14 @@ class Step:
 
     specs: list[TensorSpec]
     make: Callable[[], list[torch.Tensor]]
+    # Loading only: the tensors by name, where a low-rank branch's rank is known only once made.
+    make_named: Callable[[], dict[str, torch.Tensor]] | None = None
+
+    def named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.make_named is not None:
+            yield from self.make_named().items()
+        else:
+            yield from zip((spec.name for spec in self.specs), self.make())
 
 
 @dataclass
@@ -243,18 +277,29 @@ class ConversionPlan:
 
 
 def layer_step(layer_key: str, fmt: str, shape: tuple[int, int], has_input_scale: bool,
-               make_weight: Callable[[], weights.QuantizedWeight]) -> Step:
+               make_weight: Callable[[], weights.QuantizedWeight], smoothed: bool = False,
+               rank: int | None = 0) -> Step:
     """The step that writes one quantized layer's tensors in file order; `make_weight()` gives the
-    layer in `fmt` when the write reaches it."""
+    layer in `fmt` when the write reaches it, with a pre_quant_scale if `smoothed` and a low-rank
+    branch of `rank` (None: of the rank its quantization chooses; such a step only loads, a file's
+    header needs every shape ahead)."""
     planned = weights.storage_specs(fmt, shape)
     if has_input_scale:
         planned["input_scale"] = (torch.float32, ())
+    planned.update(weights.outlier_specs(shape, smoothed, rank or 0))
     specs = [TensorSpec(f"{layer_key}.{suffix}", dtype, dims) for suffix, (dtype, dims) in planned.items()]
 
     def make() -> list[torch.Tensor]:
+        if rank is None:
+            raise RuntimeError(f"{layer_key}: the rank of its low-rank branch was not planned; it cannot be written")
         qw = make_weight()
         return [qw.tensors[suffix] for suffix in planned]
-    return Step(specs, make)
+
+    def make_named() -> dict[str, torch.Tensor]:
+        qw = make_weight()
+        return {f"{layer_key}.{suffix}": qw.tensors[suffix] for suffix in
+                (*planned, *(s for s in weights.OUTLIER_SUFFIXES if s in qw.tensors and s not in planned))}
+    return Step(specs, make, make_named if rank is None else None)
 
 
 def _host_staging(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo, decisions: list[LayerDecision],
@@ -273,11 +318,62 @@ def _host_staging(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo, deci
         return None
 
 
+def smoothing_amax(decisions: list[LayerDecision], channel_amax: dict[str, torch.Tensor] | None,
+                   calibration: str | None) -> tuple[list[LayerDecision], dict[str, torch.Tensor]]:
+    """The decisions with smoothing off for layers the calibration file has no per-channel amax for (a
+    logged count: a file calibrated on another scope may miss a few), and each smoothed layer's amax.
+    Raises before anything is computed when smoothing is asked without any per-channel amax, naming the
+    calibration file, or when a layer's amax does not fit its width."""
+    asked = [d for d in decisions if d.outliers.smooth_alpha]
+    if not asked:
+        return decisions, {}
+    if not channel_amax:
+        where = (f"{calibration}: has no per-channel amax ('amax_per_channel')" if calibration
+                 else "no calibration file was given")
+        raise CalibrationError(f"{where}; smoothing needs each layer's per-channel input amax. Calibrate with this "
+                               "pack (the LTX-2 Quant Calibrate node, or bench/bench_quality.py --save-amax), which "
+                               "writes it, or turn smoothing off")
+    found, missing = {}, []
+    for d in asked:
+        values = channel_amax.get(d.layer)
+        if values is None:
+            missing.append(d.layer)
+        elif values.numel() != d.shape[1]:
+            raise CalibrationError(f"{calibration}: the per-channel amax of layer {d.layer!r} has {values.numel()} "
+                                   f"values, the layer takes {d.shape[1]} inputs; the file belongs to another model")
+        else:
+            found[d.layer] = values
+    if missing:
+        log.warning("LTX-2 Quant: %d of %d layers to smooth have no per-channel amax in %s (first: %s); they are "
+                    "quantized without smoothing", len(missing), len(asked), calibration, missing[0])
+        unsmoothed = set(missing)
+        decisions = [replace(d, outliers=replace(d.outliers, smooth_alpha=0.0)) if d.layer in unsmoothed else d
+                     for d in decisions]
+    return decisions, found
+
+
+def _branch_ranks(f: SafetensorsFile | MemoryTensors, info: CheckpointInfo, decisions: list[LayerDecision],
+                  channels: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, int]:
+    """Each low-rank layer's branch rank, for a header written before the layers are quantized: a pass
+    that reads each such layer and takes its singular values (the quantization pass repeats the read)."""
+    ranks = {}
+    for d in decisions:
+        if d.outliers.low_rank_bytes:
+            source = info.layers[d.layer]
+            full = _full_weight(f, source, read_layer(f, source), device)
+            ranks[d.layer] = weights.branch_rank(full, d.target_format, d.outliers, channels.get(d.layer))
+    return ranks
+
+
 def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | str = "cpu",
-                    only_prefix: bool = False) -> ConversionPlan:
+                    only_prefix: bool = False, channel_amax: dict[str, torch.Tensor] | None = None,
+                    calibration: str | None = None, header_first: bool = False,
+                    stock_loadable: bool = False) -> ConversionPlan:
     """Per-layer decisions and the ordered steps that produce the converted tensors lazily.
     `only_prefix` keeps just the diffusion model of a single-file checkpoint (VAE, vocoder and
-    text projections are left out)."""
+    text projections are left out). Smoothing takes each layer's amax from `channel_amax`, read from
+    the file `calibration` (see smoothing_amax); `header_first` plans every low-rank branch's rank
+    ahead, for a file writer; `stock_loadable` refuses what stock ComfyUI would drop (check_stock_loadable)."""
     info = inspect_checkpoint(f)
     require_config(info)
     check_config_values(info)
@@ -285,6 +381,10 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
     # A layer kept as the file has it keeps the file's full-precision flag too.
     decisions = [replace(d, weight_only=True) if not d.changed and info.layers[d.layer].weight_only else d
                  for d in plan(policy, info.layer_table(), info.num_blocks)]
+    decisions, channels = smoothing_amax(decisions, channel_amax, calibration)
+    if stock_loadable:
+        check_stock_loadable(decisions)
+    ranks = _branch_ranks(f, info, decisions, channels, device) if header_first else {}
     layer_of_key: dict[str, tuple[LayerSource, LayerDecision]] = {}
     for decision in decisions:
         source = info.layers[decision.layer]
@@ -307,15 +407,25 @@ def plan_conversion(f: SafetensorsFile, policy: Policy, device: torch.device | s
             continue  # scales are written with their weight
         layer_key = info.prefix + source.layer
         quant_layers[layer_key] = comfy_quant.layer_conf(decision)
-        steps.append(layer_step(layer_key, decision.target_format, source.shape, "input_scale" in source.keys,
-                                lambda source=source, decision=decision: convert_layer(
-                                    f, source, decision.target_format, device, staging)))
+        outliers = LayerOutliers(decision.outliers, channels.get(decision.layer),
+                                 ranks.get(decision.layer, None if decision.outliers.low_rank_bytes else 0))
+        if decision.changed:
+            has_input_scale = "input_scale" in source.keys and outliers.channel_amax is None
+            smoothed, rank = outliers.channel_amax is not None, outliers.rank
+        else:  # kept as the file has it, with the transforms it has
+            has_input_scale = "input_scale" in source.keys
+            smoothed = "pre_quant_scale" in source.keys
+            rank = f.tensors[source.keys["low_rank_down"]].shape[0] if "low_rank_down" in source.keys else 0
+        steps.append(layer_step(layer_key, decision.target_format, source.shape, has_input_scale,
+                                lambda source=source, decision=decision, outliers=outliers: convert_layer(
+                                    f, source, decision.target_format, device, staging, outliers),
+                                smoothed, rank))
     return ConversionPlan(info, decisions, steps, quant_layers)
 
 
 def _run_steps(steps: list[Step], progress: Callable[[int, int], None] | None) -> Iterator[tuple[str, torch.Tensor]]:
     for index, step in enumerate(steps):
-        yield from zip((spec.name for spec in step.specs), step.make())
+        yield from step.named()
         if progress is not None:
             progress(index + 1, len(steps))
 
@@ -329,18 +439,44 @@ class QuantizeResult:
 
 def quantize_file(in_path: str, out_path: str, policy: Policy, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  device: torch.device | str = "cpu") -> QuantizeResult:
+                  device: torch.device | str = "cpu", channel_amax: dict[str, torch.Tensor] | None = None,
+                  calibration: str | None = None, stock_loadable: bool = False) -> QuantizeResult:
     """Stream `in_path` to a ComfyUI-native quantized `out_path`, one layer in memory at a time.
 
     Header metadata (including `config`) is kept verbatim; `_quantization_metadata` is rewritten
     to cover every quantized layer. `progress(done, total)` is called per step and may raise to
-    cancel; the partial output is then removed and an existing file is left as it was."""
+    cancel; the partial output is then removed and an existing file is left as it was. Smoothing reads
+    `channel_amax` from the file `calibration`; `stock_loadable` refuses outlier transforms stock
+    ComfyUI would drop (weights.STOCK_PRE_QUANT_SCALE) before anything is computed."""
     check_output(out_path, overwrite)  # before the input is read: the write would refuse it only at the end
     with SafetensorsFile(in_path) as f:
-        conversion = plan_conversion(f, policy, device)
+        conversion = plan_conversion(f, policy, device, channel_amax=channel_amax, calibration=calibration,
+                                     header_first=True, stock_loadable=stock_loadable)
         written = write_quantized(out_path, conversion.steps, conversion.metadata(policy), overwrite=overwrite,
                                   progress=progress)
     return QuantizeResult(out_path, conversion.decisions, written)
+
+
+def stock_refusal(layer: str, fmt: str, suffixes) -> str | None:
+    """Why stock ComfyUI would compute a layer of `fmt` carrying these outlier tensors wrongly, or None."""
+    if "low_rank_down" in suffixes:
+        return (f"layer {layer!r} carries a low-rank branch (low_rank_down / low_rank_up), which stock ComfyUI "
+                "drops (an unexpected key): it would compute without it")
+    if "pre_quant_scale" in suffixes and fmt not in weights.STOCK_PRE_QUANT_SCALE:
+        return (f"layer {layer!r} ({fmt}) is smoothed; stock ComfyUI applies pre_quant_scale to "
+                f"{', '.join(weights.STOCK_PRE_QUANT_SCALE)} layers only and would drop it on this one")
+    return None
+
+
+def check_stock_loadable(decisions: list[LayerDecision]) -> None:
+    """Refuse outlier handling a file for stock ComfyUI cannot carry, naming the first layer."""
+    for d in decisions:
+        suffixes = (("pre_quant_scale",) if d.outliers.smooth_alpha else ()) + (
+            ("low_rank_down",) if d.outliers.low_rank_bytes else ())
+        why = stock_refusal(d.layer, d.target_format, suffixes)
+        if why:
+            raise ValueError(f"{why}. Write the file for this pack (not ComfyUI-compatible), or turn that option "
+                             "off (NVFP4 smoothing alone stays loadable by stock ComfyUI 0.33 and newer)")
 
 
 def write_quantized(path: str, steps: list[Step], metadata: dict[str, str], *, overwrite: bool,
@@ -367,13 +503,16 @@ class LoadedCheckpoint:
 
 def load_converted(source: str | SafetensorsFile | MemoryTensors, policy: Policy,
                    progress: Callable[[int, int], None] | None = None,
-                   device: torch.device | str = "cpu") -> LoadedCheckpoint:
+                   device: torch.device | str = "cpu", channel_amax: dict[str, torch.Tensor] | None = None,
+                   calibration: str | None = None) -> LoadedCheckpoint:
     """Read and quantize a checkpoint (a path, an open file, or a state dict already in memory)
-    tensor by tensor into a state dict: from a file, the bf16 model is never whole in memory."""
+    tensor by tensor into a state dict: from a file, the bf16 model is never whole in memory.
+    Smoothing reads `channel_amax` from the file `calibration` (plan_conversion)."""
     if isinstance(source, str):
         with SafetensorsFile(source) as f:
-            return load_converted(f, policy, progress, device)
-    conversion = plan_conversion(source, policy, device, only_prefix=True)
+            return load_converted(f, policy, progress, device, channel_amax, calibration)
+    conversion = plan_conversion(source, policy, device, only_prefix=True, channel_amax=channel_amax,
+                                 calibration=calibration)
     prefix = conversion.info.prefix
     state = {ltx2.strip_prefix(name, prefix): tensor for name, tensor in _run_steps(conversion.steps, progress)}
     for layer_key, conf in conversion.quant_layers.items():

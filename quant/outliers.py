@@ -80,18 +80,35 @@ def smoothed_amax(amax: float, channel_amax: torch.Tensor | None, scale: torch.T
     return float((channel_amax.float() * scale.float()).max())
 
 
-def low_rank_branch(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float
+def branch_rank_cap(shape: tuple[int, int], quantized_bytes: int, byte_fraction: float) -> int:
+    """The most directions a branch of `byte_fraction` of the quantized weight's bytes pays for."""
+    n, k = shape
+    return int(byte_fraction * quantized_bytes // ((n + k) * BRANCH_DTYPE.itemsize))
+
+
+def branch_rank(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float) -> int:
+    """The rank low_rank_branch gives `weight`: the directions at least LOW_RANK_KNEE times the median
+    singular value, at most branch_rank_cap. A file's header is written before its tensors, so its
+    writer asks for the rank ahead and passes it back to low_rank_branch."""
+    cap = branch_rank_cap(tuple(weight.shape), quantized_bytes, byte_fraction)
+    if cap < 1:
+        return 0
+    s = torch.linalg.svdvals(weight.float())
+    return min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
+
+
+def low_rank_branch(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float, rank: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(down (r, K), up (N, r)) in BRANCH_DTYPE, up @ down the best rank-r approximation of `weight`
     (truncated SVD, the singular values folded into up), or None for rank 0. r counts the directions
     at least LOW_RANK_KNEE times the median singular value, at most as many as `byte_fraction` of the
-    quantized weight's bytes pay for."""
-    n, k = weight.shape
-    cap = int(byte_fraction * quantized_bytes // ((n + k) * BRANCH_DTYPE.itemsize))
-    if cap < 1:
+    quantized weight's bytes pay for; `rank` fixes r instead (branch_rank's answer, asked ahead)."""
+    cap = branch_rank_cap(tuple(weight.shape), quantized_bytes, byte_fraction)
+    if cap < 1 or rank == 0:
         return None
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    rank = min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
+    if rank is None:
+        rank = min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
     if rank == 0:
         return None
     return vh[:rank].to(BRANCH_DTYPE), (u[:, :rank] * s[:rank]).to(BRANCH_DTYPE)

@@ -66,8 +66,8 @@ class Policy:
     scope: Scope = field(default_factory=Scope)
     outer_fp8_per_tensor: bool = False  # NVFP4 policies: their FP8 outer layers with one scale per tensor
     # Smoothing and the low-rank branch for the block Linears in the policy's own format (quant.outliers).
-    # Applied by whatever quantizes with LayerDecision.outliers (quality.file_layer_quality); the
-    # loader's conversion does not pass them yet. Every execution path runs them (runtime.run).
+    # Applied by whatever quantizes with LayerDecision.outliers (conversion, quality.file_layer_quality);
+    # every execution path runs them (runtime.run).
     outliers: Outliers = NO_OUTLIER_HANDLING
 
     def with_scope(self, **changes) -> "Policy":

@@ -46,7 +46,7 @@ from . import formats, kernels, kernels_int8
 from .capability import Capability, capability
 from .modes import Activation
 from .reference import reference_linear
-from .weights import (FP8_FORMATS, FP8_ROWWISE, FP8_TENSOR, FORMATS, INT8_FORMATS, MXFP8, NVFP4,
+from .weights import (FP8_FORMATS, FP8_ROWWISE, FP8_TENSOR, FORMATS, INT8_FORMATS, MXFP8, NVFP4, OUTLIER_SUFFIXES,
                       QuantizedWeight, quantize_weight, rotation)
 
 log = logging.getLogger("ltx2_quant")
@@ -355,7 +355,6 @@ PATHS: tuple[ExecutionPath, ...] = (
                   _prepare_rows, _run_dequant16, expanded_bytes_per_weight=2, reblocks_mxfp8=True),
 )
 BY_NAME = {path.name: path for path in (*PATHS, REFERENCE)}
-OUTLIER_TENSORS = ("pre_quant_scale", "low_rank_down", "low_rank_up")  # quant.outliers, kept by every path
 
 
 def choose_path(fmt: str, activation: str, cap: Capability, shape: tuple[int, int]) -> PathChoice:
@@ -385,7 +384,7 @@ def prepare(qw: QuantizedWeight, path: str, device: torch.device | str) -> dict[
     """The tensors `run()` reads for `path`, on `device`. Computed once per layer at load."""
     qw = qw.to(device)
     tensors = BY_NAME[path].prepare(qw)
-    tensors.update({key: qw.tensors[key] for key in OUTLIER_TENSORS if key in qw.tensors})
+    tensors.update({key: qw.tensors[key] for key in OUTLIER_SUFFIXES if key in qw.tensors})
     if qw.input_scale is not None:
         tensors.update(static_scale_tensors(path, qw.format, tensors, qw.input_scale))
     return tensors
@@ -420,7 +419,7 @@ def stored_form(path: str, tensors: dict[str, torch.Tensor], fmt: str, shape: tu
     inverse of prepare(). For a re-blocked MXFP8 layer that is the exact per-row FP8 form (an MXFP8
     file can be re-derived from it, see to_file_format)."""
     n, _ = shape
-    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale", *OUTLIER_TENSORS)
+    keep = {key: tensors[key] for key in ("weight", "weight_scale", "weight_scale_2", "input_scale", *OUTLIER_SUFFIXES)
             if key in tensors}
     if BY_NAME[path].prepare is _prepare_rows:
         scale = keep["weight_scale"]
@@ -438,9 +437,9 @@ def to_file_format(qw: QuantizedWeight, fmt: str) -> QuantizedWeight:
     underflowed; per-channel FP8 -> per-tensor for files stock ComfyUI reads)."""
     if qw.format == fmt:
         return qw
-    out = quantize_weight(qw.dequantize(torch.float32), fmt)
-    if qw.input_scale is not None:
-        out.tensors["input_scale"] = qw.input_scale
+    # The quantized part alone is re-quantized: the outlier transforms carry over as they are.
+    out = quantize_weight(qw.quantized_part(torch.float32), fmt)
+    out.tensors.update({key: qw.tensors[key] for key in ("input_scale", *OUTLIER_SUFFIXES) if key in qw.tensors})
     return out
 
 

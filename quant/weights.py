@@ -8,7 +8,8 @@ block Hadamard of CONVROT_GROUP_SIZE; format_from_conf / conf_for_format transla
 
 Any format may carry the outlier transforms of quant.outliers as extra tensors: `pre_quant_scale`
 (smoothing; stock ComfyUI v0.33 applies it to NVFP4 layers, ignores it on others) and
-`low_rank_down` / `low_rank_up` (the bf16 branch; pack-only). The checkpoint writer does not write them yet.
+`low_rank_down` / `low_rank_up` (the bf16 branch; pack-only): outlier_specs, and STOCK_PRE_QUANT_SCALE
+for what a file meant for stock ComfyUI may carry.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ INT8_CONVROT = "int8_tensorwise_convrot"
 FORMATS = (FP8_TENSOR, FP8_ROWWISE, MXFP8, NVFP4, INT8, INT8_CONVROT)
 FP8_FORMATS = (FP8_TENSOR, FP8_ROWWISE)
 INT8_FORMATS = (INT8, INT8_CONVROT)
+OUTLIER_SUFFIXES = ("pre_quant_scale", "low_rank_down", "low_rank_up")  # quant.outliers' tensors of a layer
+# The formats whose pre_quant_scale stock ComfyUI applies (v0.33: comfy/quant_ops.py lists it among NVFP4's
+# parameters only; on other formats it is an unexpected key, logged and dropped, and the smoothed weight
+# then meets the unsmoothed input: wrong output). Stock ComfyUI knows no low-rank branch at all.
+STOCK_PRE_QUANT_SCALE = (NVFP4,)
 
 
 class FormatError(ValueError):
@@ -201,24 +207,50 @@ def _amax(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([chunk.abs().amax() for chunk in _row_chunks(w)]).amax()
 
 
+def _smoothing(w: torch.Tensor, handling: outliers.Outliers, channel_amax: torch.Tensor | None
+               ) -> dict[str, torch.Tensor]:
+    if handling.smooth_alpha and channel_amax is not None:
+        return {"pre_quant_scale": outliers.pre_quant_scale(channel_amax, w, handling.smooth_alpha)}
+    return {}
+
+
+def branch_rank(w: torch.Tensor, fmt: str, handling: outliers.Outliers,
+                channel_amax: torch.Tensor | None = None) -> int:
+    """The rank of the low-rank branch quantize_weight gives `w` (0: none), for a writer that must
+    know every tensor's shape before it quantizes (pass it back as quantize_weight's `rank`)."""
+    if not handling.low_rank_bytes:
+        return 0
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    smoothed = QuantizedWeight(fmt, shape, _smoothing(w, handling, channel_amax)).to_quantized_basis(w)
+    return outliers.branch_rank(smoothed, storage_nbytes(fmt, shape), handling.low_rank_bytes)
+
+
+def outlier_specs(shape: tuple[int, int], smoothed: bool, rank: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The outlier tensors (suffix -> dtype, shape) a layer of logical `shape` carries beside its format's
+    (storage_specs): pre_quant_scale (K,) when smoothed, low_rank_down (rank, K) and low_rank_up (N, rank)."""
+    n, k = shape
+    specs = {"pre_quant_scale": (torch.bfloat16, (k,))} if smoothed else {}
+    if rank:
+        specs.update(low_rank_down=(outliers.BRANCH_DTYPE, (rank, k)), low_rank_up=(outliers.BRANCH_DTYPE, (n, rank)))
+    return specs
+
+
 def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = outliers.NONE,
-                    channel_amax: torch.Tensor | None = None) -> QuantizedWeight:
+                    channel_amax: torch.Tensor | None = None, rank: int | None = None) -> QuantizedWeight:
     """Quantize a 2-D weight to `fmt`, in row chunks (identical bytes to one pass: scales that span
     the tensor are computed first), with `handling`'s outlier transforms (smoothing needs the layer's
-    calibrated per-channel amax; without it the layer is not smoothed). Raises FormatError for shapes
-    the format cannot hold."""
+    calibrated per-channel amax; without it the layer is not smoothed; `rank` fixes the low-rank
+    branch's rank, see branch_rank). Raises FormatError for shapes the format cannot hold."""
     check_format(fmt)
     if w.dim() != 2:
         raise FormatError(f"{fmt} holds 2-D Linear weights only, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise FormatError(f"{fmt} quantizes floating-point weights, got {w.dtype}")
     shape = (int(w.shape[0]), int(w.shape[1]))
-    transforms = {}
-    if handling.smooth_alpha and channel_amax is not None:
-        transforms["pre_quant_scale"] = outliers.pre_quant_scale(channel_amax, w, handling.smooth_alpha)
+    transforms = _smoothing(w, handling, channel_amax)
     if handling.low_rank_bytes:
         smoothed = QuantizedWeight(fmt, shape, transforms).to_quantized_basis(w)
-        branch = outliers.low_rank_branch(smoothed, storage_nbytes(fmt, shape), handling.low_rank_bytes)
+        branch = outliers.low_rank_branch(smoothed, storage_nbytes(fmt, shape), handling.low_rank_bytes, rank)
         if branch is not None:
             down, up = branch
             if "pre_quant_scale" in transforms:  # the branch reads x itself: (x * p) @ down^T = x @ (down * p)^T

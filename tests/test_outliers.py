@@ -170,11 +170,11 @@ def test_paths_run_the_transforms_as_the_reference(fmt, path, activation, gelu):
     expected = reference_linear(x_in, qw, bias, activation)
     error = relative_error(y.float(), expected)
     assert error < 1.5e-2
-    bare = {k: v for k, v in tensors.items() if k not in runtime.OUTLIER_TENSORS}
+    bare = {k: v for k, v in tensors.items() if k not in weights.OUTLIER_SUFFIXES}
     assert relative_error(runtime.run(x, path, bare, qw.shape, bias, fmt, activation, input_gelu=gelu).float(),
                           expected) > 5 * error
     kept = runtime.stored_form(path, tensors, fmt, qw.shape)
-    assert all(torch.equal(kept.tensors[k], qw.tensors[k]) for k in runtime.OUTLIER_TENSORS)
+    assert all(torch.equal(kept.tensors[k], qw.tensors[k]) for k in weights.OUTLIER_SUFFIXES)
 
 
 def test_transforms_never_keep_a_layer_off_the_gpu():
