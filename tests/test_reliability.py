@@ -409,11 +409,11 @@ def test_gpu_oom_while_quantizing_falls_back_to_the_cpu_for_that_layer(tmp_path,
     real = conversion._quantize_on
     failed = []
 
-    def quantize_on(f, source, stored, target, device, staging=None):
+    def quantize_on(f, source, stored, target, device, staging=None, outliers=conversion.NO_OUTLIERS):
         if torch.device(device).type != "cpu" and source.layer == LAYER:
             failed.append(source.layer)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(f, source, stored, target, "cpu")  # stands in for the GPU here
+        return real(f, source, stored, target, "cpu", outliers=outliers)  # stands in for the GPU here
     monkeypatch.setattr(conversion, "_quantize_on", quantize_on)
     with caplog.at_level(logging.WARNING, logger="ltx2_quant"):
         on_gpu = load_converted(str(tiny_source), get_policy("nvfp4"), device="cuda")
