@@ -156,10 +156,13 @@ def calibrate(weights: dict, vocab: dict) -> AmaxRecorder:
 
 
 def quantized_linear(weights: dict, quantized: dict, fmt: str, activation: str, keep: tuple, scale: str | None,
-                     amax: dict, handling: Outliers = NONE, channels: dict | None = None):
+                     amax: dict, handling: Outliers = NONE, channels: dict | None = None,
+                     names: list[str] | None = None):
     """The encoder's Linears under one variant; `quantized[(fmt, handling)]` caches each format's weights.
-    `handling` (quant.outliers) smooths with the calibration's per-channel amax `channels`."""
-    names = [f"encoder.layer.{n}.{m}" for n in range(6) for m in LINEARS]
+    `handling` (quant.outliers) smooths with the calibration's per-channel amax `channels`. `names`
+    (default: this model's 36) are "encoder.layer.N.module" with `weights[name + ".weight"/".bias"]`;
+    `keep` holds layer numbers N and module names kept in full precision."""
+    names = names or [f"encoder.layer.{n}.{m}" for n in range(6) for m in LINEARS]
     if handling.smooth_alpha and channels is None:
         raise ValueError("smoothing needs the calibration's per-channel amax (channels)")
     if (fmt, handling) not in quantized:
