@@ -25,6 +25,9 @@ so they only matter for memory); the pack's modes stream them from host memory u
 
 `--width 256` builds a small model (that video width, heads of 64) instead of LTX-2.3's widths; without a
 GPU the run is a CPU dry run (`--blocks 2 --width 256 --sizes 64x64x9`): no peak VRAM, times of the CPU.
+Its errors do not compare core's pre-quantized modes with the pack's: ComfyUI has no FP8 compute on the CPU,
+so its quantized layers run weight-only there (`_full_precision_mm`), while the pack's W8A8 policies still
+quantize activations (its CPU path is the reference of what a GPU runs).
 
 `--capability 8.0` makes every CUDA capability query answer sm_80 before ComfyUI or the pack look, so
 both take the paths of a GPU without FP8 tensor cores (an Ampere card simulated on Hopper: the kernels
@@ -192,7 +195,7 @@ def prequantized_file(mode: str, state: dict, metadata: dict, device: str, amax:
     """The pre-quantized file a 'core prequant X' mode loads, as other tools write it: per-tensor FP8,
     and NVFP4 with amax/6 block scales (comfy-kitchen's quantizer; this pack's scale search is not in
     the files users have). FP8 files come in three kinds: `core prequant fp8` has no `input_scale`
-    (ComfyUI then takes each call's per-tensor amax), `core prequant fp8 scale1` has `input_scale` 1.0
+    (ComfyUI then casts each call's activation with scale 1.0: comfy/quant_ops.py, v0.20.1 and v0.33), `core prequant fp8 scale1` has `input_scale` 1.0
     on every W8A8 layer (the anchors' measurement), `core prequant fp8+static` calibrated per-tensor
     `input_scale`s from `amax`, as Lightricks' files carry (bench_quality only). `core prequant int8` and
     `core prequant int8-convrot` are ComfyUI's int8_tensorwise files (per-row scales; with ConvRot), which
