@@ -13,7 +13,7 @@ import torch
 
 from . import formats, weights
 from .ltx2 import CHECKPOINT_PREFIX, strip_prefix
-from .safetensors_io import open_regular, parse_json, write_text
+from .safetensors_io import CheckpointError, SafetensorsFile, open_regular, parse_json, save_tensors, write_text
 from .modes import Activation, layer_activation
 from .weights import INT8, INT8_FORMATS, NVFP4
 
@@ -99,6 +99,34 @@ def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.T
     write_text(path, json.dumps(content, indent=1), overwrite=overwrite)
 
 
+HESSIAN_SUFFIX = ".hessian"
+
+
+def save_hessians(path: str, hessians: dict[str, torch.Tensor], *, overwrite: bool) -> None:
+    """A calibration's input Hessians (AmaxRecorder.hessians) as safetensors, beside the amax JSON (which
+    stays readable by every other reader): `<layer>.input_quantizer.hessian`, fp32, in quant.rounding's forms."""
+    save_tensors(path, {f"{layer}{SUFFIX}{HESSIAN_SUFFIX}": h.float().contiguous() for layer, h in sorted(hessians.items())},
+                 overwrite=overwrite)
+
+
+def load_hessians(path: str) -> dict[str, torch.Tensor]:
+    """Layer -> input Hessian from a save_hessians file. Errors name the file and the bad entry."""
+    out = {}
+    try:
+        with SafetensorsFile(path) as f:
+            for key in f.keys():
+                h = f.read(key).float()
+                square = h.dim() == 1 or (h.dim() in (2, 3) and h.shape[-1] == h.shape[-2])
+                if not key.endswith(HESSIAN_SUFFIX) or not square or not bool(torch.isfinite(h).all()) or bool(
+                        (torch.diagonal(h, dim1=-2, dim2=-1) if h.dim() > 1 else h).lt(0).any()):
+                    raise CalibrationError(f"{path}: {key!r} is not an input Hessian (finite, (K,), (K, K) or "
+                                           f"(K/b, b, b) blocks, non-negative diagonal)")
+                out[layer_name(key[:-len(HESSIAN_SUFFIX)])] = h
+    except CheckpointError as e:
+        raise CalibrationError(f"{path}: not a readable Hessian file ({e})") from None
+    return out
+
+
 def gets_input_scale(conf: dict) -> bool:
     """Whether a calibrated amax gives a layer (its ComfyUI per-layer config) a static input_scale: the
     FP8 W8A8 layers, and NVFP4 layers, whose input_scale is the global scale of NVFP4 activations. INT8
@@ -133,18 +161,37 @@ def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:
 
 class AmaxRecorder:
     """Running maxima of |input| per layer and input channel, fed from forward hooks while a model
-    samples. Stays on the activations' device (no sync per call) until read."""
+    samples. Stays on the activations' device (no sync per call) until read.
 
-    def __init__(self) -> None:
+    With `hessian_block` it also sums each layer's input Hessian X^T X for GPTQ rounding
+    (quant.rounding): 0 its diagonal (per-channel sum of squares), b its diagonal blocks of b
+    features (a layer narrower than b: its whole matrix, as one block)."""
+
+    def __init__(self, hessian_block: int | None = None) -> None:
+        if hessian_block is not None and hessian_block < 0:
+            raise ValueError(f"hessian_block must be 0 (diagonal) or a block size, got {hessian_block}")
         self.channels: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
+        self.hessian_block = hessian_block
+        self.squares: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
 
     def observe(self, layer: str, x: torch.Tensor) -> None:
-        amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        amax = rows.abs().amax(dim=0).float()
         previous = self.channels.get(layer)
         # torch.maximum propagates NaN, so a non-finite activation is reported by per_tensor()
         self.channels[layer] = amax if previous is None else torch.maximum(previous, amax)
         self.calls[layer] = self.calls.get(layer, 0) + 1
+        if self.hessian_block is not None:
+            squares = _input_squares(rows.float(), self.hessian_block)
+            previous = self.squares.get(layer)
+            self.squares[layer] = squares if previous is None else previous + squares
+            self.tokens[layer] = self.tokens.get(layer, 0) + rows.shape[0]
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """Layer -> its mean input Hessian X^T X / tokens, fp32 on the CPU: (K,) or (K/b, b, b)."""
+        return {layer: (values / self.tokens[layer]).cpu() for layer, values in sorted(self.squares.items())}
 
     def per_channel(self) -> dict[str, torch.Tensor]:
         return {layer: values.cpu() for layer, values in sorted(self.channels.items())}
@@ -161,6 +208,18 @@ class AmaxRecorder:
             if amax > 0:
                 out[layer] = amax
         return out
+
+
+def _input_squares(rows: torch.Tensor, block: int) -> torch.Tensor:
+    """sum over tokens of x_i x_j, for i, j in the same block of `block` features ((K,) for block 0)."""
+    k = rows.shape[-1]
+    if block == 0:
+        return rows.square().sum(dim=0)
+    block = min(block, k)
+    if k % block:
+        raise CalibrationError(f"{k} input features are not a whole number of Hessian blocks of {block}")
+    grouped = rows.reshape(-1, k // block, block).transpose(0, 1)  # (blocks, tokens, block)
+    return grouped.transpose(1, 2) @ grouped
 
 
 def outlier_ratio(channels: torch.Tensor) -> float:

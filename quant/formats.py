@@ -308,17 +308,19 @@ def _e2m1_round(y: torch.Tensor) -> torch.Tensor:
     return rounded.copysign(y)
 
 
-def _search_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor, block_scale_fp8: torch.Tensor
-                         ) -> torch.Tensor:
+def _search_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor, block_scale_fp8: torch.Tensor,
+                         importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per block, the E4M3 scale near amax/6 whose decoded block is closest to the weights (least
-    squared error). Any E4M3 scale is valid NVFP4, so every reader decodes it unchanged."""
+    squared error, each element's error times its column's `importance` where given). Any E4M3 scale
+    is valid NVFP4, so every reader decodes it unchanged."""
     base = block_scale_fp8.view(torch.uint8).to(torch.int32)
     best_code, best_err = base, None
     for step in NVFP4_SEARCH_CODES:
         code = (base + step).clamp(0, 0x7E) if step else base  # 0x7E = 448; 0x7F is NaN
         total = (code.to(torch.uint8).view(FP8_DTYPE).float() * global_scale).unsqueeze(-1)
         divisor = torch.where(total == 0, torch.ones_like(total), total)
-        err = (_e2m1_round(blocks / divisor) * total - blocks).square().sum(-1)
+        err = (_e2m1_round(blocks / divisor) * total - blocks).square()
+        err = (err if importance is None else err * importance).sum(-1)
         if best_err is None:
             best_code, best_err = code, err
         else:
@@ -328,15 +330,29 @@ def _search_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor, block
     return best_code.to(torch.uint8).view(FP8_DTYPE)
 
 
-def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor, search_scales: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NVFP4 of w with a given global scale and the block scales not yet swizzled:
-    (packed uint8, (rows, K/16) e4m3). Rows are independent given the global scale.
+def nvfp4_block_scales(blocks: torch.Tensor, global_scale: torch.Tensor, search_scales: bool = False,
+                       importance: torch.Tensor | None = None) -> torch.Tensor:
+    """E4M3 block scales (rows, nblocks) of blocks (rows, nblocks, 16) under an fp32 global scale:
+    amax/6 rounded to E4M3 (comfy-kitchen's, byte for byte), or with `search_scales` the least-squares
+    E4M3 scale near it (weights: 15% less error, same format), the error weighted per column by
+    `importance` (broadcast against the blocks) where given. An all-zero tensor has global scale 0: its
+    block scales become 0/0 = NaN in the formula, so they are forced to zero (decode 0 * anything = 0)."""
+    global_scale = global_scale.float()
+    block_amax = blocks.abs().amax(dim=-1).float()
+    block_scale = (block_amax / E2M1_MAX / global_scale).clamp(max=FP8_MAX)
+    block_scale = torch.where(global_scale == 0, torch.zeros_like(block_scale), block_scale)
+    block_scale_fp8 = block_scale.to(FP8_DTYPE)
+    if search_scales:
+        block_scale_fp8 = _search_block_scales(blocks.float(), global_scale, block_scale_fp8, importance)
+    return block_scale_fp8
 
-    The block scale is amax/6 rounded to E4M3 (comfy-kitchen's, byte for byte), or with
-    `search_scales` the least-squares E4M3 scale near it (weights: 15% less error, same format).
-    An all-zero tensor has global scale 0: its block scales become 0/0 = NaN in the formula, so
-    they are forced to zero (decode 0 * anything = 0). Zero blocks get zero data, not 0/0."""
+
+def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor, search_scales: bool = False,
+                        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 of w with a given global scale and the block scales not yet swizzled:
+    (packed uint8, (rows, K/16) e4m3), the block scales as nvfp4_block_scales chooses them
+    (`importance`: one weight per input column, K values). Rows are independent given the global
+    scale. Zero blocks get zero data, not 0/0."""
     if w.dim() != 2:
         raise ValueError(f"NVFP4 needs a 2-D weight, got shape {tuple(w.shape)}")
     global_scale = global_scale.float()
@@ -345,13 +361,10 @@ def quantize_nvfp4_rows(w: torch.Tensor, global_scale: torch.Tensor, search_scal
     if (padded_rows, padded_cols) != (rows, cols):
         w = torch.nn.functional.pad(w, (0, padded_cols - cols, 0, padded_rows - rows))
     blocks = w.reshape(padded_rows, padded_cols // NVFP4_BLOCK, NVFP4_BLOCK)
-    block_amax = blocks.abs().amax(dim=-1).float()
-    block_scale = (block_amax / E2M1_MAX / global_scale).clamp(max=FP8_MAX)
-    block_scale = torch.where(global_scale == 0, torch.zeros_like(block_scale), block_scale)
-    block_scale_fp8 = block_scale.to(FP8_DTYPE)
-    if search_scales:
-        blocks = blocks.float()
-        block_scale_fp8 = _search_block_scales(blocks, global_scale, block_scale_fp8)
+    if importance is not None:
+        importance = torch.nn.functional.pad(importance.float().to(w.device), (0, padded_cols - cols))
+        importance = importance.reshape(padded_cols // NVFP4_BLOCK, NVFP4_BLOCK)
+    block_scale_fp8 = nvfp4_block_scales(blocks, global_scale, search_scales, importance)
     codes = _nvfp4_codes(blocks, global_scale * block_scale_fp8.float())
     return pack_nibbles(codes.reshape(padded_rows, padded_cols)), block_scale_fp8
 

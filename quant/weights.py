@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import formats, outliers
+from . import formats, outliers, rounding
 
 FP8_TENSOR = "float8_e4m3fn"
 FP8_ROWWISE = "float8_e4m3fn_rowwise"
@@ -236,11 +236,15 @@ def outlier_specs(shape: tuple[int, int], smoothed: bool, rank: int) -> dict[str
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = outliers.NONE,
-                    channel_amax: torch.Tensor | None = None, rank: int | None = None) -> QuantizedWeight:
+                    channel_amax: torch.Tensor | None = None, rank: int | None = None,
+                    hessian: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a 2-D weight to `fmt`, in row chunks (identical bytes to one pass: scales that span
     the tensor are computed first), with `handling`'s outlier transforms (smoothing needs the layer's
     calibrated per-channel amax; without it the layer is not smoothed; `rank` fixes the low-rank
-    branch's rank, see branch_rank). Raises FormatError for shapes the format cannot hold."""
+    branch's rank, see branch_rank). With the layer's input `hessian` (quant.rounding's forms, in the
+    unsmoothed basis) the weight is rounded by GPTQ instead of to nearest; a diagonal one (K,) only
+    weights NVFP4's block-scale search (other formats: no change). Raises FormatError for shapes the
+    format cannot hold."""
     check_format(fmt)
     if w.dim() != 2:
         raise FormatError(f"{fmt} holds 2-D Linear weights only, got shape {tuple(w.shape)}")
@@ -259,9 +263,13 @@ def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = out
     if transforms:
         # The residual against the stored (rounded) branch and scale, so their rounding is quantized too.
         w = QuantizedWeight(fmt, shape, transforms).to_quantized_basis(w)
-        out = quantize_weight(w, fmt)
+        if hessian is not None and "pre_quant_scale" in transforms:
+            hessian = rounding.smoothed_hessian(hessian, transforms["pre_quant_scale"])
+        out = quantize_weight(w, fmt, hessian=hessian)
         out.tensors.update(transforms)
         return out
+    if hessian is not None and hessian.dim() > 1:
+        return rounding.gptq_quantize(w, fmt, hessian)
     chunks = _row_chunks(w)
     if fmt in (FP8_TENSOR, FP8_ROWWISE):
         if fmt == FP8_ROWWISE:
@@ -287,7 +295,8 @@ def quantize_weight(w: torch.Tensor, fmt: str, handling: outliers.Outliers = out
                                             "weight_scale": torch.cat([p[1] for p in parts])})
     global_scale = _amax(w).float() / formats.NVFP4_GLOBAL_DIVISOR
     # Searched block scales: 15% less weight error than amax/6 for the same bytes (formats.py).
-    parts = [formats.quantize_nvfp4_rows(c, global_scale, search_scales=True) for c in chunks]
+    # A diagonal hessian weights the search by each input channel's mean square (quant.rounding).
+    parts = [formats.quantize_nvfp4_rows(c, global_scale, search_scales=True, importance=hessian) for c in chunks]
     return QuantizedWeight(fmt, shape, {"weight": torch.cat([p[0] for p in parts]),
                                         "weight_scale": formats.swizzle_scales(torch.cat([p[1] for p in parts])),
                                         "weight_scale_2": global_scale})
