@@ -21,7 +21,7 @@ from . import formats, weights
 # Dampening added to H's diagonal, as a fraction of its mean (GPTQ's `percdamp`, 0.01 there): keeps H
 # invertible where calibration saw fewer tokens than input features and limits how far errors are
 # pushed along directions the calibration barely saw. 0.1: on the real-weights proxy the evaluation
-# text's layer-output error was 2-10% lower than with 0.01 (bench/rounding_study.py, docs/quality/log/15).
+# text's layer-output error was 2-10% lower than with 0.01 (bench/rounding_study.py, docs/quality/log/16).
 DAMP = 0.1
 # Columns rounded between two updates of the columns after them (GPTQ's lazy batch); a multiple of
 # every block size.
