@@ -172,8 +172,8 @@ def cost(device: str, repeats: int) -> None:
     print("| --- | --- | --- |")
     for label, form in (("diagonal", 0), ("64-blocks", 64), ("128-blocks", 128), ("256-blocks", 256),
                         ("rank K/16 + diag", ("rank", 16)), ("full", "full")):
-        per = lambda k: 4 * k * (1 if form == 0 else k if form == "full" else k // 16 + 1 if isinstance(form, tuple)  # noqa: E731
-                                 else form)
+        def per(k, form=form):
+            return 4 * k * (1 if form == 0 else k if form == "full" else k // 16 + 1 if isinstance(form, tuple) else form)
         total = blocks * sum(per(k) for _, k in layers.values())
         print(f"| {label} | {per(4096) / 2 ** 20:.3g} MiB | {total / 2 ** 30:.3g} GiB |")
     print(f"\nseconds per layer on {device} ({torch.get_num_threads()} threads)" if device == "cpu"
