@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import forced_capability  # noqa: E402  (bench/, beside this file)
 from quant import formats, kernels, kernels_int8  # noqa: E402
 
 SHAPES = [(4096, 4096), (16384, 4096), (4096, 16384), (2048, 2048)]  # (N, K) of the block Linears
@@ -354,8 +355,7 @@ def main() -> None:
         print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
         sys.exit(1 if FAILED else 0)
     if args.capability:
-        forced = tuple(int(part) for part in args.capability.split("."))
-        torch.cuda.get_device_capability = lambda device=None: forced
+        forced_capability.force(forced_capability.parse(["--capability", args.capability]))
     try:
         import comfy_kitchen
     except ImportError:

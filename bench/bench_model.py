@@ -49,32 +49,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from comfyui_pack import import_pack  # noqa: E402
+import forced_capability  # noqa: E402  (bench/, beside this file)
 
-
-def _forced_capability(argv: list[str]) -> tuple[int, int] | None:
-    """`--capability M.m` from the command line, read before anything asks the GPU what it is."""
-    for index, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--capability=") else (
-            argv[index + 1] if arg == "--capability" and index + 1 < len(argv) else None)
-        if value is not None:
-            major, minor = value.split(".")
-            return int(major), int(minor)
-    return None
-
-
-FORCED_CAPABILITY = _forced_capability(sys.argv)
+FORCED_CAPABILITY = forced_capability.parse(sys.argv)
 if FORCED_CAPABILITY is not None:
-    torch.cuda.get_device_capability = lambda device=None: FORCED_CAPABILITY
-    _properties = torch.cuda.get_device_properties
-
-    class _ForcedProperties:
-        def __init__(self, real):
-            self._real = real
-            self.major, self.minor = FORCED_CAPABILITY
-
-        def __getattr__(self, name):
-            return getattr(self._real, name)
-    torch.cuda.get_device_properties = lambda device=None: _ForcedProperties(_properties(device))
+    forced_capability.force(FORCED_CAPABILITY)
 
 import_pack(cpu=not torch.cuda.is_available())  # CPU dry runs of the benches that import this bootstrap
 import comfy.model_management  # noqa: E402
