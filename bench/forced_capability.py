@@ -34,8 +34,14 @@ class _ForcedProperties:
 
 
 def force(capability: tuple[int, int]) -> None:
-    real_capability = torch.cuda.get_device_capability
     real_properties = torch.cuda.get_device_properties
+
+    def real_capability(device=None) -> tuple[int, int]:
+        # Not torch.cuda.get_device_capability itself: it reads torch.cuda.get_device_properties when
+        # called, which answers the forced value once patched.
+        properties = real_properties(device)
+        return properties.major, properties.minor
+
     if torch.cuda.is_available():
         import triton.runtime.driver
         from torch._dynamo.device_interface import CudaInterface
@@ -43,7 +49,7 @@ def force(capability: tuple[int, int]) -> None:
         def real_compute_capability(device=None) -> int:
             major, minor = real_capability(device)
             return major * 10 + minor
-        # The driver binds torch.cuda.get_device_capability when it starts: start it with the real one.
+        # The driver binds torch.cuda.get_device_capability when it starts: give it the real one.
         triton.runtime.driver.active.get_device_capability = real_capability
         CudaInterface.get_compute_capability = staticmethod(real_compute_capability)
     torch.cuda.get_device_capability = lambda device=None: capability
