@@ -157,8 +157,10 @@ def full_precision(weights: dict):
     return minilm.full_precision(weights)
 
 
-def calibrate(weights: dict) -> AmaxRecorder:
-    recorder, run = AmaxRecorder(), full_precision(weights)
+def calibrate(weights: dict, hessian_block: int | None = None) -> AmaxRecorder:
+    """Per-channel amax of every encoder Linear's input over the calibration images; with
+    `hessian_block`, also their input Hessians for GPTQ (AmaxRecorder's forms; bench/rounding_study.py)."""
+    recorder, run = AmaxRecorder(hessian_block), full_precision(weights)
 
     def observed(name, x):
         recorder.observe(name, x)

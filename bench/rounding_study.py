@@ -1,10 +1,16 @@
-"""Load-time weight rounding on the real-weights proxy (all-MiniLM-L6-v2, bench/quality_real_weights.py):
-round-to-nearest against GPTQ (quant.rounding) under the full input Hessian, its diagonal blocks and its
-diagonal, alone and with smoothing and the low-rank branch (quant.outliers), through the pack's
-quantize_weight and reference linears. Sentence-embedding cosine vs fp32, worst of the 8 evaluation
-sentences; the Hessian comes from the same calibration sentences as the per-channel amax.
+"""Load-time weight rounding on the real-weights proxies: round-to-nearest against GPTQ (quant.rounding)
+under the full input Hessian, its diagonal blocks and its diagonal, alone and with smoothing and the
+low-rank branch (quant.outliers), through the pack's quantize_weight and reference linears. The Hessian
+comes from the same calibration inputs as the per-channel amax.
+
+- `--proxy minilm` (all-MiniLM-L6-v2, bench/quality_real_weights.py): sentence-embedding cosine vs fp32,
+  worst of the 8 evaluation sentences.
+- `--proxy vit` (DINOv2-small saliency ViT, bench/quality_real_weights_vit.py): image-embedding cosine vs
+  fp32, worst of the 7 evaluation images / saliency-heatmap relative error, mean; calibrated on the
+  proxy's 3 other images.
 
     python bench/rounding_study.py              # method x format table
+    python bench/rounding_study.py --proxy vit  # the same table on the ViT
     python bench/rounding_study.py --cost       # calibration bytes at LTX-2.3 shapes, seconds per layer
     python bench/rounding_study.py --cost --device cuda
 """
@@ -17,6 +23,7 @@ import os
 import re
 import sys
 import time
+from typing import Callable
 
 import torch
 from pydoc_data.topics import topics
@@ -31,10 +38,18 @@ from quant.quality import cosine_similarity  # noqa: E402
 from quant.reference import reference_linear  # noqa: E402
 from quant.weights import FP8_ROWWISE, INT8, INT8_CONVROT, MXFP8, NVFP4, fitting_format, quantize_weight  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("quality_real_weights", os.path.join(ROOT, "bench", "quality_real_weights.py"))
-proxy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(proxy)
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+proxy = _bench_module("quality_real_weights")
+vit = _bench_module("quality_real_weights_vit")
 NAMES = [f"encoder.layer.{n}.{m}" for n in range(6) for m in proxy.LINEARS]
+WHOLE = 1 << 20  # AmaxRecorder's hessian_block wider than any layer: whole matrices, restricted per method
 
 # (label, weight format, activation)
 FORMATS = [("fp8-scaled-mm", FP8_ROWWISE, "fp8"), ("mxfp8", MXFP8, "fp8"), ("nvfp4 (exact)", NVFP4, "none"),
@@ -95,45 +110,101 @@ def restrict(h: torch.Tensor, form) -> torch.Tensor | None:
     return h.reshape(k // form, form, k // form, form).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
 
-class Proxy:
+class Study:
+    """One proxy as the table sees it: fp32 `weights`, the quantized Linears `names`, their calibration
+    per-channel amax `channels` and whole input Hessians `hessians`; metrics(linear) compares the model
+    run through `linear(name, x)` with fp32 on the evaluation inputs. Linears outside `names` stay fp32."""
+    weights: dict[str, torch.Tensor]
+    fp32: Callable[[str, torch.Tensor], torch.Tensor]  # the proxy's full-precision Linear callback
+    names: list[str]
+    channels: dict[str, torch.Tensor]
+    hessians: dict[str, torch.Tensor]
+    metric_label: str
+    calibration: str
+
+    def metrics(self, linear) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def cell(self, values: tuple[float, ...]) -> str:
+        raise NotImplementedError
+
+    def quantized(self, fmt: str, handling: Outliers, form) -> dict:
+        return {name: quantize_weight(self.weights[name + ".weight"], fitting_format(fmt, self.weights[name + ".weight"].shape),
+                                      handling, self.channels[name], hessian=restrict(self.hessians[name], form))
+                for name in self.names}
+
+    def run(self, layers: dict, activation: str):
+        """The Linear callback: `layers` (weights or QuantizedWeights) through the reference linears."""
+        return lambda name, x: (reference_linear(x, layers[name], self.weights[name + ".bias"], activation)
+                                if name in layers else self.fp32(name, x))
+
+    def measure(self, fmt: str, activation: str, handling: Outliers, form) -> tuple[float, ...]:
+        return self.metrics(self.run(self.quantized(fmt, handling, form), activation))
+
+    def ceiling(self, activation: str) -> tuple[float, ...]:
+        """The weights unquantized, the activations rounded as the format's layers round them."""
+        return self.metrics(self.run({name: self.weights[name + ".weight"] for name in self.names}, activation))
+
+
+class MiniLM(Study):
+    metric_label = "sentence cosine, worst of 8"
+
     def __init__(self, templated: int, manual: int):
         self.weights, vocab = proxy.load_weights(), proxy.load_vocab()
+        self.names = NAMES
         self.sentences = calibration_sentences(templated, manual)
-        recorder = AmaxRecorder(hessian_block=1 << 20)  # whole matrices (one block): restricted below
-        run = proxy.full_precision(self.weights)
+        recorder = AmaxRecorder(hessian_block=WHOLE)
+        self.fp32 = proxy.full_precision(self.weights)
 
         def observed(name, x):
             recorder.observe(name, x)
-            return run(name, x)
+            return self.fp32(name, x)
         tokens = [proxy.tokenize(t, vocab) for t in self.sentences]
         for start in range(0, len(tokens), 50):  # attention is tokens x tokens: in batches
             proxy.encode(self.weights, tokens[start:start + 50], observed)
         self.channels = recorder.per_channel()
         self.hessians = {name: h[0] for name, h in recorder.hessians().items()}
-        self.tokens = recorder.tokens[NAMES[0]]
+        self.calibration = f"{len(self.sentences)} sentences, {recorder.tokens[NAMES[0]]} tokens per Linear"
         self.inputs = [proxy.tokenize(text, vocab) for text in proxy.EVALUATION]
-        self.reference = proxy.encode(self.weights, self.inputs, proxy.full_precision(self.weights))
+        self.reference = proxy.encode(self.weights, self.inputs, self.fp32)
 
-    def ceiling(self, activation: str) -> float:
-        """The weights unquantized, the activations rounded as the format's layers round them."""
-        return self.evaluate(lambda name, x: reference_linear(x, self.weights[name + ".weight"], self.weights[name + ".bias"],
-                                                              activation))
-
-    def evaluate(self, linear) -> float:
+    def metrics(self, linear) -> tuple[float, ...]:
         states = proxy.encode(self.weights, self.inputs, linear)
-        return min(cosine_similarity(proxy.sentence_embedding(s), proxy.sentence_embedding(r))
-                   for s, r in zip(states, self.reference))
+        return (min(cosine_similarity(proxy.sentence_embedding(s), proxy.sentence_embedding(r))
+                    for s, r in zip(states, self.reference)),)
 
-    def cosine(self, fmt: str, activation: str, handling: Outliers, form) -> float:
-        layers = {name: quantize_weight(self.weights[name + ".weight"], fitting_format(fmt, self.weights[name + ".weight"].shape),
-                                        handling, self.channels[name], hessian=restrict(self.hessians[name], form))
-                  for name in NAMES}
-        return self.evaluate(lambda name, x: reference_linear(x, layers[name], self.weights[name + ".bias"], activation))
+    def cell(self, values: tuple[float, ...]) -> str:
+        return f"{values[0]:.5f}"
 
 
-def table(formats: list[str], methods: list[str], templated: int, manual: int) -> None:
-    study = Proxy(templated, manual)
-    print(f"calibration: {len(study.sentences)} sentences, {study.tokens} tokens per Linear; GPTQ damp {rounding.DAMP}")
+class ViT(Study):
+    metric_label = "image-embedding cosine, worst / saliency rel. error, mean"
+
+    def __init__(self, names: list[str] | None = None, evaluation: tuple[str, ...] = vit.EVALUATION):
+        self.weights = vit.load_weights()
+        self.fp32 = vit.full_precision(self.weights)
+        self.names = list(names or vit.NAMES)
+        # The proxy's own calibration images, none of them an evaluation image.
+        recorder = vit.calibrate(self.weights, hessian_block=WHOLE)
+        self.channels = recorder.per_channel()
+        self.hessians = {name: h[0] for name, h in recorder.hessians().items()}
+        self.calibration = (f"{len(vit.CALIBRATION)} images ({', '.join(vit.CALIBRATION)}), "
+                            f"{recorder.tokens[self.names[0]]} tokens per Linear; evaluation: {len(evaluation)} images")
+        self.images, self.boxes = vit.load_images(evaluation)
+        with torch.no_grad():
+            self.reference = vit.forward(self.weights, self.images, self.fp32)
+
+    def metrics(self, linear) -> tuple[float, ...]:
+        with torch.no_grad():
+            result = vit.compare(vit.forward(self.weights, self.images, linear), self.reference, self.boxes)
+        return result["embedding_cosine"], result["saliency_error"]
+
+    def cell(self, values: tuple[float, ...]) -> str:
+        return f"{values[0]:.5f} / {values[1]:.4f}"
+
+
+def table(study: Study, formats: list[str], methods: list[str]) -> None:
+    print(f"calibration: {study.calibration}; GPTQ damp {rounding.DAMP}; cells: {study.metric_label}")
     methods_used = [m for m in METHODS if m[0] in methods]
     print("| format | outlier handling | " + " | ".join(m[0] for m in methods_used) + " |")
     print("|" + " --- |" * (len(methods_used) + 2))
@@ -146,10 +217,10 @@ def table(formats: list[str], methods: list[str], templated: int, manual: int) -
                 if form == 0 and fmt != NVFP4:  # the diagonal changes only NVFP4's scale search
                     cells.append("= RTN")
                     continue
-                cells.append(f"{study.cosine(fmt, activation, handling, form):.5f}")
+                cells.append(study.cell(study.measure(fmt, activation, handling, form)))
             print(f"| {label} | {handling_label} | " + " | ".join(cells) + " |", flush=True)
     print("\nactivation rounding alone (weights fp32, no smoothing): " + ", ".join(
-        f"{label} {study.ceiling(activation):.5f}" for label, _, activation in FORMATS
+        f"{label} {study.cell(study.ceiling(activation))}" for label, _, activation in FORMATS
         if label in formats and activation != "none"))
 
 
@@ -204,10 +275,11 @@ def cost(device: str, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cost", action="store_true", help="calibration bytes and seconds per layer instead")
+    parser.add_argument("--proxy", choices=("minilm", "vit"), default="minilm", help="the real-weights proxy of the table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--templated", type=int, default=150, help="templated calibration sentences added to the proxy's 5")
-    parser.add_argument("--manual", type=int, default=300, help="sentences of Python's manual added to the calibration")
+    parser.add_argument("--templated", type=int, default=150, help="minilm: templated calibration sentences added to the proxy's 5")
+    parser.add_argument("--manual", type=int, default=300, help="minilm: sentences of Python's manual added to the calibration")
     parser.add_argument("--damp", type=float, default=rounding.DAMP, help="GPTQ dampening (fraction of mean diag H)")
     parser.add_argument("--formats", default=";".join(f[0] for f in FORMATS[:3]), help="labels, ;-separated")
     parser.add_argument("--methods", default=";".join(m[0] for m in METHODS), help="labels, ;-separated")
@@ -216,7 +288,8 @@ def main() -> None:
     if args.cost:
         cost(args.device, args.repeats)
     else:
-        table(args.formats.split(";"), args.methods.split(";"), args.templated, args.manual)
+        study = MiniLM(args.templated, args.manual) if args.proxy == "minilm" else ViT()
+        table(study, args.formats.split(";"), args.methods.split(";"))
 
 
 if __name__ == "__main__":
