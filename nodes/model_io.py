@@ -25,7 +25,6 @@ from ..quant.calibration import layer_input_scale
 from ..quant.conversion import LoadedCheckpoint
 from ..quant.load_options import LoadOptions
 from ..quant.memory import GIB
-from ..quant.outliers import smoothed_amax
 from ..quant.policies import Policy, get_policy, summarize
 from ..quant.safetensors_io import MemoryTensors, SafetensorsFile
 from . import streaming
@@ -57,8 +56,8 @@ def apply_calibration(loaded: LoadedCheckpoint, amax: dict[str, float],
         conf_key = layer + comfy_quant.CONF_SUFFIX
         if conf_key not in loaded.state_dict:
             continue
-        value = smoothed_amax(value, (channel_amax or {}).get(layer), loaded.state_dict.get(layer + ".pre_quant_scale"))
-        scale = layer_input_scale(comfy_quant.conf_from_tensor(loaded.state_dict[conf_key]), value)
+        scale = layer_input_scale(comfy_quant.conf_from_tensor(loaded.state_dict[conf_key]), value,
+                                  (channel_amax or {}).get(layer), loaded.state_dict.get(layer + ".pre_quant_scale"))
         if scale is not None:
             loaded.state_dict[layer + ".input_scale"] = scale
             count += 1
@@ -136,7 +135,7 @@ def convert_and_build(source: SafetensorsFile | MemoryTensors, options: LoadOpti
     check_comfyui_builds(info)
     why = "chosen by you"
     streams = connectors_stream(device, options.text_connectors_on_cpu)  # what build_model's patcher will do
-    sizes = policy_sizes(info, streams)
+    sizes = policy_sizes(info, streams, options.outliers)
     if options.policy == "auto":
         chosen, why = auto_policy(sizes, device)
         options = replace(options, policy=chosen)

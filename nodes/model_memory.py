@@ -5,6 +5,7 @@ come from quant/memory.py and quant/advice.py)."""
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -14,6 +15,7 @@ from ..quant import advice, checkpoint, ltx2, memory
 from ..quant.capability import capability
 from ..quant.load_options import LoadOptions
 from ..quant.memory import GIB
+from ..quant.outliers import NONE as NO_OUTLIERS, Outliers
 from ..quant.policies import POLICIES, plan, summarize
 from . import streaming
 from .ops import compute_device
@@ -30,14 +32,19 @@ def connectors_stream(device: torch.device, text_connectors_on_cpu: bool) -> boo
     return text_connectors_on_cpu and streaming.streams_between(device, comfy.model_management.unet_offload_device())
 
 
-def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False) -> dict[str, int]:
-    """Weight bytes of the checkpoint's layers under each policy; with `streamed_connectors`, only the
-    layers that stay on the GPU."""
+def policy_sizes(info: checkpoint.CheckpointInfo, streamed_connectors: bool = False,
+                 handling: Outliers = NO_OUTLIERS) -> dict[str, int]:
+    """Weight bytes of the checkpoint's layers under each policy with the outlier `handling` (its tensors
+    at their bound, memory.outlier_bytes); with `streamed_connectors`, only the layers that stay on the GPU."""
     table = info.layer_table()
     if streamed_connectors:
         config = info.config if isinstance(info.config, dict) else {}
         table = [row for row in table if not ltx2.tensor_runs_once_per_prompt(row[0] + ".weight", config)]
-    return {name: summarize(plan(POLICIES[name], table, info.num_blocks))["bytes_after"] for name in POLICIES}
+    sizes = {}
+    for name in POLICIES:
+        decisions = plan(replace(POLICIES[name], outliers=handling), table, info.num_blocks)
+        sizes[name] = summarize(decisions)["bytes_after"] + sum(map(memory.outlier_bytes, decisions))
+    return sizes
 
 
 def auto_policy(sizes: dict[str, int], device: torch.device) -> tuple[str, str]:
@@ -58,7 +65,8 @@ def memory_needs(sizes: dict[str, int], config: dict | None, options: LoadOption
         needs = {name: memory.estimate_vram(name, width, height, frames, scope=options.scope,
                                             nvfp4_mode=options.nvfp4_mode, config=config,
                                             capability=device_capability,
-                                            text_connectors_on_cpu=options.text_connectors_on_cpu).total_bytes
+                                            text_connectors_on_cpu=options.text_connectors_on_cpu,
+                                            handling=options.outliers).total_bytes
                  for name in POLICIES}
         return needs, f"estimated for {width}x{height}x{frames}"
     return ({name: size + ACTIVATION_HEADROOM for name, size in sizes.items()},

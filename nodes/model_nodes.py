@@ -9,9 +9,9 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..quant import hub
-from ..quant.calibration import load_amax
-from ..quant.load_options import LoadOptions
+from ..quant.load_options import LoadOptions, calibration_options
 from ..quant.memory import GIB
+from ..quant.outliers import Outliers
 from ..quant.policies import POLICIES
 from ..quant.scopes import SCOPE_PRESETS, scope_options
 from ..quant.modes import NVFP4_MODES
@@ -35,8 +35,42 @@ CONNECTORS_ON_CPU_TOOLTIP = ("Keep the text connectors (~3.7 GiB in bf16) in hos
                              "on an H200. No effect when the model loads where it is offloaded (CPU, --gpu-only)")
 
 
+CALIBRATION_TOOLTIP = ("amax JSON from models/ltx2_calibration (the Calibrate node writes one): static activation "
+                       "scales for the FP8 W8A8 and NVFP4 layers, and the per-channel amax that smooth needs")
+SMOOTH_TOOLTIP = ("SmoothQuant strength (alpha; 0 = off, 0.5 measured): moves each input channel's outliers into the "
+                  "weight before it is quantized, from the calibration file's per-channel amax (a calibration file "
+                  "without it is refused by name). Helps INT8 most: int8-convrot 0.99707 -> 0.99950 sentence cosine "
+                  "on the real-weights proxy (docs/QUALITY.md); nvfp4 a little, FP8 and MXFP8 barely. Costs a bf16 "
+                  "factor per input feature (KiB per layer) and, on the NVFP4 and 16-bit paths, one extra pass over "
+                  "each layer's input (the INT8 and FP8 kernels fuse it). Saved files: stock ComfyUI applies it to "
+                  "NVFP4 layers only (see the Save node's comfy_compatible)")
+LOW_RANK_TOOLTIP = ("bf16 low-rank branch (0 = off, 0.1 measured): each block Linear's dominant singular directions "
+                    "stay unquantized, at most this fraction of the layer's quantized bytes (an SVD per layer at "
+                    "load). Helps nvfp4: 0.97323 -> 0.97922 sentence cosine on the real-weights proxy, 0.98282 with "
+                    "smooth (docs/QUALITY.md). Costs up to that fraction more weight memory and two thin bf16 GEMMs "
+                    "per layer call; stock ComfyUI cannot run it (see the Save node's comfy_compatible)")
+
+
 def connectors_on_cpu_input():
     return io.Boolean.Input("text_connectors_on_cpu", default=True, optional=True, tooltip=CONNECTORS_ON_CPU_TOOLTIP)
+
+
+def calibration_input():
+    return io.Combo.Input("calibration", options=["none", *folder_paths.get_filename_list(CALIBRATION_FOLDER)],
+                          default="none", optional=True, tooltip=CALIBRATION_TOOLTIP)
+
+
+def outlier_inputs() -> list:
+    """Last among the inputs: a workflow saved before them gives them their defaults (off)."""
+    return [io.Float.Input("smooth", default=0.0, min=0.0, max=1.0, step=0.05, optional=True, tooltip=SMOOTH_TOOLTIP),
+            io.Float.Input("low_rank", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                           tooltip=LOW_RANK_TOOLTIP)]
+
+
+def calibrated_options(calibration: str, smooth: float, low_rank: float) -> dict:
+    """The calibration combo's file and the outlier inputs as LoadOptions fields."""
+    path = None if calibration == "none" else folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration)
+    return calibration_options(path, Outliers(smooth_alpha=smooth, low_rank_bytes=low_rank))
 
 
 def register_folders() -> None:
@@ -87,14 +121,13 @@ class LTX2QuantLoader(io.ComfyNode):
                 io.Combo.Input("policy", options=POLICY_CHOICES, default="auto", tooltip=POLICY_TOOLTIP),
                 io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast", tooltip=NVFP4_MODE_TOOLTIP),
                 *scope_inputs(),
-                io.Combo.Input("calibration", options=["none", *folder_paths.get_filename_list(CALIBRATION_FOLDER)],
-                               default="none", optional=True,
-                               tooltip="amax JSON from models/ltx2_calibration: static FP8 activation scales"),
+                calibration_input(),
                 io.Boolean.Input("download_missing", default=False, optional=True,
                                  tooltip="Fetch a missing official file from Hugging Face into its model folder"),
                 io.Combo.Input("attention", options=LOADER_CHOICES, default=KEEP, optional=True,
                                tooltip="Attention kernel for this model, as the LTX-2 Quant Attention node sets it"),
                 connectors_on_cpu_input(),
+                *outlier_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -102,14 +135,12 @@ class LTX2QuantLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
                 keep_last_blocks=0, keep_audio=False, calibration="none", download_missing=False,
-                attention=KEEP, text_connectors_on_cpu=True) -> io.NodeOutput:
+                attention=KEEP, text_connectors_on_cpu=True, smooth=0.0, low_rank=0.0) -> io.NodeOutput:
+        calibrated = calibrated_options(calibration, smooth, low_rank)  # a bad file is refused before the download
         path = resolve_checkpoint(ckpt_name, download_missing)
-        amax = None
-        if calibration != "none":
-            amax = load_amax(folder_paths.get_full_path_or_raise(CALIBRATION_FOLDER, calibration))
         options = LoadOptions(policy, nvfp4_mode,
                               scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio),
-                              amax, text_connectors_on_cpu)
+                              text_connectors_on_cpu=text_connectors_on_cpu, **calibrated)
         model, text = model_io.load_and_quantize(path, options)
         if attention != KEEP:
             model, attention_text = patch_attention(model, attention)
@@ -132,6 +163,7 @@ def resolve_checkpoint(choice: str, download_missing: bool) -> str:
 class LTX2QuantQuantizeModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        register_folders()
         return io.Schema(
             node_id="LTX2QuantQuantizeModel",
             display_name="LTX-2 Quantize Model",
@@ -143,16 +175,20 @@ class LTX2QuantQuantizeModel(io.ComfyNode):
                 io.Combo.Input("nvfp4_mode", options=list(NVFP4_MODES), default="fast", tooltip=NVFP4_MODE_TOOLTIP),
                 *scope_inputs(),
                 connectors_on_cpu_input(),
+                calibration_input(),
+                *outlier_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, policy, nvfp4_mode, scope, exclude="", include="", keep_first_blocks=0,
-                keep_last_blocks=0, keep_audio=False, text_connectors_on_cpu=True) -> io.NodeOutput:
+                keep_last_blocks=0, keep_audio=False, text_connectors_on_cpu=True, calibration="none", smooth=0.0,
+                low_rank=0.0) -> io.NodeOutput:
         options = LoadOptions(policy, nvfp4_mode,
                               scope_options(scope, include, exclude, keep_first_blocks, keep_last_blocks, keep_audio),
-                              text_connectors_on_cpu=text_connectors_on_cpu)
+                              text_connectors_on_cpu=text_connectors_on_cpu,
+                              **calibrated_options(calibration, smooth, low_rank))
         new, text = model_io.quantize_model(model, options)
         return io.NodeOutput(new, ui=ui.PreviewText(text))
 
@@ -171,7 +207,11 @@ class LTX2QuantSave(io.ComfyNode):
                                tooltip="Which diffusion_models folder to write into"),
                 io.String.Input("filename", default="ltx-2.3-quantized.safetensors"),
                 io.Boolean.Input("comfy_compatible", default=True,
-                                 tooltip="Per-tensor FP8 scales, so stock ComfyUI loads it without this pack"),
+                                 tooltip="Per-tensor FP8 scales, so stock ComfyUI loads it without this pack. A "
+                                         "model loaded with low_rank, or with smooth on layers other than NVFP4, "
+                                         "is refused before anything is written (stock ComfyUI would drop those "
+                                         "tensors and compute wrongly): turn this off to keep them in a file only "
+                                         "this pack loads, or load the model with them at 0"),
                 io.Boolean.Input("overwrite", default=False),
             ],
             outputs=[],

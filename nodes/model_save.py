@@ -65,8 +65,9 @@ def save_model(patcher, folder: str, filename: str, comfy_compatible: bool, over
         for layer, module in layers.items():
             why = conversion.stock_refusal(layer, module.quant.format, module._parameters)
             if why:
-                raise ValueError(f"{why}. Turn comfy_compatible off to save it for this pack, or load the model "
-                                 "without that outlier option")
+                option = "low_rank" if "low_rank_down" in module._parameters else "smooth"
+                raise ValueError(f"{why}. Turn comfy_compatible off to keep it (the file then loads only with this "
+                                 f"pack), or load the model with {option} 0 (the Loader's or Quantize node's input)")
     # Applies LoRA patches; those of streamed layers are merged into their host copy only when forced.
     comfy.model_management.load_models_gpu([patcher], force_full_load=True,
                                            force_patch_weights=streaming.patches_streamed_layers(patcher))

@@ -102,15 +102,18 @@ def calibrate(patcher, positive, negative, latent: dict, sigmas: torch.Tensor, c
     return recorder
 
 
-def with_static_scales(patcher, amax: dict[str, float]):
+def with_static_scales(patcher, amax: dict[str, float], channel_amax: dict[str, torch.Tensor]):
     """A clone of a model quantized by this pack whose W8A8 (and NVFP4) layers use static activation
-    scales from `amax`, and how many layers got one. The layers are swapped in as object patches that
+    scales from `amax` (a smoothed layer's from `channel_amax` times its pre_quant_scale: what it
+    quantizes), and how many layers got one. The layers are swapped in as object patches that
     share the quantized weights, so the input MODEL stays as it was and no weight is copied."""
     new = patcher.clone()
     count = 0
     for name, module in quantized_layers(patcher.model.diffusion_model).items():
         q = module.quant
-        scale = layer_input_scale(q.conf, amax[name]) if name in amax else None
+        smoothing = module._parameters.get("pre_quant_scale")  # on the GPU once loaded; the amax is on the CPU
+        scale = layer_input_scale(q.conf, amax[name], channel_amax.get(name),
+                                  None if smoothing is None else smoothing.cpu()) if name in amax else None
         if scale is None:
             continue
         layer = copy.copy(module)

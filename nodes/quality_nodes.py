@@ -40,7 +40,8 @@ class LTX2QuantCalibrate(io.ComfyNode):
             display_name="LTX-2 Calibrate",
             category=CATEGORY,
             description="Samples the model on your inputs while recording every Linear's input amax (per tensor and "
-                        "per channel); writes an amax JSON for the loader and returns the model with static "
+                        "per channel); writes an amax JSON for the loader (its per-channel amax is what the "
+                        "Loader's and Quantize node's smooth input needs) and returns the model with static "
                         "activation scales where it was quantized by this pack.",
             inputs=[
                 io.Model.Input("model", tooltip="bf16 (recommended) or quantized LTX-2 model"),
@@ -74,7 +75,7 @@ class LTX2QuantCalibrate(io.ComfyNode):
             lines.append(f"wrote {path}")
         out = model
         if quantized_layers(model.model.diffusion_model):
-            out, count = quality_evaluation.with_static_scales(model, amax)
+            out, count = quality_evaluation.with_static_scales(model, amax, channels)
             lines.append(f"static activation scales on {count} quantized layers")
         ratios = sorted(((outlier_ratio(channels[name]), name) for name in amax), reverse=True)[:5]
         lines.append("largest per-channel outliers (max/median channel amax): "

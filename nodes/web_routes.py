@@ -4,6 +4,7 @@ The formula and the rules live in quant/memory.py and quant/sampling.py; the fro
 from __future__ import annotations
 
 import asyncio
+import math
 
 import comfy.model_management
 from aiohttp import web
@@ -11,6 +12,7 @@ from server import PromptServer
 
 from ..quant import memory
 from ..quant.capability import capability
+from ..quant.outliers import Outliers
 from ..quant.scopes import scope_options
 from .model_memory import ACTIVATION_HEADROOM, connectors_stream
 from .ops import compute_device
@@ -38,6 +40,21 @@ def query_scope(query) -> dict:
                          query.get("keep_audio", "false").lower() == "true")
 
 
+def query_outliers(query) -> Outliers:
+    """The loader's smooth and low_rank widgets (fractions from 0 to 1, as the widgets allow)."""
+    values = {}
+    for name in ("smooth", "low_rank"):
+        raw = query.get(name) or "0"
+        try:
+            value = float(raw) if len(raw) <= 20 else math.nan
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a number from 0 to 1, got {raw[:20]!r}")
+        values[name] = value
+    return Outliers(smooth_alpha=values["smooth"], low_rank_bytes=values["low_rank"])
+
+
 def query_video_size(query) -> tuple[dict[str, int], list[str]]:
     """The width, height and frames of a query that are whole numbers, and why each other one is not.
     Told from the text: a size of thousands of digits never reaches int() or the arithmetic."""
@@ -62,6 +79,10 @@ async def estimate(request: web.Request) -> web.Response:
         scope = query_scope(query)
     except (KeyError, ValueError) as e:
         return web.json_response({"errors": [f"bad scope parameters: {e}"]}, status=400)
+    try:
+        handling = query_outliers(query)
+    except ValueError as e:
+        return web.json_response({"errors": [f"bad outlier parameters: {e}"]}, status=400)
     device = compute_device()
     free = comfy.model_management.get_free_memory(device) if device.type == "cuda" else None
     # A GPU server where the loader would keep the text connectors resident (--gpu-only, --highvram,
@@ -75,7 +96,7 @@ async def estimate(request: web.Request) -> web.Response:
             memory.estimate_answer, query.get("policy", "auto"), video, two_stage=query_flag(query, "two_stage", False),
             nvfp4_mode=query.get("nvfp4_mode", "fast"), text_connectors_on_cpu=connectors_on_cpu, scope=scope,
             capability=capability(device), free_bytes=free, auto_headroom_bytes=ACTIVATION_HEADROOM,
-            read_errors=read_errors)
+            read_errors=read_errors, handling=handling)
     return web.json_response(answer)
 
 

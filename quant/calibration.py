@@ -15,6 +15,7 @@ from . import formats, weights
 from .ltx2 import CHECKPOINT_PREFIX, strip_prefix
 from .safetensors_io import CheckpointError, SafetensorsFile, open_regular, parse_json, save_tensors, write_text
 from .modes import Activation, layer_activation
+from .outliers import smoothed_amax
 from .weights import INT8, INT8_FORMATS, NVFP4
 
 SUFFIX = ".input_quantizer"
@@ -69,13 +70,21 @@ def _amax(path: str, entry: str, value) -> float:
 
 def load_amax(path: str) -> dict[str, float]:
     """Layer -> activation amax. Errors name the file and the bad entry."""
-    return {layer_name(entry): _amax(path, entry, value) for entry, value in _read(path)["amax_values"].items()}
+    return _amax_values(path, _read(path))
+
+
+def _amax_values(path: str, raw: dict) -> dict[str, float]:
+    return {layer_name(entry): _amax(path, entry, value) for entry, value in raw["amax_values"].items()}
 
 
 def load_channel_amax(path: str) -> dict[str, torch.Tensor]:
     """Layer -> per-input-channel amax (fp32 vector), from our "amax_per_channel"; {} when absent.
     A channel that never saw a non-zero input has amax 0."""
-    channels = _read(path).get("amax_per_channel", {})
+    return _channel_values(path, _read(path))
+
+
+def _channel_values(path: str, raw: dict) -> dict[str, torch.Tensor]:
+    channels = raw.get("amax_per_channel", {})
     if not isinstance(channels, dict):
         raise CalibrationError(f"{path}: 'amax_per_channel' must map layer names to lists of numbers")
     out = {}
@@ -87,6 +96,23 @@ def load_channel_amax(path: str) -> dict[str, torch.Tensor]:
                                    f"non-negative finite numbers")
         out[layer_name(entry)] = torch.tensor(values, dtype=torch.float32)
     return out
+
+
+def load_calibration(path: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """load_amax and load_channel_amax of one file, read once (ours for the 22B model is about 90 MB)."""
+    raw = _read(path)
+    return _amax_values(path, raw), _channel_values(path, raw)
+
+
+def require_channel_amax(channel_amax: dict[str, torch.Tensor] | None, calibration: str | None) -> None:
+    """Smoothing needs per-channel amax: raise, naming the calibration file (or its absence), when there is none."""
+    if channel_amax:
+        return
+    where = (f"{calibration}: has no per-channel amax ('amax_per_channel')" if calibration
+             else "no calibration file was given")
+    raise CalibrationError(f"{where}; smoothing needs each layer's per-channel input amax. Calibrate with this "
+                           "pack (the LTX-2 Calibrate node, or bench/bench_quality.py --save-amax), which writes it, "
+                           "or set smoothing to 0")
 
 
 def save_amax(path: str, amax: dict[str, float], channel_amax: dict[str, torch.Tensor] | None = None, *,
@@ -137,10 +163,15 @@ def gets_input_scale(conf: dict) -> bool:
     return fmt == NVFP4 or (layer_activation(conf) != Activation.NONE and fmt not in INT8_FORMATS)
 
 
-def layer_input_scale(conf: dict, amax: float) -> torch.Tensor | None:
+def layer_input_scale(conf: dict, amax: float, channel_amax: torch.Tensor | None = None,
+                      pre_quant_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """The static input scale a calibrated `amax` gives the layer of this ComfyUI per-layer config, or
-    None for a layer that keeps per-token scales (gets_input_scale)."""
-    return input_scale(amax, weights.format_from_conf(conf)) if gets_input_scale(conf) else None
+    None for a layer that keeps per-token scales (gets_input_scale). A smoothed layer (its
+    `pre_quant_scale`) quantizes x * pre_quant_scale: its scale comes from that amax, which needs the
+    layer's per-channel amax (outliers.smoothed_amax)."""
+    if not gets_input_scale(conf):
+        return None
+    return input_scale(smoothed_amax(amax, channel_amax, pre_quant_scale), weights.format_from_conf(conf))
 
 
 def input_scale(amax: float, fmt: str | None = None) -> torch.Tensor:

@@ -174,7 +174,8 @@ def quality_layers(args: argparse.Namespace) -> str:
     report, lines = {}, []
     for name in args.policy or [p for p in POLICIES if POLICIES[p].weight_format]:
         policy = replace(get_policy(name, **_scope(args)), outliers=handling)
-        rows = quality.file_layer_quality(args.file, policy, amax, channels, tokens=args.tokens)
+        rows = quality.file_layer_quality(args.file, policy, amax, channels, tokens=args.tokens,
+                                          calibration=args.calibration)
         summary = quality.group_summary(rows)
         report[name] = {"layers": rows, "groups": summary}
         lines += [f"== {name}: {len(rows)} quantized layers, worst {min(args.worst, len(rows))}",

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import comfy_quant, ltx2, weights
-from .calibration import CalibrationError
+from .calibration import CalibrationError, require_channel_amax
 from .checkpoint import (CheckpointInfo, LayerSource, check_config_values, check_layers, inspect_checkpoint,
                          require_config)
 from .formats import E2M1_MAX, FP8_MAX, INT8_MAX, round_up
@@ -327,12 +327,7 @@ def smoothing_amax(decisions: list[LayerDecision], channel_amax: dict[str, torch
     asked = [d for d in decisions if d.outliers.smooth_alpha]
     if not asked:
         return decisions, {}
-    if not channel_amax:
-        where = (f"{calibration}: has no per-channel amax ('amax_per_channel')" if calibration
-                 else "no calibration file was given")
-        raise CalibrationError(f"{where}; smoothing needs each layer's per-channel input amax. Calibrate with this "
-                               "pack (the LTX-2 Quant Calibrate node, or bench/bench_quality.py --save-amax), which "
-                               "writes it, or turn smoothing off")
+    require_channel_amax(channel_amax, calibration)
     found, missing = {}, []
     for d in asked:
         values = channel_amax.get(d.layer)

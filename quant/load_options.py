@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .calibration import load_calibration, require_channel_amax
 from .outliers import NONE, Outliers
 
 
@@ -20,3 +21,14 @@ class LoadOptions:
     calibration: str | None = None  # the calibration file's path, for messages
     outliers: Outliers = NONE  # smoothing and the low-rank branch on the policy's block Linears
     text_connectors_on_cpu: bool = True  # keep the text connectors in host memory, streamed when they run
+
+
+def calibration_options(path: str | None, outliers: Outliers = NONE) -> dict:
+    """The LoadOptions fields of a calibration file (`path`, None for none) and the outlier handling asked:
+    its amax (static activation scales) and per-channel amax (smoothing, and the static scales of smoothed
+    layers). Smoothing without per-channel amax raises CalibrationError naming the file, before any model
+    is read."""
+    amax, channels = load_calibration(path) if path else (None, None)
+    if outliers.smooth_alpha:
+        require_channel_amax(channels, path)
+    return {"amax": amax, "channel_amax": channels, "calibration": path, "outliers": outliers}

@@ -15,15 +15,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .calibration import gets_input_scale, input_scale
+from .calibration import layer_input_scale
 from .checkpoint import inspect_checkpoint
-from .conversion import read_layer
+from .conversion import read_layer, smoothing_amax
 from .comfy_quant import layer_conf
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error
 from .modes import Nvfp4Mode, layer_activation
-from .outliers import smoothed_amax
 from .safetensors_io import SafetensorsFile, write_text
 from .weights import QuantizedWeight, quantize_weight
 
@@ -95,15 +94,19 @@ def evaluation_inputs(in_features: int, tokens: int, seed: int, channel_amax: to
 
 def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None = None,
                        channel_amax: dict[str, torch.Tensor] | None = None, tokens: int = 256,
-                       seed: int = 0) -> list[LayerQuality]:
+                       seed: int = 0, calibration: str | None = None) -> list[LayerQuality]:
     """Per-layer quality of `policy` on a full-precision checkpoint, one layer in memory at a time.
-    With `amax`, W8A8 layers use the calibrated static activation scale (as the loader would)."""
+    With `amax`, W8A8 layers use the calibrated static activation scale (as the loader would); the
+    policy's outlier handling is applied where the loader applies it (conversion.smoothing_amax: the
+    same error without per-channel amax from the file `calibration`, the same layers left unsmoothed)."""
     if tokens < 1:  # no rows: every error would be 0 and every SNR infinite
         raise ValueError(f"tokens must be at least 1, got {tokens}")
     rows = []
     with SafetensorsFile(path) as f:
         info = inspect_checkpoint(f)
-        for decision in plan(policy, info.layer_table(), info.num_blocks):
+        decisions, smoothing = smoothing_amax(plan(policy, info.layer_table(), info.num_blocks), channel_amax,
+                                              calibration)
+        for decision in decisions:
             if not decision.changed:
                 continue
             source = info.layers[decision.layer]
@@ -114,13 +117,15 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
             channels = (channel_amax or {}).get(decision.layer)
-            qw = quantize_weight(weight.float(), decision.target_format, decision.outliers, channels)
+            qw = quantize_weight(weight.float(), decision.target_format, decision.outliers,
+                                 smoothing.get(decision.layer))
             conf = layer_conf(decision)
             # NVFP4 layers as the exact mode runs them (weight-only): the fast modes differ per GPU.
             activation = layer_activation(conf, Nvfp4Mode.EXACT)
-            if amax and decision.layer in amax and gets_input_scale(conf):
-                layer_amax = smoothed_amax(amax[decision.layer], channels, qw.pre_quant_scale)
-                qw.tensors["input_scale"] = input_scale(layer_amax, qw.format)
+            scale = (layer_input_scale(conf, amax[decision.layer], channels, qw.pre_quant_scale)
+                     if amax and decision.layer in amax else None)
+            if scale is not None:
+                qw.tensors["input_scale"] = scale
             x = evaluation_inputs(weight.shape[1], tokens, seed, channels)
             rows.append(layer_quality(decision.layer, weight, qw, bias, x, activation))
     return rows

@@ -453,6 +453,25 @@ def gelu_fuses(path: str, device: torch.device) -> bool:
     return BY_NAME[path].fuses_gelu and kernels.AVAILABLE and device.type == "cuda"
 
 
+def scales_input_outside(path: str) -> bool:
+    """Whether run() multiplies a smoothed layer's input by pre_quant_scale itself on `path` (a copy of
+    the input): the paths that neither apply it in their own run nor fuse it into their quantizer."""
+    spec = BY_NAME[path]
+    return not (spec.applies_outliers or spec.fuses_pre_quant_scale)
+
+
+def outlier_call_bytes(path: str, shape: tuple[int, int], smoothed: bool, rank: int, rows: int) -> int:
+    """The temporary bytes run() adds per call for a layer's outlier transforms on `rows` 16-bit input
+    rows: x * pre_quant_scale where scales_input_outside (rows x K), and the low-rank branch's rows x rank
+    intermediate, its rows x N output and the sum with the path's output (rows x N each). The
+    reference applies both in its own fp32 math (its cost is its expansion)."""
+    if BY_NAME[path].applies_outliers:
+        return 0
+    n, k = shape
+    per_row = (k if smoothed and scales_input_outside(path) else 0) + (rank + 2 * n if rank else 0)
+    return rows * per_row * 2
+
+
 def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int],
         bias: torch.Tensor | None, fmt: str, activation: str, input_gelu: bool = False) -> torch.Tensor:
     """y = x @ W^T + b for a prepared layer (`input_gelu`: y = gelu_tanh(x) @ W^T + b, the GELU fused
@@ -461,7 +480,7 @@ def run(x: torch.Tensor, path: str, tensors: dict[str, torch.Tensor], shape: tup
     spec = BY_NAME[path]
     branch = None if spec.applies_outliers or "low_rank_down" not in tensors else (
         tensors["low_rank_down"], tensors["low_rank_up"])
-    scale_outside = "pre_quant_scale" in tensors and not (spec.applies_outliers or spec.fuses_pre_quant_scale)
+    scale_outside = "pre_quant_scale" in tensors and scales_input_outside(path)
     # The GELU comes first: the branch reads gelu(x), and a scale applied here multiplies gelu(x).
     fused_gelu = input_gelu and gelu_fuses(path, x.device) and branch is None and not scale_outside
     if input_gelu and not fused_gelu:

@@ -12,7 +12,7 @@ const LATENT = "EmptyLTXVLatentVideo";
 const TWO_STAGE = "LTX2QuantTwoStageSampler";
 const POLICY_NODES = ["LTX2QuantLoader", "LTX2QuantQuantizeModel"];
 const SCOPE_WIDGETS = ["nvfp4_mode", "scope", "include", "exclude", "keep_first_blocks", "keep_last_blocks",
-                       "keep_audio", "text_connectors_on_cpu"];
+                       "keep_audio", "text_connectors_on_cpu", "smooth", "low_rank"];
 const DEFAULT_SIZE = { width: 768, height: 512, frames: 121 };
 const STATUS_WIDGET = "ltx2quant_vram";
 
