@@ -2,9 +2,10 @@ import math
 
 import pytest
 
-from quant import ltx2, memory
+from quant import ltx2, memory, runtime, weights
 from quant.capability import Capability
 from quant.memory import GIB
+from quant.outliers import NONE, Outliers
 from quant.policies import POLICIES
 
 # Peak VRAM (GiB, torch.cuda.max_memory_allocated over an 8-step run) measured by
@@ -230,3 +231,102 @@ def test_caption_projection_streams_only_where_it_runs_before_the_connectors():
     for module in ("video_embeddings_connector", "transformer_blocks.0.attn2.to_k", "adaln_single.linear",
                    "my_video_embeddings_connector.x"):
         assert not ltx2.runs_once_per_prompt(module, True)
+
+
+# Outlier handling (quant.outliers) on the LTX-2.3 release's shapes: what each option adds.
+def _own_format_block_linears(policy_name: str, weight_only: bool | None = None) -> list[tuple[int, int]]:
+    """The (N, K) of the Linears a policy's outlier handling applies to: its own-format block Linears
+    (only those that run weight-only, or only the others, if `weight_only` says)."""
+    policy = POLICIES[policy_name]
+    _, decisions, _ = memory.weight_plan(policy_name)
+    return [d.shape for d in decisions if d.changed and ltx2.BLOCK_LINEAR_RE.match(d.layer)
+            and d.target_format == policy.weight_format and weight_only in (None, d.weight_only)]
+
+
+def _branch_cap_bytes(fmt: str, shapes, fraction: float) -> int:
+    """Each branch at the largest rank `fraction` of its layer's quantized bytes pays for, r x K + N x r bf16."""
+    total = 0
+    for n, k in shapes:
+        rank = int(fraction * weights.storage_nbytes(fmt, (n, k)) // ((n + k) * 2))
+        total += rank * (n + k) * 2
+    return total
+
+
+@pytest.mark.parametrize("policy", ["int8-convrot", "nvfp4", "fp8-scaled-mm"])
+def test_outlier_tensors_add_their_bytes_to_the_weights(policy):
+    shapes = _own_format_block_linears(policy)
+    assert len(shapes) >= 48 * 20  # every block's Linears (fp8-scaled-mm keeps 3 per block bf16)
+    base = memory.planned_bytes(policy)
+    smooth = memory.planned_bytes(policy, handling=Outliers(smooth_alpha=0.5))
+    assert smooth - base == sum(2 * k for _, k in shapes)  # pre_quant_scale: K bf16 per layer
+    fmt = POLICIES[policy].weight_format
+    branch = memory.planned_bytes(policy, handling=Outliers(low_rank_bytes=0.1))
+    assert branch - base == _branch_cap_bytes(fmt, shapes, 0.1)
+    # bounded by the cap: at most a tenth of those layers' quantized bytes, and not far below it
+    quantized = sum(weights.storage_nbytes(fmt, s) for s in shapes)
+    assert 0.09 * quantized < branch - base <= 0.1 * quantized
+    both = memory.planned_bytes(policy, handling=Outliers(0.5, 0.1))
+    assert both - base == (smooth - base) + (branch - base)
+    # the estimate's resident weights grow by the same bytes
+    video = (768, 512, FRAMES)
+    plain = memory.estimate_vram(policy, *video)
+    assert memory.estimate_vram(policy, *video, handling=Outliers(0.5, 0.1)).weight_bytes - plain.weight_bytes == both - base
+
+
+def test_outlier_call_temporaries_follow_the_path():
+    rows, shape = 100, (48, 64)
+    # The INT8 and FP8 activation kernels fuse x * pre_quant_scale; the 16-bit expansion and native NVFP4
+    # paths take a copy of the input; the reference applies both in its own math.
+    assert runtime.outlier_call_bytes("int8-rowwise", shape, True, 0, rows) == 0
+    assert runtime.outlier_call_bytes("fp8-rowwise", shape, True, 0, rows) == 0
+    assert runtime.outlier_call_bytes("nvfp4-jit-bf16", shape, True, 0, rows) == rows * 64 * 2
+    assert runtime.outlier_call_bytes("nvfp4-native", shape, True, 0, rows) == rows * 64 * 2
+    assert runtime.outlier_call_bytes("reference", shape, True, 5, rows) == 0
+    # the branch: rows x r intermediate, its rows x N output and the sum
+    assert runtime.outlier_call_bytes("int8-rowwise", shape, True, 5, rows) == rows * (5 + 2 * 48) * 2
+    assert runtime.outlier_call_bytes("nvfp4-jit-bf16", shape, True, 5, rows) == rows * (64 + 5 + 2 * 48) * 2
+
+
+def test_outlier_temporaries_add_to_the_activation_peak():
+    width, height = 768, 512
+    rows = max(memory.sampling.video_tokens(width, height, FRAMES), memory.audio_tokens(FRAMES, 24.0),
+               memory.TEXT_TOKENS)
+    shapes = _own_format_block_linears("nvfp4")
+
+    def activations(mode: str, handling: Outliers) -> int:
+        return memory.estimate_vram("nvfp4", width, height, FRAMES, nvfp4_mode=mode, handling=handling).activation_bytes
+
+    # fast on an FP8 GPU: nvfp4-jit-fp8, whose FP8 quantizer applies the smoothing, except on the layers
+    # that read few tokens (weight-only, nvfp4-jit-bf16): the widest of those takes a copy of its input
+    weight_only = _own_format_block_linears("nvfp4", weight_only=True)
+    assert weight_only and max(k for _, k in weight_only) < max(k for _, k in shapes)
+    assert activations("fast", Outliers(smooth_alpha=0.5)) - activations("fast", NONE) == rows * 2 * max(
+        k for _, k in weight_only)
+    # exact: nvfp4-jit-bf16 multiplies a copy of the input, the widest one (the FFN down-projection's)
+    exact = activations("exact", NONE)
+    assert activations("exact", Outliers(smooth_alpha=0.5)) - exact == rows * max(k for _, k in shapes) * 2
+    # the branch's temporaries at the rank cap, the largest of any layer
+    fmt = weights.NVFP4
+
+    def per_row(n, k, smoothed):
+        rank = int(0.1 * weights.storage_nbytes(fmt, (n, k)) // ((n + k) * 2))
+        return (k if smoothed else 0) + (rank + 2 * n if rank else 0)
+    assert activations("fast", Outliers(low_rank_bytes=0.1)) - activations("fast", NONE) == rows * 2 * max(
+        per_row(n, k, False) for n, k in shapes)
+    assert activations("exact", Outliers(0.5, 0.1)) - exact == rows * 2 * max(per_row(n, k, True) for n, k in shapes)
+
+
+def test_auto_weighs_the_outlier_tensors():
+    """The estimate route's `auto` sizes each policy with the branch: a GPU whose free memory fits
+    fp8-scaled-mm without it, and not with it, gets the next smaller policy."""
+    sizes = {name: memory.planned_bytes(name, text_connectors_on_cpu=True) for name in POLICIES}
+    branch = memory.planned_bytes("fp8-scaled-mm", text_connectors_on_cpu=True, handling=Outliers(low_rank_bytes=0.5))
+    free = (sizes["fp8-scaled-mm"] + branch) // 2 + 6 * GIB
+    video = {"width": 768, "height": 512, "frames": 121}
+    hopper = Capability("cuda", (9, 0), True)
+
+    def auto(handling):
+        return memory.estimate_answer("auto", video, capability=hopper, free_bytes=free, auto_headroom_bytes=6 * GIB,
+                                      handling=handling)["policy"]
+    assert auto(NONE) == "fp8-scaled-mm"
+    assert auto(Outliers(low_rank_bytes=0.5)) == "nvfp4"
