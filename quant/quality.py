@@ -17,14 +17,14 @@ import torch
 
 from .calibration import layer_input_scale
 from .checkpoint import inspect_checkpoint
-from .conversion import read_layer, smoothing_amax
+from .conversion import LayerOutliers, convert_layer, read_layer, smoothing_amax
 from .comfy_quant import layer_conf
 from .ltx2 import BLOCK_LINEAR_RE
 from .policies import Policy, plan
 from .reference import reference_linear, relative_error
 from .modes import Nvfp4Mode, layer_activation
 from .safetensors_io import SafetensorsFile, write_text
-from .weights import QuantizedWeight, quantize_weight
+from .weights import QuantizedWeight
 
 # Branches of an LTX-2 block, the unit the scope options keep or quantize.
 _BRANCHES = (("video self-attn", r"\.attn1\."), ("video cross-attn", r"\.attn2\."),
@@ -117,8 +117,9 @@ def file_layer_quality(path: str, policy: Policy, amax: dict[str, float] | None 
             bias_key = info.prefix + decision.layer + ".bias"
             bias = f.read(bias_key).float() if bias_key in f else None
             channels = (channel_amax or {}).get(decision.layer)
-            qw = quantize_weight(weight.float(), decision.target_format, decision.outliers,
-                                 smoothing.get(decision.layer))
+            # Quantized as the loader does (in the file's dtype; the layer is read again, from the page cache)
+            qw = convert_layer(f, source, decision.target_format,
+                               outliers=LayerOutliers(decision.outliers, smoothing.get(decision.layer)))
             conf = layer_conf(decision)
             # NVFP4 layers as the exact mode runs them (weight-only): the fast modes differ per GPU.
             activation = layer_activation(conf, Nvfp4Mode.EXACT)

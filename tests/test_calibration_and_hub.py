@@ -6,8 +6,11 @@ import sys
 import types
 
 import pytest
+import torch
 
-from quant import calibration, formats, hub
+from quant import calibration, formats, hub, weights
+from quant.load_options import LoadOptions, calibration_options
+from quant.outliers import NONE, Outliers
 
 
 def test_amax_file_round_trip_and_both_namings(tmp_path):
@@ -40,6 +43,37 @@ def test_bad_amax_files_name_file_and_entry(tmp_path, content, needle):
     with pytest.raises(calibration.CalibrationError) as exc:
         calibration.load_amax(str(path))
     assert str(path) in str(exc.value) and needle in str(exc.value)
+
+
+def test_load_options_take_a_calibration_file_and_smoothing_needs_its_per_channel_amax(tmp_path):
+    layer = "transformer_blocks.0.attn1.to_q"
+    lightricks = tmp_path / "theirs.json"
+    lightricks.write_text(json.dumps({"amax_values": {layer + ".input_quantizer": 12.5}}))
+    ours = tmp_path / "ours.json"
+    calibration.save_amax(str(ours), {layer: 12.5}, {layer: torch.tensor([1.0, 12.5, 0.5])}, overwrite=False)
+
+    fields = calibration_options(str(lightricks))  # static scales only: no per-channel amax needed
+    assert fields == {"amax": {layer: 12.5}, "channel_amax": {}, "calibration": str(lightricks), "outliers": NONE}
+    fields = calibration_options(str(ours), Outliers(smooth_alpha=0.5, low_rank_bytes=0.1))
+    assert torch.equal(fields["channel_amax"][layer], torch.tensor([1.0, 12.5, 0.5]))
+    assert fields["outliers"] == Outliers(0.5, 0.1) and LoadOptions(**fields).channel_amax is fields["channel_amax"]
+    assert calibration_options(None, Outliers(low_rank_bytes=0.1))["amax"] is None  # the branch needs no file
+    with pytest.raises(calibration.CalibrationError, match=f"^{lightricks}: has no per-channel amax"):
+        calibration_options(str(lightricks), Outliers(smooth_alpha=0.5))
+    with pytest.raises(calibration.CalibrationError, match="^no calibration file was given; smoothing needs"):
+        calibration_options(None, Outliers(smooth_alpha=0.5))
+
+
+def test_a_smoothed_layer_gets_the_static_scale_of_its_smoothed_input():
+    conf = weights.conf_for_format(weights.FP8_ROWWISE)
+    channels, scale = torch.tensor([40.0, 2.0]), torch.tensor([0.125, 1.0], dtype=torch.bfloat16)
+    assert float(calibration.layer_input_scale(conf, 40.0)) == pytest.approx(40.0 / formats.FP8_MAX)
+    # x * pre_quant_scale has amax max(40 * 0.125, 2 * 1) = 5
+    assert float(calibration.layer_input_scale(conf, 40.0, channels, scale)) == pytest.approx(5.0 / formats.FP8_MAX)
+    with pytest.raises(ValueError, match="needs its per-channel amax"):
+        calibration.layer_input_scale(conf, 40.0, None, scale)
+    int8 = weights.conf_for_format(weights.INT8)  # per-token scales, smoothed or not
+    assert calibration.layer_input_scale(int8, 40.0, channels, scale) is None
 
 
 def test_missing_official_file_says_where_to_get_it(tmp_path):

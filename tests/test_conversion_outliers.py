@@ -15,9 +15,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from quant import conversion, ltx2, runtime, weights
+from quant import comfy_quant, conversion, ltx2, quality, runtime, weights
 from quant.calibration import CalibrationError
 from quant.checkpoint import inspect_checkpoint
+from quant.modes import Nvfp4Mode, layer_activation
 from quant.outliers import Outliers
 from quant.policies import get_policy
 from quant.reference import reference_linear, relative_error
@@ -182,3 +183,30 @@ def test_per_tensor_fp8_for_a_file_keeps_the_transforms():
     assert "pre_quant_scale" in per_tensor.tensors
     # Only the quantized part is re-rounded (the transforms are not folded into it).
     assert torch.equal(per_tensor.data, weights.quantize_weight(rowwise.quantized_part(), weights.FP8_TENSOR).data)
+
+
+def test_quality_layers_measure_the_layers_the_load_makes(model):
+    """quality.file_layer_quality applies the outlier handling where the loader does (a layer the
+    calibration lacks unsmoothed in both): each row is the measure of the layer load_converted makes."""
+    path, state, channels = model
+    skipped = "transformer_blocks.0.ff.net.2"
+    partial = {k: v for k, v in channels.items() if k != skipped}
+    policy = smoothed_policy("int8-convrot")
+    rows = {r.layer: r for r in quality.file_layer_quality(path, policy, None, partial, tokens=32,
+                                                           calibration="cal.json")}
+    loaded = conversion.load_converted(path, policy, channel_amax=partial, calibration="cal.json")
+    sd = loaded.state_dict
+    changed = [d for d in loaded.decisions if d.changed]
+    assert set(rows) == {d.layer for d in changed}
+    assert f"{skipped}.pre_quant_scale" not in sd and any(k.endswith(".low_rank_down") for k in sd)
+    for d in changed:
+        suffixes = (*weights.storage_specs(d.target_format, d.shape), *weights.OUTLIER_SUFFIXES)
+        made = weights.QuantizedWeight.from_tensors(d.target_format, d.shape, {
+            s: sd[f"{d.layer}.{s}"] for s in suffixes if f"{d.layer}.{s}" in sd})
+        bias = state.get(d.layer + ".bias")
+        x = quality.evaluation_inputs(d.shape[1], 32, 0, partial.get(d.layer))
+        activation = layer_activation(comfy_quant.layer_conf(d), Nvfp4Mode.EXACT)
+        assert rows[d.layer] == quality.layer_quality(d.layer, state[d.layer + ".weight"], made,
+                                                      None if bias is None else bias.float(), x, activation), d.layer
+    with pytest.raises(CalibrationError, match="cal.json: has no per-channel amax"):
+        quality.file_layer_quality(path, policy, None, {}, calibration="cal.json")

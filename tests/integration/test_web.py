@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import urllib.error
 import urllib.parse
 
 import pytest
@@ -21,6 +22,7 @@ from support.comfy_server import REPO, ComfyServer, missing_requirements
 from quant import memory
 from quant.memory import GIB
 from quant.capability import Capability
+from quant.outliers import Outliers
 
 CPU = Capability("cpu", None, False)  # the test server runs with --cpu
 
@@ -126,8 +128,8 @@ def test_route_answers_like_the_estimator(server):
     def expected(policy, scope):
         return memory.estimate_answer(policy, video, scope=scope, capability=CPU, free_bytes=None,
                                       auto_headroom_bytes=6 * GIB)
-    assert got == expected("nvfp4", {"include": [], "exclude": [], "keep_first_blocks": 0, "keep_last_blocks": 0,
-                                     "keep_audio": False})
+    expected_scope = {"include": [], "exclude": [], "keep_first_blocks": 0, "keep_last_blocks": 0, "keep_audio": False}
+    assert got == expected("nvfp4", expected_scope)
     # A preset's own patterns and the user's add up.
     preset = dict(query, policy="fp8-scaled-mm", scope="keep audio-to-video attention", exclude="*.ff.*")
     got = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(preset))
@@ -138,6 +140,16 @@ def test_route_answers_like_the_estimator(server):
     assert got["total_gib"] > expected("fp8-scaled-mm", every)["total_gib"]
     bad = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(dict(query, frames="120", width="700")))
     assert bad["total_gib"] is None and len(bad["errors"]) == 2
+    # The loader's outlier widgets: their tensors and temporaries count.
+    got = server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(dict(query, smooth="0.5", low_rank="0.1")))
+    with_outliers = memory.estimate_answer("nvfp4", video, scope=expected_scope, capability=CPU, free_bytes=None,
+                                           auto_headroom_bytes=6 * GIB, handling=Outliers(0.5, 0.1))
+    assert got == with_outliers and got["weights_gib"] > expected("nvfp4", expected_scope)["weights_gib"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.get("/ltx2_quant/estimate?" + urllib.parse.urlencode(dict(query, low_rank="2")))
+    assert refused.value.code == 400
+    assert json.loads(refused.value.read())["errors"] == [
+        "bad outlier parameters: low_rank must be a number from 0 to 1, got '2'"]
 
 
 def test_loader_shows_the_estimate_and_latent_flags_bad_sizes(page):
@@ -155,6 +167,12 @@ def test_loader_shows_the_estimate_and_latent_flags_bad_sizes(page):
     set_widgets(page, loader, policy="nvfp4", keep_first_blocks=2)  # the scope widgets count too
     expected = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2})
     wait_status(page, loader, f"VRAM ~ {gib(expected.total_bytes)} GiB (nvfp4: weights {gib(expected.weight_bytes)}")
+    set_widgets(page, loader, low_rank=0.5)  # the outlier widgets too
+    branched = memory.estimate_vram("nvfp4", 768, 512, 121, scope={"keep_first_blocks": 2},
+                                    handling=Outliers(low_rank_bytes=0.5))
+    assert gib(branched.weight_bytes) != gib(expected.weight_bytes)
+    wait_status(page, loader, f"VRAM ~ {gib(branched.total_bytes)} GiB (nvfp4: weights {gib(branched.weight_bytes)}")
+    set_widgets(page, loader, low_rank=0.0)
 
     page.evaluate(LOAD_WITH_VALUES, [latent, [768, 512, 120, 1]])
     status = wait_status(page, latent, "frames must be 8k+1 (e.g. 113 or 121), got 120")
