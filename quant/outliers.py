@@ -86,6 +86,11 @@ def branch_rank_cap(shape: tuple[int, int], quantized_bytes: int, byte_fraction:
     return int(byte_fraction * quantized_bytes // ((n + k) * BRANCH_DTYPE.itemsize))
 
 
+def _knee_rank(singular_values: torch.Tensor, cap: int) -> int:
+    """The directions at least LOW_RANK_KNEE times the median singular value, at most `cap`."""
+    return min(cap, int((singular_values >= LOW_RANK_KNEE * singular_values.median()).sum()))
+
+
 def branch_rank(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float) -> int:
     """The rank low_rank_branch gives `weight`: the directions at least LOW_RANK_KNEE times the median
     singular value, at most branch_rank_cap. A file's header is written before its tensors, so its
@@ -93,8 +98,7 @@ def branch_rank(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float
     cap = branch_rank_cap(tuple(weight.shape), quantized_bytes, byte_fraction)
     if cap < 1:
         return 0
-    s = torch.linalg.svdvals(weight.float())
-    return min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
+    return _knee_rank(torch.linalg.svdvals(weight.float()), cap)
 
 
 def low_rank_branch(weight: torch.Tensor, quantized_bytes: int, byte_fraction: float, rank: int | None = None
@@ -108,7 +112,7 @@ def low_rank_branch(weight: torch.Tensor, quantized_bytes: int, byte_fraction: f
         return None
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     if rank is None:
-        rank = min(cap, int((s >= LOW_RANK_KNEE * s.median()).sum()))
+        rank = _knee_rank(s, cap)
     if rank == 0:
         return None
     return vh[:rank].to(BRANCH_DTYPE), (u[:, :rank] * s[:rank]).to(BRANCH_DTYPE)
